@@ -1,0 +1,230 @@
+"""Typed wire messages exchanged between services (and stored in Redis).
+
+Small frozen models, one comment per field, units in names. New fields are appended with
+defaults; unknown fields are ignored on decode so services can be upgraded one at a time.
+Events are past tense, commands imperative. No I/O here.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+# ---------------------------------------------------------------- registry
+
+
+class ModelInfo(Message):
+    name: str = Field(min_length=1, max_length=200)  # public model name (the OpenAI `model`)
+    path: str  # directory with config.json, tokenizer and *.safetensors
+    size_bytes: int = Field(ge=0)  # total weight bytes
+    tp: int = Field(default=1, ge=1)  # tensor-parallel degree (devices per copy)
+    content_hash: str  # sha256 over the safetensors files, identifies a copy
+    arch: str = ""  # architecture signature: engines with equal `arch` can swap weights
+    max_model_len: int = Field(default=2048, ge=1)  # context length in tokens
+    kv_bytes_per_token: int = Field(default=0, ge=0)  # KV cache bytes per token (all layers)
+
+
+# ---------------------------------------------------------------- load and forecasts
+
+
+class LoadSample(Message):
+    model: str  # model name
+    at_s: float  # end of the sampling interval, unix seconds
+    interval_s: float = Field(gt=0)  # length of the sampling interval
+    avg_outstanding: float = Field(ge=0)  # time-weighted mean of queued + running requests
+    peak_outstanding: float = Field(ge=0)  # maximum of queued + running requests
+    arrivals: int = Field(default=0, ge=0)  # requests that arrived in the interval
+
+
+class Forecast(Message):
+    model: str
+    window_start_s: float  # start of the predicted window, unix seconds
+    window_s: float = Field(gt=0)  # window length
+    avg: float = Field(ge=0)  # predicted time-weighted mean outstanding requests
+    peak: float = Field(ge=0)  # predicted peak outstanding requests
+    method: str  # which predictor produced this forecast (e.g. "csp", "ensemble:csp")
+
+
+class ForecastSet(Message):
+    forecasts: list[Forecast] = []
+
+
+class ForecastQuery(Message):
+    models: list[str] = []  # empty: all models
+
+
+# ---------------------------------------------------------------- agent state
+
+
+class CopyState(str, Enum):
+    loading = "loading"
+    ready = "ready"
+    evicting = "evicting"
+
+
+class InstanceState(str, Enum):
+    starting = "starting"
+    ready = "ready"
+    draining = "draining"
+
+
+class DeviceView(Message):
+    index: int = Field(ge=0)  # device index on the node
+    budget_bytes: int = Field(ge=0)  # memory the agent may use on this device
+    free_bytes: int = Field(ge=0)  # budget minus copies, engines and KV caches
+    kind: str = "cpu"  # "cpu" (logical device) or "cuda"
+
+
+class CopyView(Message):
+    model: str
+    content_hash: str
+    devices: list[int]  # device indices holding this copy (a TP group)
+    state: CopyState
+    bytes: int = Field(ge=0)  # pool bytes (rounded to 2 MiB pages) per device
+    progress: float = Field(default=1.0, ge=0, le=1)  # fraction loaded
+
+
+class InstanceView(Message):
+    instance_id: str
+    model: str
+    devices: list[int]
+    state: InstanceState
+    inflight: int = Field(default=0, ge=0)  # requests being generated
+    started_at_s: float = 0.0  # unix seconds when the instance was created
+    kv_bytes: int = Field(default=0, ge=0)  # KV cache bytes per device
+
+
+class NodeView(Message):
+    node: str
+    at_s: float  # when the agent produced this view
+    devices: list[DeviceView] = []
+    copies: list[CopyView] = []
+    instances: list[InstanceView] = []
+    boot_id: str = ""  # changes on every agent start
+
+
+# ---------------------------------------------------------------- agent commands
+
+
+class CommandKind(str, Enum):
+    prewarm = "prewarm"
+    evict = "evict"
+    promote = "promote"
+    demote = "demote"
+    cold_start = "cold_start"
+
+
+class AgentCommand(Message):
+    command_id: str = Field(min_length=1)  # idempotency key: a repeated id is executed once
+    kind: CommandKind
+    model: str = ""
+    devices: list[int] = []  # the device group the command addresses
+    instance_id: str = ""  # promote/cold_start: id to give; demote: id to demote
+    reason: str = ""  # why the placer decided this (for events and logs)
+    kv_bytes: int = Field(default=0, ge=0)  # KV cache to allocate per device (0: agent default)
+
+
+class CommandResult(Message):
+    command_id: str
+    ok: bool
+    reason: str = ""  # why it was refused or failed
+    duration_ms: float = 0.0
+    detail: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------- placement requests
+
+
+class InstanceNeed(Message):
+    """Gateway -> placer: a model has requests waiting and no free capacity."""
+
+    model: str
+    waiting: int = Field(default=1, ge=0)  # requests queued for the model
+
+
+class InstanceRoute(Message):
+    instance_id: str
+    model: str
+    node: str
+    devices: list[int] = []
+
+
+class InstanceAnswer(Message):
+    status: str  # "ready" (instances listed), "starting" (wait for instance_ready), "error"
+    instances: list[InstanceRoute] = []
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- inference
+
+
+class SamplingSpec(Message):
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] = []
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class InferRequest(Message):
+    request_id: str
+    model: str
+    reply_to: str  # subject the engine streams InferChunk messages to
+    prompt: str | None = None  # completion prompt
+    messages: list[dict[str, Any]] | None = None  # chat messages (the engine applies the template)
+    sampling: SamplingSpec = SamplingSpec()
+
+
+class InferChunk(Message):
+    request_id: str
+    seq: int = Field(ge=0)  # chunk number, from 0
+    text: str = ""  # newly generated text
+    finish_reason: str | None = None  # "stop" / "length" / "cancelled" on the last chunk
+    error: str | None = None  # set on failure: the last chunk
+    error_code: int = 0  # HTTP-like status for errors (400 bad input, 503 engine gone, ...)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_queue_ms: float = 0.0  # time from receipt by the engine to scheduling
+    engine_ttft_ms: float = 0.0  # time from receipt by the engine to the first token
+
+
+class CancelInference(Message):
+    request_id: str
+
+
+# ---------------------------------------------------------------- plan and events
+
+
+class PlannedCopy(Message):
+    model: str
+    node: str
+    devices: list[int]
+    score: float = 0.0
+    reason: str = ""
+
+
+class Plan(Message):
+    at_s: float
+    copies: list[PlannedCopy] = []  # desired prewarmed copies
+    instances: dict[str, int] = {}  # desired instance count per model
+
+
+class Event(Message):
+    """A lifecycle change, published on `{ns}.{domain}.evt.{name}` and kept in the event stream."""
+
+    name: str  # e.g. model_registered, prewarm_started, instance_ready, evicted, plan_changed
+    at_s: float
+    model: str = ""
+    node: str = ""
+    devices: list[int] = []
+    instance_id: str = ""
+    reason: str = ""
+    detail: dict[str, Any] = {}

@@ -1,0 +1,172 @@
+"""All settings of all services, read once at start-up from flags and environment.
+
+Each field is `--flag-name` on the command line and `WARMSERVE_FLAG_NAME` in the environment
+(flags win). `load_settings` validates everything and reports every error at once. Nothing else
+in the project reads the environment for configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+ENV_PREFIX = "WARMSERVE_"
+
+
+def _setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number (0-65535)"
+
+
+def _url(*schemes: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if value == "" or any(value.startswith(s + "://") for s in schemes):
+            return None
+        return f"must start with {' or '.join(s + '://' for s in schemes)}"
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # shared
+    namespace: str = _setting("warmserve", "prefix of every NATS subject and Redis key",
+                              lambda v: None if v and all(c.isalnum() or c in "-_" for c in v)
+                              else "letters, digits, '-' and '_' only")
+    nats_url: str = _setting("nats://127.0.0.1:4222", "NATS server URL", _url("nats", "tls"))
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis URL", _url("redis", "rediss", "unix"))
+    log_level: str = _setting("info", "log level", _one_of("debug", "info", "warning", "error"))
+    log_json: bool = _setting(False, "log as JSON lines instead of key=value")
+    health_host: str = _setting("127.0.0.1", "address of the /livez and /readyz endpoints")
+    health_port: int = _setting(0, "port of /livez and /readyz (0: any free port)", _port)
+    drain_timeout_s: float = _setting(10.0, "how long shutdown waits for in-flight work", _positive)
+    request_timeout_s: float = _setting(5.0, "timeout of NATS request/reply calls", _positive)
+    data_dir: str = _setting("var", "where embedded NATS/Redis keep data and services write files")
+    models_dir: str = _setting("models", "where demo models are built")
+
+    # gateway
+    gateway_host: str = _setting("127.0.0.1", "gateway listen address")
+    gateway_port: int = _setting(8000, "gateway listen port", _port)
+    max_inflight_per_instance: int = _setting(32, "B: requests in flight per instance", _positive)
+    queue_limit: int = _setting(1024, "requests a model may hold waiting for an instance", _positive)
+    queue_deadline_s: float = _setting(120.0, "how long a request may wait for an instance", _positive)
+    max_body_bytes: int = _setting(1_000_000, "largest accepted request body", _positive)
+    api_keys: str = _setting("", "comma-separated accepted API keys (empty: no auth)")
+    sample_interval_s: float = _setting(1.0, "load sampling interval", _positive)
+
+    # forecaster
+    window_s: float = _setting(300.0, "forecast window W", _positive)
+    forecast_method: str = _setting("ours", "predictor the service publishes",
+                                    _one_of("ours", "csp", "seasonal_naive"))
+    csp_days: int = _setting(3, "CSP: D previous days in the seasonal term", _positive)
+    csp_errors: int = _setting(10, "CSP: N recent errors in the correction", _positive)
+
+    # placer
+    placer_tick_s: float = _setting(5.0, "planning tick", _positive)
+    load_bandwidth_bytes_s: float = _setting(32e9, "cold-load bandwidth used in scores", _positive)
+    prewarm: bool = _setting(True, "plan prewarmed copies from forecasts")
+    placement: str = _setting("evict_aware", "copy placement", _one_of("evict_aware", "paper", "round_robin"))
+    kv_prewarm: bool = _setting(True, "let prewarmed copies use idle KV space")
+    scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
+
+    # gpuagent
+    node: str = _setting("node0", "this agent's node name",
+                         lambda v: None if v and "." not in v and " " not in v else "no dots or spaces")
+    device_kind: str = _setting("cpu", "cpu (logical devices) or cuda", _one_of("cpu", "cuda"))
+    devices: int = _setting(2, "number of logical CPU devices (cuda: all visible GPUs)", _positive)
+    device_memory_bytes: int = _setting(4 << 30, "memory budget per logical CPU device", _positive)
+    kv_cache_bytes: int = _setting(64 << 20, "KV cache per instance (CPU engines)", _positive)
+    max_parallel_prewarms: int = _setting(2, "prewarms running at once per node", _positive)
+    heartbeat_s: float = _setting(1.0, "agent heartbeat interval", _positive)
+    heartbeat_ttl_s: float = _setting(5.0, "agent considered dead after this", _positive)
+    demote_timeout_s: float = _setting(30.0, "how long demote waits for in-flight requests", _positive)
+
+    @property
+    def accepted_api_keys(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+class SettingsError(ValueError):
+    def __init__(self, errors: list[str]):
+        super().__init__("invalid settings:\n  " + "\n  ".join(errors))
+        self.errors = errors
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true/false")
+    return kind(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one optional flag per setting (default None: fall back to env, then default)."""
+    for f in dataclasses.fields(Settings):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            help=f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]")
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults < environment < flags, convert and validate; raise SettingsError listing all errors."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    for f in dataclasses.fields(Settings):
+        kind = kinds[f.type] if isinstance(f.type, str) else f.type
+        raw, source = flags.get(f.name), f"--{f.name.replace('_', '-')}"
+        if raw is None:
+            raw, source = env.get(env_name(f.name)), env_name(f.name)
+        if raw is None:
+            value = f.default
+        else:
+            try:
+                value = _convert(raw, kind) if isinstance(raw, str) else kind(raw)
+            except ValueError as exc:
+                errors.append(f"{source}={raw!r}: {exc}")
+                continue
+        check = f.metadata["check"]
+        problem = check(value) if check else None
+        if problem:
+            errors.append(f"{source}={value!r}: {problem}")
+        values[f.name] = value
+    if errors:
+        raise SettingsError(errors)
+    return Settings(**values)
+
+
+def settings_from_argv(argv: Sequence[str] | None, description: str) -> Settings:
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return load_settings({k: v for k, v in vars(args).items() if v is not None})

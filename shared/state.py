@@ -1,0 +1,128 @@
+"""The Redis runtime: the only module that imports redis.
+
+Typed access to cluster state: the model registry, observed node views (agents) with a liveness
+key under TTL, the desired plan (placer), and generic typed hashes for the forecaster's history.
+Values are codec-encoded messages; keys come from `shared.keys`.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from pydantic import BaseModel
+
+from shared.codec import DecodeError, decode, encode
+from shared.keys import Keys
+from shared.logs import get_logger
+from shared.schemas import ModelInfo, NodeView, Plan
+from shared.settings import Settings
+
+T = TypeVar("T", bound=BaseModel)
+log = get_logger("state")
+
+StateError = redis.exceptions.RedisError
+
+
+class State:
+    def __init__(self, client: aioredis.Redis, keys: Keys):
+        self.client = client
+        self.keys = keys
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> "State":
+        client = aioredis.from_url(settings.redis_url, decode_responses=False,
+                                   socket_connect_timeout=5, health_check_interval=30)
+        await client.ping()
+        return cls(client, Keys(settings.namespace))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # ------------------------------------------------------------ generic typed values
+
+    async def put(self, key: str, message: BaseModel, ttl_s: float | None = None) -> None:
+        await self.client.set(key, encode(message), px=int(ttl_s * 1000) if ttl_s else None)
+
+    async def get(self, key: str, kind: type[T]) -> T | None:
+        raw = await self.client.get(key)
+        return self._decode(key, kind, raw) if raw is not None else None
+
+    async def hput(self, key: str, field: str, message: BaseModel) -> None:
+        await self.client.hset(key, field, encode(message))
+
+    async def hput_many(self, key: str, messages: dict[str, BaseModel]) -> None:
+        if messages:
+            await self.client.hset(key, mapping={f: encode(m) for f, m in messages.items()})
+
+    async def hget(self, key: str, field: str, kind: type[T]) -> T | None:
+        raw = await self.client.hget(key, field)
+        return self._decode(key, kind, raw) if raw is not None else None
+
+    async def hgetall(self, key: str, kind: type[T]) -> dict[str, T]:
+        out: dict[str, T] = {}
+        for field, raw in (await self.client.hgetall(key)).items():
+            value = self._decode(key, kind, raw)
+            if value is not None:
+                out[field.decode()] = value
+        return out
+
+    async def hdel(self, key: str, *fields: str) -> None:
+        if fields:
+            await self.client.hdel(key, *fields)
+
+    async def delete(self, *keys: str) -> None:
+        if keys:
+            await self.client.delete(*keys)
+
+    @staticmethod
+    def _decode(key: str, kind: type[T], raw: bytes) -> T | None:
+        try:
+            return decode(kind, raw)
+        except DecodeError as exc:  # a corrupt value is reported, never fatal
+            log.warning("state_value_rejected", key=key, reason=str(exc))
+            return None
+
+    # ------------------------------------------------------------ registry
+
+    async def register_model(self, info: ModelInfo) -> None:
+        await self.hput(self.keys.models(), info.name, info)
+
+    async def models(self) -> dict[str, ModelInfo]:
+        return await self.hgetall(self.keys.models(), ModelInfo)
+
+    async def model(self, name: str) -> ModelInfo | None:
+        return await self.hget(self.keys.models(), name, ModelInfo)
+
+    # ------------------------------------------------------------ observed node views
+
+    async def put_node_view(self, view: NodeView, ttl_s: float) -> None:
+        """Write an agent's view and refresh its liveness key atomically."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.node_view(view.node), encode(view))
+            pipe.set(self.keys.node_alive(view.node), view.boot_id.encode(), px=int(ttl_s * 1000))
+            await pipe.execute()
+
+    async def node_views(self, alive_only: bool = True) -> dict[str, NodeView]:
+        """Views of every node; with alive_only, nodes whose heartbeat expired are left out."""
+        views: dict[str, NodeView] = {}
+        async for key in self.client.scan_iter(match=self.keys.node_views_pattern(), count=100):
+            view = await self.get(key.decode(), NodeView)
+            if view is None:
+                continue
+            if alive_only and not await self.client.exists(self.keys.node_alive(view.node)):
+                continue
+            views[view.node] = view
+        return views
+
+    async def drop_node(self, node: str) -> None:
+        await self.delete(self.keys.node_view(node), self.keys.node_alive(node))
+
+    # ------------------------------------------------------------ desired plan
+
+    async def put_plan(self, plan: Plan) -> None:
+        await self.put(self.keys.plan(), plan)
+
+    async def plan(self) -> Plan | None:
+        return await self.get(self.keys.plan(), Plan)
