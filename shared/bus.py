@@ -82,6 +82,7 @@ class Bus:
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_message, pending_msgs_limit=65536)
         self._subscriptions.append(sub)
+        await self.nc.flush()  # the server knows the interest before we return
 
     async def _handle(self, msg: Msg, kind: type[T], handler: Callable[[T], Awaitable[BaseModel | None]]) -> None:
         try:

