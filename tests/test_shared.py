@@ -72,7 +72,7 @@ def test_subjects_and_keys_are_namespaced():
         subj.event("nope", "x")
 
 
-async def test_request_reply_and_malformed_message_rejected(settings, capfd):
+async def test_request_reply_and_malformed_message_rejected(settings, capsys):
     server = await Bus.connect(settings, "server")
     client = await Bus.connect(settings, "client")
     subject = server.subjects.agent_command("n0")
@@ -86,7 +86,7 @@ async def test_request_reply_and_malformed_message_rejected(settings, capfd):
     with pytest.raises(BusError, match="rejected: AgentCommand: command_id"):
         await client.request(subject, LoadSample(model="m", at_s=0, interval_s=1, avg_outstanding=0,
                                                  peak_outstanding=0), CommandResult)
-    assert "message_rejected" in capfd.readouterr().err
+    assert "message_rejected" in capsys.readouterr().err
     ok = await client.request(subject, AgentCommand(command_id="x", kind=CommandKind.evict), CommandResult)
     assert ok.ok and ok.command_id == "x"
     await server.drain_subscriptions()
