@@ -30,4 +30,4 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
 
 
 def get_logger(service: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger().bind(service=service)
+    return structlog.get_logger(service=service)  # lazy: honours configure_logging called later
