@@ -90,6 +90,10 @@ class Settings:
     # gpuagent
     node: str = _setting("node0", "this agent's node name",
                          lambda v: None if v and "." not in v and " " not in v else "no dots or spaces")
+    engine: str = _setting("vllm", "inference engine: vllm (real) or fake (timing model, for tests and the simulator parity run)",
+                           _one_of("vllm", "fake"))
+    fake_token_s: float = _setting(0.002, "fake engine: seconds per generated token", _non_negative)
+    fake_load_bytes_s: float = _setting(2e9, "fake engine: prewarm/cold-load bandwidth", _positive)
     device_kind: str = _setting("cpu", "cpu (logical devices) or cuda", _one_of("cpu", "cuda"))
     devices: int = _setting(2, "number of logical CPU devices (cuda: all visible GPUs)", _positive)
     device_memory_bytes: int = _setting(4 << 30, "memory budget per logical CPU device", _positive)
