@@ -1,0 +1,55 @@
+"""Autoscaler (DESIGN §3.3) and KV-space reclaim (§3.4): per-tick instance decisions.
+
+Scale up when load > 0.8*B*n (allocating each new instance), down when load < 0.5*B*n to the
+count that keeps load under the scale-up line (zero when there is no load), never touching
+instances younger than `protect_s`. A scale-down demotes: drain, weights stay as a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from services.placer.core import effects as fx
+from services.placer.core.allocate import allocate_in
+from services.placer.core.cluster import Cluster
+
+
+def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> list[fx.Effect]:
+    config = cluster.config
+    effects: list[fx.Effect] = []
+    for model in sorted(cluster.models):
+        load = loads.get(model, 0.0)
+        serving = cluster.serving(model)
+        n = len(serving)
+        target = math.ceil(load / (config.scale_up_at * config.capacity))
+        if load > config.scale_up_at * config.capacity * n:
+            for _ in range(target - n):
+                allocation = allocate_in(cluster, model, now_s, fx.SCALE_UP)
+                if not allocation.effects:
+                    break
+                effects += allocation.effects
+        elif n and load < config.scale_down_at * config.capacity * n:
+            removable = sorted((o for o in serving if o.instance.ready
+                                and now_s - o.instance.started_at_s >= config.protect_s),
+                               key=lambda o: (o.instance.inflight, -o.instance.started_at_s, o.instance.instance_id))
+            for occ in removable[:n - target]:
+                cluster.demote(occ)
+                effects.append(fx.Demote(model, occ.node, occ.devices, occ.instance.instance_id, fx.SCALE_DOWN))
+    return effects
+
+
+def reclaim_kv(cluster: Cluster) -> list[fx.Effect]:
+    """Evict copies borrowing an instance's KV space, lowest score first, until the instance's
+    reserve R fits again (before any of its requests waits for KV space)."""
+    effects: list[fx.Effect] = []
+    for node in cluster.nodes.values():
+        for gpu in node.gpus.values():
+            hosted = sorted((o for o in gpu.occupants if gpu.index in o.kv_devices), key=lambda o: (o.score, o.devices))
+            for occ in hosted:
+                if gpu.kv_spare >= 0:
+                    break
+                cluster.evict(occ)
+                effects.append(fx.Evict(occ.model, occ.node, occ.devices, fx.KV_RECLAIMED,
+                                        for_model=gpu.host.model if gpu.host else ""))
+    return effects

@@ -1,0 +1,227 @@
+"""The core's working index of one snapshot: per node, per GPU, free pages and occupants.
+
+Policies read candidates from it and apply their effects to it, so later decisions in the same
+tick see earlier ones (incremental free memory). Built fresh from each snapshot; never shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from services.placer.core.scores import copy_pages, copy_scores, kv_lendable_pages, pages
+from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
+
+
+@dataclass(eq=False)
+class Occupant:
+    """A copy or an instance holding weights on a TP group of one node."""
+
+    model: str
+    node: str
+    devices: tuple[int, ...]
+    pages: int  # weight pages per device
+    instance: Instance | None = None  # set for instances
+    ready: bool = True
+    score: float = 0.0  # copies only: their current score
+    kv_host: str = ""  # copies only: instance whose KV space holds them
+    kv_devices: frozenset[int] = frozenset()  # devices where the copy's pages are KV space
+    device_set: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device_set = frozenset(self.devices)
+
+    @property
+    def is_instance(self) -> bool:
+        return self.instance is not None
+
+
+@dataclass(eq=False)
+class GpuState:
+    index: int
+    free: int  # free pool pages
+    kv_spare: int = 0  # pages of the hosting instance's idle KV space not yet lent
+    host: Occupant | None = None  # the instance on this GPU, if any
+    occupants: list[Occupant] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class NodeState:
+    name: str
+    order: int  # position in the snapshot (deterministic tie-breaks)
+    gpus: dict[int, GpuState]
+
+
+def laminar_ok(group: frozenset[int], other: Occupant) -> bool:
+    """TP groups stay laminar: same size = same group, smaller nests inside, larger contains."""
+    if len(other.device_set) == len(group):
+        return other.device_set == group
+    if len(other.device_set) < len(group):
+        return other.device_set <= group
+    return group <= other.device_set
+
+
+class Cluster:
+    def __init__(self, snapshot: Snapshot, config: Config):
+        self.config = config
+        self.models: dict[str, ModelSpec] = {m.name: m for m in snapshot.models}
+        self.nodes: dict[str, NodeState] = {
+            n.name: NodeState(n.name, i, {g.index: GpuState(g.index, pages_floor(g.free_bytes)) for g in n.gpus})
+            for i, n in enumerate(snapshot.nodes)}
+        self.copies: dict[str, list[Occupant]] = {}
+        self._groups: dict[tuple[str, int], list[tuple[int, ...]]] = {}
+        self.instances: dict[str, list[Occupant]] = {}
+        for inst in snapshot.instances:
+            if inst.node in self.nodes and inst.model in self.models:
+                self._attach(Occupant(inst.model, inst.node, inst.devices, copy_pages(self.models[inst.model]),
+                                      instance=inst, ready=inst.ready))
+        hosts = {o.instance.instance_id: o for group in self.instances.values() for o in group}
+        for occ in hosts.values():
+            self._lend_kv(occ)
+        for c in snapshot.copies:
+            if c.node in self.nodes and c.model in self.models:
+                self._attach(self._copy_occupant(c, hosts.get(c.kv_host)))
+
+    def _copy_occupant(self, c: Copy, host: Occupant | None) -> Occupant:
+        hosted = host is not None and frozenset(c.devices) <= host.device_set
+        return Occupant(c.model, c.node, c.devices, copy_pages(self.models[c.model]), ready=c.ready,
+                        kv_host=c.kv_host if hosted else "", kv_devices=frozenset(c.devices) if hosted else frozenset())
+
+    def _lend_kv(self, occ: Occupant) -> None:
+        inst = occ.instance
+        lendable = kv_lendable_pages(inst.kv_capacity_bytes, inst.inflight, inst.kv_used_bytes,
+                                     self.config.capacity) if self.config.kv_prewarm and not inst.draining else 0
+        for d in occ.devices:
+            gpu = self.gpu(occ.node, d)
+            if gpu and gpu.host is None:
+                gpu.host, gpu.kv_spare = occ, lendable
+
+    # ------------------------------------------------------------ queries
+
+    def gpu(self, node: str, index: int) -> GpuState | None:
+        return self.nodes[node].gpus.get(index)
+
+    def groups(self, node: NodeState, size: int) -> list[tuple[int, ...]]:
+        """Aligned TP groups of `size` devices: they start at multiples of `size`."""
+        key = (node.name, size)
+        if key not in self._groups:
+            starts = sorted(i for i in node.gpus if i % size == 0)
+            self._groups[key] = [g for g in (tuple(range(s, s + size)) for s in starts)
+                                 if all(i in node.gpus for i in g)]
+        return self._groups[key]
+
+    def overlapped(self, node: str, devices: tuple[int, ...]) -> list[Occupant]:
+        seen: dict[int, Occupant] = {}
+        for d in devices:
+            for occ in self.nodes[node].gpus[d].occupants:
+                seen.setdefault(id(occ), occ)
+        return list(seen.values())
+
+    def serving(self, model: str) -> list[Occupant]:
+        """Instances of `model` that count as capacity (running or starting, not draining)."""
+        return [o for o in self.instances.get(model, []) if not o.instance.draining]
+
+    def room(self, node: str, devices: tuple[int, ...], need: int) -> Occupant | None | bool:
+        """Where `need` pages per device fit: True (free pool), the instance whose idle KV space
+        holds them (one host covering every device), or False (no room)."""
+        gpus = [self.nodes[node].gpus[d] for d in devices]
+        if all(g.free >= need for g in gpus):
+            return True
+        host = gpus[0].host
+        if host is not None and all(g.host is host and g.kv_spare >= need for g in gpus):
+            return host
+        return False
+
+    def evictions_for_room(self, node: str, devices: tuple[int, ...], need: int,
+                           may_evict: Callable[[Occupant], bool],
+                           forced: list[Occupant] | None = None) -> list[Occupant] | None:
+        """Copies to evict (after the `forced` ones), lowest score first and only where room is
+        lacking, so that `need` free pool pages fit on every device; None if they cannot."""
+        free = {d: self.nodes[node].gpus[d].free for d in devices}
+        forced = forced or []
+
+        def credit(occ: Occupant) -> None:
+            for d in occ.device_set - occ.kv_devices:
+                if d in free:
+                    free[d] += occ.pages
+
+        for occ in forced:
+            credit(occ)
+        candidates = sorted((o for o in self.overlapped(node, devices)
+                             if not o.is_instance and o not in forced and may_evict(o)),
+                            key=lambda o: (o.score, o.devices))
+        chosen: list[Occupant] = []
+        for occ in candidates:
+            lacking = {d for d, f in free.items() if f < need}
+            if not lacking:
+                break
+            if occ.device_set & lacking:
+                chosen.append(occ)
+                credit(occ)
+        return chosen if all(f >= need for f in free.values()) else None
+
+    def rescore(self) -> None:
+        """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0."""
+        for name, occs in self.copies.items():
+            scores = [s for s, _ in copy_scores(self.models[name], len(self.serving(name)), self.config)]
+            ranked = sorted(occs, key=lambda o: (not o.ready, self.nodes[o.node].order, o.devices))
+            for rank, occ in enumerate(ranked):
+                occ.score = scores[rank] if rank < len(scores) else 0.0
+
+    # ------------------------------------------------------------ changes
+
+    def _attach(self, occ: Occupant) -> None:
+        for d in occ.devices:
+            self.nodes[occ.node].gpus[d].occupants.append(occ)
+        (self.instances if occ.is_instance else self.copies).setdefault(occ.model, []).append(occ)
+
+    def _detach(self, occ: Occupant) -> None:
+        for d in occ.devices:
+            self.nodes[occ.node].gpus[d].occupants.remove(occ)
+        (self.instances if occ.is_instance else self.copies)[occ.model].remove(occ)
+
+    def add_copy(self, model: str, node: str, devices: tuple[int, ...], score: float,
+                 host: Occupant | None = None) -> Occupant:
+        """A new (loading) copy in free pool pages, or in `host`'s idle KV space."""
+        occ = Occupant(model, node, devices, copy_pages(self.models[model]), ready=False, score=score,
+                       kv_host=host.instance.instance_id if host else "",
+                       kv_devices=frozenset(devices) if host else frozenset())
+        self._take(occ, occ.pages)
+        self._attach(occ)
+        return occ
+
+    def evict(self, occ: Occupant) -> None:
+        self._detach(occ)
+        self._take(occ, -occ.pages)
+
+    def _take(self, occ: Occupant, amount: int) -> None:
+        for d in occ.devices:
+            gpu = self.nodes[occ.node].gpus[d]
+            if d in occ.kv_devices:
+                gpu.kv_spare -= amount
+            else:
+                gpu.free -= amount
+
+    def start_instance(self, model: str, node: str, devices: tuple[int, ...], instance: Instance,
+                       from_copy: Occupant | None) -> Occupant:
+        """Promote `from_copy` (or cold-load) into an instance; its KV cache comes from free pages."""
+        if from_copy is not None:
+            self.evict(from_copy)
+        occ = Occupant(model, node, devices, copy_pages(self.models[model]), instance=instance, ready=False)
+        kv = pages(self.models[model].kv_bytes)
+        for d in devices:
+            self.nodes[node].gpus[d].free -= occ.pages + kv
+        self._attach(occ)
+        return occ
+
+    def demote(self, occ: Occupant) -> Occupant:
+        """The instance drains; its weights stay as a ready copy (its KV is freed only later)."""
+        self._detach(occ)
+        copy = Occupant(occ.model, occ.node, occ.devices, occ.pages, ready=True)
+        self._attach(copy)
+        return copy
+
+
+def pages_floor(nbytes: int) -> int:
+    """Whole free pages in `nbytes` (free memory rounds down, usage rounds up)."""
+    return max(0, nbytes) // PAGE_BYTES

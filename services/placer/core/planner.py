@@ -1,0 +1,60 @@
+"""The placer core's entry points: `tick` (one planning round) and `allocate` (one instance now).
+
+Both are pure functions of a Snapshot, the time and a Config; the live service and the simulator
+call exactly these. A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.placer.core import effects as fx
+from services.placer.core.allocate import Allocation, allocate_in
+from services.placer.core.autoscale import autoscale, reclaim_kv
+from services.placer.core.cluster import Cluster
+from services.placer.core.placement import plan_prewarms
+from services.placer.core.snapshot import Config, Snapshot
+
+
+@dataclass(frozen=True)
+class DesiredCopy:
+    model: str
+    node: str
+    devices: tuple[int, ...]
+    score: float
+    ready: bool  # False: loading or still to be prewarmed
+    kv_host: str = ""
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    effects: tuple[fx.Effect, ...]  # in order: KV reclaims, scaling, prewarm evictions and loads
+    copies: tuple[DesiredCopy, ...]  # every prewarmed copy the cluster should hold after the tick
+    instances: dict[str, int]  # model -> instances that should serve (running or starting)
+
+
+def plan_tick(snapshot: Snapshot, now_s: float, config: Config) -> TickPlan:
+    cluster = Cluster(snapshot, config)
+    cluster.rescore()
+    effects = reclaim_kv(cluster)
+    effects += autoscale(cluster, snapshot.loads, now_s)
+    cluster.rescore()  # instance counts changed: copies' ranks score against the new n_f, n_b
+    if config.prewarm:
+        effects += plan_prewarms(cluster)
+    copies = tuple(sorted((DesiredCopy(o.model, o.node, o.devices, o.score, o.ready, o.kv_host)
+                           for group in cluster.copies.values() for o in group),
+                          key=lambda c: (c.node, c.devices, c.model)))
+    instances = {m: len(cluster.serving(m)) for m in sorted(cluster.models) if cluster.serving(m)}
+    return TickPlan(tuple(effects), copies, instances)
+
+
+def tick(snapshot: Snapshot, now_s: float, config: Config) -> list[fx.Effect]:
+    """One planning round: the effects to execute, each with its reason."""
+    return list(plan_tick(snapshot, now_s, config).effects)
+
+
+def allocate(snapshot: Snapshot, model: str, now_s: float, config: Config) -> Allocation:
+    """GPUs for one new instance of `model` right now (the gateway is waiting)."""
+    cluster = Cluster(snapshot, config)
+    cluster.rescore()
+    return allocate_in(cluster, model, now_s, fx.INSTANCE_NEEDED)

@@ -1,0 +1,82 @@
+"""The paper's arithmetic (DESIGN §3.2-3.4): replica counts, copy scores, windowed load, KV reserve.
+
+Pure functions of numbers; no cluster state here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from services.placer.core.snapshot import PAGE_BYTES, Config, ModelSpec
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """One load sample: mean outstanding requests over (at_s - interval_s, at_s]."""
+
+    at_s: float
+    interval_s: float
+    avg: float
+
+
+def pages(nbytes: float) -> int:
+    """Bytes rounded up to whole 2 MiB pages."""
+    return max(0, math.ceil(nbytes / PAGE_BYTES))
+
+
+def copy_pages(model: ModelSpec) -> int:
+    """Pages one copy of `model` takes on each device of its TP group."""
+    return pages(model.size_bytes / model.tp)
+
+
+def replica_counts(avg: float, peak: float, current: int, capacity: int) -> tuple[int, int]:
+    """(n_f, n_b): foundation copies for the average load, burst copies for the peak."""
+    foundation = max(math.ceil(avg / capacity) - current, 0)
+    burst = max(math.ceil(peak / capacity) - current - foundation, 0)
+    return foundation, burst
+
+
+def copy_scores(model: ModelSpec, current: int, config: Config) -> list[tuple[float, str]]:
+    """Score and kind (foundation/burst) of the j-th wanted copy, j = 0, 1, ... (descending).
+
+    cold-start cost c = size / tp / bandwidth; foundation j: exp(-j/n) * c; burst j:
+    exp(-(n_f+j)/n) * c * peak/avg with n = n_f + n_b. avg below one request counts as one
+    (the ratio guard for avg = 0).
+    """
+    n_f, n_b = replica_counts(model.avg, model.peak, current, config.capacity)
+    total = n_f + n_b
+    cost = model.size_bytes / model.tp / config.load_bandwidth_bytes_s
+    ratio = model.peak / max(model.avg, 1.0)
+    out = [(math.exp(-j / total) * cost, "foundation") for j in range(n_f)]
+    out += [(math.exp(-(n_f + j) / total) * cost * ratio, "burst") for j in range(n_b)]
+    return out
+
+
+def windowed_load(points: Iterable[LoadPoint], now_s: float, window_s: float) -> float:
+    """Time-weighted mean outstanding requests over (now_s - window_s, now_s].
+
+    Each sample weighs by how much of its interval lies in the window; time no sample covers
+    does not count (0.0 when nothing covers the window).
+    """
+    start = now_s - window_s
+    weighted = covered = 0.0
+    for p in points:
+        overlap = min(p.at_s, now_s) - max(p.at_s - p.interval_s, start)
+        if overlap > 0:
+            weighted += p.avg * overlap
+            covered += overlap
+    return weighted / covered if covered > 0 else 0.0
+
+
+def kv_reserve_bytes(capacity_bytes: int, requests: int, used_bytes: int, max_requests: int) -> int:
+    """R = max(C*Q/B, T + C/B), at most C: the KV an instance keeps for itself (§3.4)."""
+    reserve = max(capacity_bytes * requests / max_requests, used_bytes + capacity_bytes / max_requests)
+    return min(capacity_bytes, math.ceil(reserve))
+
+
+def kv_lendable_pages(capacity_bytes: int, requests: int, used_bytes: int, max_requests: int) -> int:
+    """Whole pages of KV space (per device) an instance can lend to prewarmed copies."""
+    spare = capacity_bytes - kv_reserve_bytes(capacity_bytes, requests, used_bytes, max_requests)
+    return spare // PAGE_BYTES

@@ -1,0 +1,84 @@
+"""Inputs of the placer core: a frozen snapshot of the cluster and the policy configuration.
+
+Plain frozen dataclasses, independent of NATS/Redis types, so the live service and the simulator
+build the same snapshot. Memory is in bytes here; the core counts it in 2 MiB pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PAGE_BYTES = 2 << 20  # pool memory is counted in 2 MiB pages
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int  # device index on its node
+    free_bytes: int  # memory not used by copies, engines or KV caches
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    gpus: tuple[Gpu, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    size_bytes: int  # total weight bytes (split evenly over its tp devices)
+    tp: int = 1  # tensor-parallel degree: devices per copy or instance
+    avg: float = 0.0  # forecast: mean outstanding requests in the next window
+    peak: float = 0.0  # forecast: peak outstanding requests in the next window
+    kv_bytes: int = 0  # KV cache per device a new instance needs (0: none reserved here)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A prewarmed copy of a model's weights on a TP group (not backing an instance)."""
+
+    model: str
+    node: str
+    devices: tuple[int, ...]
+    ready: bool = True  # False while still loading
+    kv_host: str = ""  # instance id whose idle KV space holds this copy ("" = free pool memory)
+
+
+@dataclass(frozen=True)
+class Instance:
+    instance_id: str
+    model: str
+    node: str
+    devices: tuple[int, ...]
+    started_at_s: float = 0.0
+    inflight: int = 0  # Q: requests being served
+    kv_capacity_bytes: int = 0  # C: KV cache per device
+    kv_used_bytes: int = 0  # T: KV in use per device
+    ready: bool = True  # False while starting
+    draining: bool = False  # being stopped: no longer counts as capacity
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: tuple[Node, ...]
+    models: tuple[ModelSpec, ...]
+    copies: tuple[Copy, ...] = ()
+    instances: tuple[Instance, ...] = ()
+    loads: dict[str, float] = field(default_factory=dict)  # model -> time-weighted load (see windowed_load)
+
+
+@dataclass(frozen=True)
+class Config:
+    capacity: int = 32  # B: requests in flight per instance
+    load_bandwidth_bytes_s: float = 32e9  # cold-load bandwidth used in copy scores
+    prewarm: bool = True  # False: the "no prewarm" ablation (no copies planned)
+    placement: str = "evict_aware"  # "evict_aware" | "paper" (skip when full) | "round_robin" (first fit)
+    kv_prewarm: bool = True  # let prewarmed copies use instances' idle KV space
+    scale_window_s: float = 5.0  # autoscaler load window
+    protect_s: float = 5.0  # instances younger than this are never scaled down
+    scale_up_at: float = 0.8  # scale up when load > scale_up_at * B * n
+    scale_down_at: float = 0.5  # scale down when load < scale_down_at * B * n
+
+    def __post_init__(self) -> None:
+        if self.placement not in ("evict_aware", "paper", "round_robin"):
+            raise ValueError(f"unknown placement {self.placement!r}")
