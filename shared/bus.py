@@ -65,8 +65,9 @@ class Bus:
 
     async def subscribe(self, subject: str, kind: type[T],
                         handler: Callable[[T], Awaitable[BaseModel | None]],
-                        queue: str = "", concurrent: bool = True) -> None:
+                        queue: str = "", concurrent: bool = True) -> Any:
         """Decode each message as `kind` and call `handler`; a returned message is the reply.
+        Returns a handle for `unsubscribe`.
 
         concurrent=True runs each message in its own task (a slow handler never blocks the
         subscription); False handles messages one at a time in arrival order.
@@ -83,6 +84,16 @@ class Bus:
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_message, pending_msgs_limit=65536)
         self._subscriptions.append(sub)
         await self.nc.flush()  # the server knows the interest before we return
+        return sub
+
+    async def unsubscribe(self, sub: Any) -> None:
+        """Drop one subscription returned by `subscribe` (handlers already running finish)."""
+        if sub in self._subscriptions:
+            self._subscriptions.remove(sub)
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
 
     async def _handle(self, msg: Msg, kind: type[T], handler: Callable[[T], Awaitable[BaseModel | None]]) -> None:
         try:

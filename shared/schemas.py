@@ -139,6 +139,24 @@ class CommandResult(Message):
     detail: dict[str, Any] = {}
 
 
+class DeviceOp(str, Enum):
+    load_copy = "load_copy"  # read a checkpoint into the device's weight pool
+    drop_copy = "drop_copy"  # free a pool copy
+    start_instance = "start_instance"  # serve a model (from the pool copy, else from disk)
+    stop_instance = "stop_instance"  # drain, then stop serving (the pool copy stays)
+    status = "status"  # in-flight counts and resident copies
+
+
+class DeviceCall(Message):
+    """Agent -> its own device worker (one process per device for real engines)."""
+
+    op: DeviceOp
+    model: ModelInfo | None = None
+    instance_id: str = ""
+    kv_bytes: int = Field(default=0, ge=0)
+    drain_timeout_s: float = 30.0
+
+
 # ---------------------------------------------------------------- placement requests
 
 

@@ -97,7 +97,7 @@ class Settings:
     device_kind: str = _setting("cpu", "cpu (logical devices) or cuda", _one_of("cpu", "cuda"))
     devices: int = _setting(2, "number of logical CPU devices (cuda: all visible GPUs)", _positive)
     device_memory_bytes: int = _setting(4 << 30, "memory budget per logical CPU device", _positive)
-    kv_cache_bytes: int = _setting(64 << 20, "KV cache per instance (CPU engines)", _positive)
+    kv_cache_bytes: int = _setting(128 << 20, "KV cache per instance (at least one full context is always reserved)", _positive)
     max_parallel_prewarms: int = _setting(2, "prewarms running at once per node", _positive)
     heartbeat_s: float = _setting(1.0, "agent heartbeat interval", _positive)
     heartbeat_ttl_s: float = _setting(5.0, "agent considered dead after this", _positive)

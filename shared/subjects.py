@@ -54,6 +54,10 @@ class Subjects:
     def agent_command(self, node: str) -> str:
         return self._s("agent", "cmd", "execute", _token(node))
 
+    def device_call(self, node: str, device: int) -> str:
+        """Private subject between an agent and its device worker."""
+        return self._s("agent", "cmd", "device", _token(node), str(device))
+
     def agent_heartbeat(self) -> str:
         return self._s("agent", "hb", "view")
 

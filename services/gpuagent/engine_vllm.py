@@ -1,0 +1,205 @@
+"""Real engine host: vLLM engines (CPU build here, CUDA on GPU nodes) inside one device worker.
+
+The pool holds each prewarmed checkpoint as tensors on the device (checkpoint layout). A warm
+engine per architecture is initialised once (dummy weights, KV cache allocated); promotion hands
+it the pool's tensors with `reload_weights` (CPU: copy + repack into the kernels' layout; CUDA:
+device-to-device copy) and resets the prefix cache. Each engine is stepped by its own thread;
+asyncio callers talk to it through a command queue. Imports vLLM once, at worker start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+for _name, _value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("HF_HUB_OFFLINE", "1"),
+                      ("VLLM_NO_USAGE_STATS", "1"), ("VLLM_LOGGING_LEVEL", "WARNING"),
+                      ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)  # vLLM reads these at import: in-process engine, offline
+
+import torch  # noqa: E402
+from vllm import EngineArgs, SamplingParams  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+
+from services.gpuagent.engine_api import Generation, Piece, BadRequest  # noqa: E402
+from shared.model_files import read_verified  # noqa: E402
+from shared.schemas import InferRequest, ModelInfo  # noqa: E402
+
+
+@dataclass
+class EngineSlot:
+    """A live vLLM engine for one architecture, stepped by its own thread."""
+
+    arch: str
+    engine: LLMEngine
+    loaded_hash: str = ""  # checkpoint whose weights the engine holds now
+    serving: str = ""  # instance id, or "" when idle
+    commands: "queue.Queue" = field(default_factory=queue.Queue)
+    wake: threading.Event = field(default_factory=threading.Event)
+    streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+
+
+class VllmHost:
+    def __init__(self, device: str, kv_cache_bytes: int):
+        self.device = device  # "cpu" or "cuda:N"
+        self.kv_cache_bytes = kv_cache_bytes
+        self.pool: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # model -> (hash, tensors)
+        self.slots: dict[str, EngineSlot] = {}  # arch -> warm engine
+        self.instances: dict[str, tuple[EngineSlot, ModelInfo]] = {}
+        self._engine_lock = asyncio.Lock()  # engine creation / weight swaps one at a time
+
+    # ------------------------------------------------------------ pool
+
+    async def load_copy(self, info: ModelInfo, on_progress) -> dict:
+        started = time.perf_counter()
+        tensors = await asyncio.to_thread(read_verified, Path(info.path), info.content_hash, on_progress)
+        if self.device != "cpu":
+            tensors = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+            torch.cuda.synchronize()
+        self.pool[info.name] = (info.content_hash, tensors)
+        return {"load_ms": (time.perf_counter() - started) * 1000,
+                "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+    async def drop_copy(self, model: str) -> None:
+        self.pool.pop(model, None)
+        if self.device != "cpu":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------ instances
+
+    async def start_instance(self, instance_id: str, info: ModelInfo, kv_bytes: int) -> dict:
+        """Serve `info` from its pool copy through a warm engine (creating one only if none exists)."""
+        detail: dict = {}
+        async with self._engine_lock:
+            if info.name not in self.pool:
+                raise BadRequest(f"no pool copy of {info.name}")
+            slot = self.slots.get(info.arch)
+            if slot is not None and slot.serving:
+                raise BadRequest(f"the {info.arch} engine on this device serves {slot.serving}")
+            if slot is None:
+                started = time.perf_counter()
+                slot = await asyncio.to_thread(self._new_slot, info, kv_bytes or self.kv_cache_bytes)
+                detail["engine_init_ms"] = (time.perf_counter() - started) * 1000
+            content_hash, tensors = self.pool[info.name]
+            if slot.loaded_hash != content_hash:
+                started = time.perf_counter()
+                await asyncio.to_thread(self._swap_weights, slot, tensors)
+                slot.loaded_hash = content_hash
+                detail["weight_swap_ms"] = (time.perf_counter() - started) * 1000
+                detail["copied_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+            slot.serving = instance_id
+            self.instances[instance_id] = (slot, info)
+        detail["path"] = "new_engine" if "engine_init_ms" in detail else "warm_engine"
+        return detail
+
+    def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
+        args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype="bfloat16",
+                          kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",
+                          max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True,
+                          device=self.device.split(":")[0] if self.device != "cpu" else "cpu")
+        slot = EngineSlot(info.arch, LLMEngine.from_engine_args(args))
+        slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True,
+                                       name=f"engine-{info.arch}")
+        slot.thread.start()
+        self.slots[info.arch] = slot
+        return slot
+
+    @staticmethod
+    def _swap_weights(slot: EngineSlot, tensors: dict[str, torch.Tensor]) -> None:
+        """Hand the pool's tensors to the engine, then drop KV computed with the old weights."""
+        slot.engine.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": iter(tensors.items()), "is_checkpoint_format": True})
+        slot.engine.reset_prefix_cache()
+
+    def inflight(self, instance_id: str) -> int:
+        entry = self.instances.get(instance_id)
+        return len(entry[0].streams) if entry else 0
+
+    async def stop_instance(self, instance_id: str) -> None:
+        entry = self.instances.pop(instance_id, None)
+        if entry:
+            entry[0].serving = ""
+
+    # ------------------------------------------------------------ generation
+
+    async def generate(self, instance_id: str, request: InferRequest) -> AsyncIterator[Piece]:
+        entry = self.instances.get(instance_id)
+        if entry is None:
+            raise BadRequest(f"instance {instance_id} is not serving here", code=503)
+        slot, info = entry
+        prompt = self._prompt(slot, request)
+        spec = request.sampling
+        params = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                stop=spec.stop or None, seed=spec.seed, ignore_eos=spec.ignore_eos,
+                                output_kind=RequestOutputKind.DELTA)
+        prompt_tokens = len(slot.engine.get_tokenizer().encode(prompt))
+        if prompt_tokens + spec.max_tokens > info.max_model_len:
+            raise BadRequest(f"prompt has {prompt_tokens} tokens and max_tokens is {spec.max_tokens}: "
+                             f"more than the model's context of {info.max_model_len} tokens")
+        stream: asyncio.Queue = asyncio.Queue()
+        slot.streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        slot.commands.put(("add", request.request_id, prompt, params))
+        slot.wake.set()
+        try:
+            while True:
+                piece: Piece = await stream.get()
+                yield piece
+                if piece.finish_reason or piece.error:
+                    return
+        finally:
+            if slot.streams.pop(request.request_id, None) is not None:
+                slot.commands.put(("abort", request.request_id))
+                slot.wake.set()
+
+    @staticmethod
+    def _prompt(slot: EngineSlot, request: InferRequest) -> str:
+        if request.messages is not None:
+            return slot.engine.get_tokenizer().apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True)
+        return request.prompt or ""
+
+    def _run_slot(self, slot: EngineSlot) -> None:
+        """Engine thread: apply queued adds/aborts, step while work remains, fan outputs out."""
+        engine = slot.engine
+        while True:
+            while not slot.commands.empty():
+                op, request_id, *rest = slot.commands.get()
+                if op == "add":
+                    try:
+                        engine.add_request(request_id, rest[0], rest[1])
+                    except Exception as exc:  # invalid request: fail that request only
+                        self._emit(slot, request_id, Piece(error=str(exc), error_code=400))
+                else:
+                    engine.abort_request([request_id])
+            if not engine.has_unfinished_requests():
+                slot.wake.wait()
+                slot.wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:
+                for request_id in list(slot.streams):
+                    self._emit(slot, request_id, Piece(error=f"engine step failed: {exc}", error_code=500))
+                continue
+            for out in outputs:
+                completion = out.outputs[0] if out.outputs else None
+                self._emit(slot, out.request_id, Piece(
+                    text=completion.text if completion else "",
+                    finish_reason=(completion.finish_reason or "stop") if out.finished and completion else None,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    new_tokens=len(completion.token_ids) if completion else 0))
+
+    @staticmethod
+    def _emit(slot: EngineSlot, request_id: str, piece: Piece) -> None:
+        target = slot.streams.get(request_id)
+        if target:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, piece)

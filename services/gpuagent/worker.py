@@ -1,0 +1,180 @@
+"""Device worker: executes its agent's device calls and serves inference for its instances.
+
+One per device. With the vLLM engine it is a long-lived process started by the agent at boot
+(vLLM imported and the device initialised once, so no request waits for a spawn or an import);
+with the fake engine it runs inside the agent's process. Same code either way.
+`python -m services.gpuagent.worker --device-index N [settings flags]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import time
+
+from services.gpuagent.engine_api import BadRequest, EngineHost
+from shared.bus import Bus
+from shared.logs import configure_logging, get_logger
+from shared.schemas import (CancelInference, CommandResult, DeviceCall, DeviceOp, Event, InferChunk,
+                            InferRequest)
+from shared.settings import Settings, add_arguments, load_settings
+
+log = get_logger("gpuagent.worker")
+
+
+class DeviceWorker:
+    def __init__(self, bus: Bus, settings: Settings, index: int, host: EngineHost):
+        self.bus, self.settings, self.index, self.host = bus, settings, index, host
+        self.node = settings.node
+        self._instance_subs: dict[str, list] = {}
+        self._generations: dict[str, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.bus.subjects.device_call(self.node, self.index), DeviceCall, self.on_call)
+
+    # ------------------------------------------------------------ device calls
+
+    async def on_call(self, call: DeviceCall) -> CommandResult:
+        started = time.perf_counter()
+        try:
+            detail = await self._execute(call)
+        except BadRequest as exc:
+            return CommandResult(command_id=call.op.value, ok=False, reason=str(exc))
+        except Exception as exc:  # report, never crash the worker
+            log.exception("device_call_failed", op=call.op.value, device=self.index)
+            return CommandResult(command_id=call.op.value, ok=False, reason=f"{type(exc).__name__}: {exc}")
+        return CommandResult(command_id=call.op.value, ok=True, detail=detail or {},
+                             duration_ms=(time.perf_counter() - started) * 1000)
+
+    async def _execute(self, call: DeviceCall) -> dict | None:
+        if call.op == DeviceOp.status:
+            return {"pid": os.getpid(), "inflight": {i: self.host.inflight(i) for i in self._instance_subs}}
+        if call.op == DeviceOp.load_copy:
+            return await self.host.load_copy(call.model, self._progress_reporter(call.model.name))
+        if call.op == DeviceOp.drop_copy:
+            return await self.host.drop_copy(call.model.name)
+        if call.op == DeviceOp.start_instance:
+            detail = await self.host.start_instance(call.instance_id, call.model, call.kv_bytes)
+            await self._serve_instance(call.instance_id)
+            return detail
+        if call.op == DeviceOp.stop_instance:
+            await self._drain_instance(call.instance_id, call.drain_timeout_s)
+            return await self.host.stop_instance(call.instance_id)
+        raise BadRequest(f"unknown op {call.op}")
+
+    def _progress_reporter(self, model: str):
+        last = [0.0]
+
+        def report(fraction: float) -> None:
+            if fraction - last[0] >= 0.25 or fraction >= 1.0 > last[0]:
+                last[0] = fraction
+                asyncio.get_event_loop().call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_event(
+                    "agent", Event(name="prewarm_progress", at_s=time.time(), model=model, node=self.node,
+                                   devices=[self.index], detail={"fraction": round(fraction, 3)})))
+
+        return report
+
+    # ------------------------------------------------------------ inference
+
+    async def _serve_instance(self, instance_id: str) -> None:
+        async def on_request(request: InferRequest) -> None:
+            task = asyncio.create_task(self._generate(instance_id, request))
+            self._generations[request.request_id] = task
+            task.add_done_callback(lambda _: self._generations.pop(request.request_id, None))
+
+        async def on_cancel(cancel: CancelInference) -> None:
+            task = self._generations.get(cancel.request_id)
+            if task:
+                task.cancel()
+
+        subjects = self.bus.subjects
+        self._instance_subs[instance_id] = [
+            await self.bus.subscribe(subjects.infer(instance_id), InferRequest, on_request),
+            await self.bus.subscribe(subjects.infer_cancel(instance_id), CancelInference, on_cancel),
+        ]
+
+    async def _drain_instance(self, instance_id: str, timeout_s: float) -> None:
+        """Stop taking requests, let in-flight ones finish (bounded), then cancel the rest."""
+        subs = self._instance_subs.pop(instance_id, [])
+        if subs:
+            await self.bus.unsubscribe(subs[0])
+        deadline = time.monotonic() + timeout_s
+        while self.host.inflight(instance_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in list(self._generations.values()):
+            task.cancel()  # only this instance's can remain: one instance per device
+        for sub in subs[1:]:
+            await self.bus.unsubscribe(sub)
+
+    async def _generate(self, instance_id: str, request: InferRequest) -> None:
+        received = time.perf_counter()
+        seq, completion, first_ms = 0, 0, 0.0
+
+        async def send(**fields) -> None:
+            nonlocal seq
+            await self.bus.publish(request.reply_to, InferChunk(request_id=request.request_id, seq=seq, **fields))
+            seq += 1
+
+        try:
+            async for piece in self.host.generate(instance_id, request):
+                if piece.error:
+                    await send(error=piece.error, error_code=piece.error_code or 500)
+                    return
+                completion += piece.new_tokens
+                if not first_ms and piece.new_tokens:
+                    first_ms = (time.perf_counter() - received) * 1000
+                await send(text=piece.text, finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens,
+                           completion_tokens=completion, engine_ttft_ms=first_ms)
+        except BadRequest as exc:
+            await send(error=str(exc), error_code=exc.code)
+        except asyncio.CancelledError:
+            await send(finish_reason="cancelled", completion_tokens=completion)
+        except Exception as exc:
+            log.exception("generation_failed", instance_id=instance_id, request_id=request.request_id)
+            await send(error=f"{type(exc).__name__}: {exc}", error_code=500)
+
+
+async def _run_process(settings: Settings, index: int) -> None:
+    from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
+
+    device = "cpu" if settings.device_kind == "cpu" else f"cuda:{index}"
+    if device != "cpu":
+        import torch
+
+        torch.cuda.set_device(index)
+        torch.zeros(1, device=device)  # initialise the CUDA context now, not on the first request
+    bus = await Bus.connect(settings, f"gpuagent-{settings.node}-dev{index}")
+    worker = DeviceWorker(bus, settings, index, VllmHost(device, settings.kv_cache_bytes))
+    await worker.start()
+    log.info("device_worker_ready", device=index, pid=os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    while not stop.is_set():  # leave with the agent, even if it was killed without a word
+        if os.getppid() != parent:
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+    await bus.drain_subscriptions()
+    await bus.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="WarmServe device worker (started by the gpuagent)")
+    parser.add_argument("--device-index", type=int, required=True)
+    add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    index = args.pop("device_index")
+    settings = load_settings({k: v for k, v in args.items() if v is not None})
+    configure_logging(settings.log_level, settings.log_json)
+    asyncio.run(_run_process(settings, index))
+
+
+if __name__ == "__main__":
+    main()

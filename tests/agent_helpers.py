@@ -1,0 +1,49 @@
+"""Helpers for tests that drive a GPU agent over real NATS/Redis: registering models, sending
+commands, running one inference and collecting its chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from shared.bus import Bus
+from shared.schemas import (AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, ModelInfo,
+                            SamplingSpec)
+
+
+def fake_model(name: str, size_bytes: int = 8 << 20, arch: str = "a1") -> ModelInfo:
+    return ModelInfo(name=name, path=f"/nonexistent/{name}", size_bytes=size_bytes, content_hash="h-" + name,
+                     arch=arch, max_model_len=256, kv_bytes_per_token=1024)
+
+
+async def command(bus: Bus, node: str, kind: CommandKind, model: str = "", devices=(0,), instance_id: str = "",
+                  command_id: str | None = None, timeout_s: float = 60) -> CommandResult:
+    cmd = AgentCommand(command_id=command_id or uuid.uuid4().hex, kind=kind, model=model, devices=list(devices),
+                       instance_id=instance_id)
+    return await bus.request(bus.subjects.agent_command(node), cmd, CommandResult, timeout_s=timeout_s)
+
+
+async def infer(bus: Bus, instance_id: str, prompt: str | None = "hello", max_tokens: int = 4,
+                messages=None, timeout_s: float = 60, cancel_after: int | None = None) -> list[InferChunk]:
+    request_id = uuid.uuid4().hex
+    reply = bus.subjects.infer_reply("test", request_id)
+    chunks: list[InferChunk] = []
+
+    async def collect():
+        async for chunk in bus.stream(reply, InferChunk):
+            chunks.append(chunk)
+            if cancel_after is not None and len(chunks) == cancel_after:
+                from shared.schemas import CancelInference
+
+                await bus.publish(bus.subjects.infer_cancel(instance_id), CancelInference(request_id=request_id))
+            if chunk.finish_reason or chunk.error:
+                return
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.05)  # let the reply subscription reach the server
+    await bus.nc.flush()
+    await bus.publish(bus.subjects.infer(instance_id), InferRequest(
+        request_id=request_id, model="", reply_to=reply, prompt=prompt, messages=messages,
+        sampling=SamplingSpec(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
+    await asyncio.wait_for(task, timeout_s)
+    return chunks

@@ -1,0 +1,110 @@
+"""GPU agent over real NATS and Redis with the fake timing engine: command semantics,
+idempotency, refusals with reasons, observed state in Redis, restart reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.gpuagent.service import AgentService
+from shared.bus import Bus
+from shared.runner import Running
+from shared.schemas import CommandKind, InstanceState
+from shared.state import State
+from tests.agent_helpers import command, fake_model, infer
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def agent(settings):
+    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001,
+                                fake_load_bytes_s=1e9, heartbeat_s=0.2, kv_cache_bytes=2 * MiB)
+    state = await State.connect(s)
+    for name, size in (("m1", 8 * MiB), ("m2", 8 * MiB), ("huge", 100 * MiB)):
+        await state.register_model(fake_model(name, size))
+    running = await Running.start(AgentService(s), with_health=False)
+    bus = await Bus.connect(s, "test-client")
+    yield running, bus, state, s
+    await bus.close()
+    if running.accepting:
+        await running.shutdown()
+    await state.close()
+
+
+async def test_prewarm_promote_infer_demote_promote_again(agent):
+    running, bus, state, s = agent
+    assert (await command(bus, s.node, CommandKind.prewarm, "m1")).ok
+    promoted = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i1")
+    assert promoted.ok, promoted.reason
+    chunks = await infer(bus, "i1", max_tokens=3)
+    assert "".join(c.text for c in chunks) == " t0 t1 t2" and chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 3
+    assert (await command(bus, s.node, CommandKind.demote, instance_id="i1")).ok
+    view = running.service.view()
+    assert [c.model for c in view.copies] == ["m1"] and view.instances == []  # weights stay as a copy
+    again = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i2")
+    assert again.ok and again.detail["path"] == "warm_engine"
+
+
+async def test_repeated_command_id_executes_once(agent):
+    running, bus, state, s = agent
+    first, second = await asyncio.gather(
+        command(bus, s.node, CommandKind.prewarm, "m1", command_id="same"),
+        command(bus, s.node, CommandKind.prewarm, "m1", command_id="same"))
+    assert first == second and first.ok
+
+
+@pytest.mark.parametrize("kind,model,devices,reason", [
+    (CommandKind.prewarm, "nope", (0,), "unknown model"),
+    (CommandKind.prewarm, "huge", (0,), "not enough memory"),
+    (CommandKind.prewarm, "m1", (7,), "bad device list"),
+    (CommandKind.promote, "m1", (0,), "no prewarmed copy"),
+    (CommandKind.cold_start, "m1", (0, 1), "tensor parallel"),
+])
+async def test_impossible_commands_are_refused_with_a_reason(agent, kind, model, devices, reason):
+    running, bus, state, s = agent
+    result = await command(bus, s.node, kind, model, devices=devices)
+    assert not result.ok and reason in result.reason
+
+
+async def test_bad_checksum_refused(agent, tmp_path):
+    running, bus, state, s = agent
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    await state.register_model(fake_model("tampered").model_copy(update={"path": str(tmp_path)}))
+    result = await command(bus, s.node, CommandKind.prewarm, "tampered")
+    assert not result.ok and "sha256" in result.reason
+    assert running.service.view().copies == []
+
+
+async def test_cold_start_serves_and_errors_come_back(agent):
+    running, bus, state, s = agent
+    result = await command(bus, s.node, CommandKind.cold_start, "m2", devices=(1,), instance_id="c1")
+    assert result.ok and result.detail["cold_start_ms"] > 0
+    too_long = await infer(bus, "c1", prompt="x " * 300)
+    assert too_long[-1].error and too_long[-1].error_code == 400
+    gone = await infer(bus, "c1", max_tokens=200, cancel_after=2)
+    assert gone[-1].finish_reason == "cancelled"
+
+
+async def test_observed_state_in_redis_and_restart_shows_nothing_stale(agent, settings):
+    running, bus, state, s = agent
+    await command(bus, s.node, CommandKind.prewarm, "m1")
+    await command(bus, s.node, CommandKind.cold_start, "m2", devices=(1,), instance_id="c1")
+    view = (await state.node_views())[s.node]
+    assert {c.model for c in view.copies} == {"m1", "m2"}
+    assert [(i.instance_id, i.state) for i in view.instances] == [("c1", InstanceState.ready)]
+    # kill without shutdown: the stale view stays until the heartbeat key expires
+    running.stopping.set()
+    running.service._ready = False
+    await bus.nc.flush()
+    restarted = await Running.start(AgentService(s), with_health=False)
+    fresh = (await state.node_views())[s.node]
+    assert fresh.copies == [] and fresh.instances == [] and fresh.boot_id != view.boot_id
+    await restarted.shutdown()
+    assert await state.node_views() == {}
