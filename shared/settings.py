@@ -71,6 +71,8 @@ class Settings:
     max_body_bytes: int = _setting(1_000_000, "largest accepted request body", _positive)
     api_keys: str = _setting("", "comma-separated accepted API keys (empty: no auth)")
     sample_interval_s: float = _setting(1.0, "load sampling interval", _positive)
+    infer_idle_timeout_s: float = _setting(30.0, "gateway: longest wait for an engine's next chunk "
+                                                 "before the request fails", _positive)
 
     # forecaster
     window_s: float = _setting(300.0, "forecast window W", _positive)

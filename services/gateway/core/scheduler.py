@@ -1,0 +1,289 @@
+"""Routing and holding policy of the gateway: which instance serves a request, which requests wait.
+
+A pure state machine. It keeps the routable instances (from agent heartbeats and events), this
+gateway's in-flight count per instance and a bounded FIFO per model with deadlines. Every method
+takes the time as an argument and returns effects for the shell to apply; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.gateway.core.load import LoadMeter
+from shared.schemas import LoadSample
+
+QUEUE_FULL_RETRY_S = 1.0  # Retry-After of a 429 (the queue drains at engine speed)
+DEADLINE_RETRY_S = 5.0  # Retry-After of a 503 (the model is still warming up)
+INSTANCE_STATES = ("starting", "ready", "draining")  # "stopped" removes the instance
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_inflight: int  # B: requests in flight per instance (from this gateway)
+    queue_limit: int  # requests a model may hold waiting
+    queue_deadline_s: float  # how long a request may wait for an instance
+    ask_retry_s: float = 1.0  # wait before asking the placer again after it failed
+
+
+@dataclass(frozen=True)
+class InstanceSeen:
+    """One observation of an instance: from a heartbeat, an event or a placer answer."""
+
+    instance_id: str
+    model: str
+    node: str
+    state: str  # starting | ready | draining | stopped
+    as_of_s: float  # the observer's time stamp: an older observation never overrides a newer one
+
+
+# ---------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Send the request to this instance now."""
+
+    request_id: str
+    instance_id: str
+    queue_wait_s: float  # waiting behind other requests or for a free slot
+    start_wait_s: float  # waiting while the model had no ready instance
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer the request with an error: its queue was full or its deadline passed."""
+
+    request_id: str
+    status: int
+    reason: str
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The request's instance is gone: fail it (its engine will never answer)."""
+
+    request_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class AskPlacer:
+    """Ask the placer for an instance of the model (once per waiting episode)."""
+
+    model: str
+    waiting: int
+
+
+Effect = Dispatch | Refuse | Abort | AskPlacer
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class _Instance:
+    model: str
+    node: str
+    state: str
+    as_of_s: float
+    running: set[str] = field(default_factory=set)  # this gateway's requests on it
+
+
+@dataclass
+class _Request:
+    model: str
+    arrived_s: float
+    deadline_s: float
+    cold: bool  # the model had no ready instance when the request arrived
+    instance_id: str = ""  # set once dispatched
+
+
+@dataclass
+class _Model:
+    queue: deque[str] = field(default_factory=deque)
+    instances: set[str] = field(default_factory=set)
+    ready_since_s: float | None = None  # since when the model has had a ready instance
+    ask: str = "idle"  # idle | pending (placer asked) | answered (wait for the queue to empty)
+    ask_retry_s: float = -math.inf  # no new ask before this time
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, now_s: float):
+        self.policy = policy
+        self.load = LoadMeter(now_s)
+        self._instances: dict[str, _Instance] = {}
+        self._requests: dict[str, _Request] = {}
+        self._models: dict[str, _Model] = {}
+
+    # ------------------------------------------------------------ requests
+
+    def admit(self, request_id: str, model: str, now_s: float) -> list[Effect]:
+        """A new request: dispatch it, queue it (maybe asking the placer) or refuse it (429)."""
+        m = self._model(model)
+        if len(m.queue) >= self.policy.queue_limit:
+            return [Refuse(request_id, 429, f"{len(m.queue)} requests already wait for {model}",
+                           QUEUE_FULL_RETRY_S)]
+        self._requests[request_id] = _Request(model, now_s, now_s + self.policy.queue_deadline_s,
+                                              cold=m.ready_since_s is None)
+        m.queue.append(request_id)
+        self.load.change(model, +1, now_s, arrival=True)
+        return self._release(model, now_s) + self._maybe_ask(model, now_s)
+
+    def finish(self, request_id: str, now_s: float) -> list[Effect]:
+        """The request ended (answered, failed, or its client left): free its place or slot."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return []
+        self.load.change(request.model, -1, now_s)
+        instance = self._instances.get(request.instance_id)
+        if instance is not None:
+            instance.running.discard(request_id)
+        elif not request.instance_id:
+            self._models[request.model].queue.remove(request_id)
+        return self._release(request.model, now_s)
+
+    def tick(self, now_s: float) -> list[Effect]:
+        """Refuse requests whose deadline passed (503) and retry failed placer asks."""
+        effects: list[Effect] = []
+        for model, m in self._models.items():
+            while m.queue and self._requests[m.queue[0]].deadline_s <= now_s:
+                request_id = m.queue.popleft()
+                self.load.change(model, -1, now_s)
+                del self._requests[request_id]
+                effects.append(Refuse(request_id, 503, f"no instance of {model} became free within "
+                                                       f"{self.policy.queue_deadline_s:g} s", DEADLINE_RETRY_S))
+            self._queue_changed(m)
+            effects += self._maybe_ask(model, now_s)
+        return effects
+
+    def next_deadline_s(self) -> float | None:
+        heads = [self._requests[m.queue[0]].deadline_s for m in self._models.values() if m.queue]
+        return min(heads, default=None)
+
+    def queued(self, model: str) -> int:
+        m = self._models.get(model)
+        return len(m.queue) if m else 0
+
+    def sample(self, now_s: float, at_s: float) -> list[LoadSample]:
+        return self.load.sample(now_s, at_s)
+
+    # ------------------------------------------------------------ instances
+
+    def observe(self, seen: InstanceSeen, now_s: float) -> list[Effect]:
+        """An event or placer answer about one instance (ignored if older than what we know)."""
+        known = self._instances.get(seen.instance_id)
+        if known is not None and known.as_of_s > seen.as_of_s:
+            return []
+        if seen.state not in INSTANCE_STATES:
+            return self._remove(seen.instance_id, now_s)
+        if known is None or known.model != seen.model:
+            effects = self._remove(seen.instance_id, now_s)
+            self._instances[seen.instance_id] = _Instance(seen.model, seen.node, seen.state, seen.as_of_s)
+            self._model(seen.model).instances.add(seen.instance_id)
+        else:
+            effects = []
+            known.state, known.node, known.as_of_s = seen.state, seen.node, seen.as_of_s
+        return effects + self._instances_changed(seen.model, now_s)
+
+    def observe_node(self, node: str, instances: list[InstanceSeen], as_of_s: float, now_s: float) -> list[Effect]:
+        """A node's full view: its listed instances are the truth, unlisted older ones are gone."""
+        listed = {seen.instance_id for seen in instances}
+        effects: list[Effect] = []
+        for instance_id, instance in list(self._instances.items()):
+            if instance.node == node and instance_id not in listed and instance.as_of_s <= as_of_s:
+                effects += self._remove(instance_id, now_s)
+        for seen in instances:
+            effects += self.observe(seen, now_s)
+        return effects
+
+    def forget_dead_nodes(self, alive: set[str], stale_before_s: float, now_s: float) -> list[Effect]:
+        """Drop instances of nodes without a live heartbeat (unless seen after `stale_before_s`)."""
+        effects: list[Effect] = []
+        for instance_id, instance in list(self._instances.items()):
+            if instance.node not in alive and instance.as_of_s < stale_before_s:
+                effects += self._remove(instance_id, now_s)
+        return effects
+
+    def placer_answered(self, model: str, ok: bool, instances: list[InstanceSeen], now_s: float) -> list[Effect]:
+        """The placer's answer to an ask: ready instances are usable now; a failure is retried later."""
+        m = self._model(model)
+        if ok:
+            m.ask = "answered"
+        else:
+            m.ask, m.ask_retry_s = "idle", now_s + self.policy.ask_retry_s
+        effects: list[Effect] = []
+        for seen in instances:
+            effects += self.observe(seen, now_s)
+        self._queue_changed(m)
+        return effects
+
+    def instance_load(self, instance_id: str) -> int:
+        instance = self._instances.get(instance_id)
+        return len(instance.running) if instance else 0
+
+    # ------------------------------------------------------------ internals
+
+    def _model(self, model: str) -> _Model:
+        m = self._models.get(model)
+        if m is None:
+            m = self._models[model] = _Model()
+        return m
+
+    def _pick(self, model: str) -> str | None:
+        """The least-loaded ready instance with a free slot (ties: the smallest id, for determinism)."""
+        best, best_load = None, self.policy.max_inflight
+        for instance_id in sorted(self._models[model].instances):
+            instance = self._instances[instance_id]
+            if instance.state == "ready" and len(instance.running) < best_load:
+                best, best_load = instance_id, len(instance.running)
+        return best
+
+    def _release(self, model: str, now_s: float) -> list[Effect]:
+        """Dispatch queued requests in arrival order while the model has free slots."""
+        m = self._models[model]
+        effects: list[Effect] = []
+        while m.queue:
+            instance_id = self._pick(model)
+            if instance_id is None:
+                break
+            request_id = m.queue.popleft()
+            request = self._requests[request_id]
+            request.instance_id = instance_id
+            self._instances[instance_id].running.add(request_id)
+            waited_s = now_s - request.arrived_s
+            start_wait_s = min(max(m.ready_since_s - request.arrived_s, 0.0), waited_s) if request.cold else 0.0
+            effects.append(Dispatch(request_id, instance_id, waited_s - start_wait_s, start_wait_s))
+        self._queue_changed(m)
+        return effects
+
+    def _maybe_ask(self, model: str, now_s: float) -> list[Effect]:
+        m = self._models[model]
+        if m.queue and m.ask == "idle" and now_s >= m.ask_retry_s:
+            m.ask = "pending"
+            return [AskPlacer(model, len(m.queue))]
+        return []
+
+    @staticmethod
+    def _queue_changed(m: _Model) -> None:
+        if not m.queue and m.ask == "answered":
+            m.ask = "idle"  # the waiting episode is over: the next one asks again
+
+    def _remove(self, instance_id: str, now_s: float) -> list[Effect]:
+        instance = self._instances.pop(instance_id, None)
+        if instance is None:
+            return []
+        self._models[instance.model].instances.discard(instance_id)
+        aborts: list[Effect] = [Abort(request_id, instance_id) for request_id in sorted(instance.running)]
+        return aborts + self._instances_changed(instance.model, now_s)
+
+    def _instances_changed(self, model: str, now_s: float) -> list[Effect]:
+        m = self._models[model]
+        has_ready = any(self._instances[i].state == "ready" for i in m.instances)
+        if not has_ready:
+            m.ready_since_s = None
+        elif m.ready_since_s is None:
+            m.ready_since_s = now_s
+        return self._release(model, now_s)
