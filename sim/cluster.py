@@ -1,0 +1,282 @@
+"""Simulated GPU cluster: nodes x GPUs with memory, prewarmed copies, engine instances and the load
+path SSD -> host-memory cache -> GPU. Executes agent-like commands (prewarm, evict, promote, demote,
+cold start, stop) with timings from sim.timing and keeps the books (bytes loaded, GPU-seconds, a
+per-GPU state timeline). It decides nothing: which command to run is the systems' business.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sim.engine import EventLoop
+from sim.timing import ModelProfile, TimingProfile
+
+# GPU states on the timeline, in display priority order
+EMPTY, PREWARMED, LOADING, STARTING, SERVING = range(5)
+STATE_NAMES = ("empty", "prewarmed", "loading", "starting", "serving")
+
+
+class OverCommit(RuntimeError):
+    """A command would use more GPU memory than there is: a bug in the system that issued it."""
+
+
+@dataclass(eq=False, slots=True)
+class Copy:
+    model: str
+    node: int
+    devices: tuple[int, ...]
+    bytes_per_gpu: int
+    ready_at: float
+    state: str = "loading"  # "loading" | "ready"
+
+
+@dataclass(eq=False, slots=True)
+class Instance:
+    instance_id: str
+    model: str
+    node: int
+    devices: tuple[int, ...]
+    weights_per_gpu: int
+    kv_bytes_per_gpu: int
+    kv_tokens: int  # KV capacity in tokens
+    capacity: int  # most requests in flight
+    created_at: float
+    ready_at: float
+    start_kind: str  # "hit" (ready copy), "loading" (copy still loading), "miss" (cold), "static"
+    state: str = "starting"  # "starting" | "ready" | "draining"
+    inflight: int = 0
+    kv_tokens_used: int = 0
+    prefill_free_at: float = 0.0
+    compute_share: float = 1.0  # fraction of the GPUs' compute this instance gets
+    then: str = ""  # after draining: "demote" (keep weights) or "stop"
+
+
+@dataclass(eq=False, slots=True)
+class Gpu:
+    node: int
+    device: int
+    usable_bytes: int
+    used_bytes: int = 0
+    copies: list[Copy] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    link_free_at: float = 0.0
+    busy_since: float = 0.0  # when it last went from no instance to some
+    state: int = EMPTY
+
+    @property
+    def free_bytes(self) -> int:
+        return self.usable_bytes - self.used_bytes
+
+
+class Cluster:
+    def __init__(self, loop: EventLoop, timing: TimingProfile, nodes: int, gpus_per_node: int,
+                 model_kinds: dict[str, str], record_timeline: bool = False):
+        self.loop, self.timing = loop, timing
+        self.nodes, self.gpus_per_node = nodes, gpus_per_node
+        self.kind_of = model_kinds  # model name -> profile kind
+        self.gpus = [[Gpu(n, d, timing.gpu.usable_bytes) for d in range(gpus_per_node)] for n in range(nodes)]
+        self.host_cache: list[OrderedDict[str, int]] = [OrderedDict() for _ in range(nodes)]
+        self.ssd_free_at = [0.0] * nodes
+        self.instances: dict[str, Instance] = {}
+        self.bytes_loaded = 0
+        self.gpu_seconds = 0.0
+        self.books = (loop.now, float("inf"))  # GPU-seconds (GPUs holding an instance) count in this window
+        self.starts = {"hit": 0, "loading": 0, "miss": 0}
+        self.timeline: list[tuple[float, int, int, int]] | None = [] if record_timeline else None
+        self.on_instance_ready: Callable[[Instance], None] = lambda inst: None
+        self.on_instance_gone: Callable[[Instance], None] = lambda inst: None
+
+    def profile(self, model: str) -> ModelProfile:
+        return self.timing.models[self.kind_of[model]]
+
+    def copies_of(self, model: str) -> list[Copy]:
+        return [c for row in self.gpus for g in row for c in g.copies if c.model == model and c.devices[0] == g.device]
+
+    def find_copy(self, model: str, node: int, devices: tuple[int, ...]) -> Copy | None:
+        for c in self.gpus[node][devices[0]].copies:
+            if c.model == model and c.devices == devices:
+                return c
+        return None
+
+    # ------------------------------------------------------------ commands
+
+    def prewarm(self, model: str, node: int, devices: tuple[int, ...]) -> Copy:
+        size = self.profile(model).bytes_per_gpu
+        copy = Copy(model, node, devices, size, ready_at=self._load_done_at(model, node, devices))
+        self._take(node, devices, size)
+        for d in devices:
+            self.gpus[node][d].copies.append(copy)
+        self.loop.at(copy.ready_at, self._copy_loaded, copy)
+        self._touch(node, devices)
+        return copy
+
+    def evict(self, copy: Copy) -> None:
+        for d in copy.devices:
+            gpu = self.gpus[copy.node][d]
+            gpu.copies.remove(copy)
+            gpu.used_bytes -= copy.bytes_per_gpu
+        copy.state = "evicted"
+        self._touch(copy.node, copy.devices)
+
+    def promote(self, copy: Copy, instance_id: str, kv_bytes_per_gpu: int, capacity: int) -> Instance:
+        """Serve from a prewarmed copy (ready or still loading); the copy's memory becomes the instance's."""
+        for d in copy.devices:
+            self.gpus[copy.node][d].copies.remove(copy)
+            self.gpus[copy.node][d].used_bytes -= copy.bytes_per_gpu
+        kind = "hit" if copy.state == "ready" else "loading"
+        copy.state = "promoted"
+        ready_at = max(copy.ready_at, self.loop.now) + self.timing.gpu.promote_s
+        return self._new_instance(instance_id, copy.model, copy.node, copy.devices, kv_bytes_per_gpu,
+                                  capacity, ready_at, kind)
+
+    def cold_start(self, model: str, node: int, devices: tuple[int, ...], instance_id: str,
+                   kv_bytes_per_gpu: int, capacity: int, start_kind: str = "miss") -> Instance:
+        ready_at = self._load_done_at(model, node, devices) + self.timing.gpu.engine_start_s
+        return self._new_instance(instance_id, model, node, devices, kv_bytes_per_gpu, capacity,
+                                  ready_at, start_kind)
+
+    def retire(self, inst: Instance, then: str) -> None:
+        """Stop taking requests; once drained, "demote" keeps the weights as a copy, "stop" frees all."""
+        inst.state, inst.then = "draining", then
+        self._touch(inst.node, inst.devices)
+        if inst.inflight == 0:
+            self._drained(inst)
+
+    def resize_kv(self, inst: Instance, kv_bytes_per_gpu: int) -> None:
+        delta = kv_bytes_per_gpu - inst.kv_bytes_per_gpu
+        if delta > 0:
+            self._take(inst.node, inst.devices, delta)
+        else:
+            for d in inst.devices:
+                self.gpus[inst.node][d].used_bytes += delta
+        inst.kv_bytes_per_gpu = kv_bytes_per_gpu
+        inst.kv_tokens = self._kv_tokens(inst.model, kv_bytes_per_gpu)
+
+    def request_done(self, inst: Instance) -> None:
+        """Serving calls this when a request leaves an instance."""
+        if inst.state == "draining" and inst.inflight == 0:
+            self._drained(inst)
+
+    def close_books(self) -> None:
+        """Count the GPU-seconds of the GPUs still holding instances."""
+        for row in self.gpus:
+            for gpu in row:
+                if gpu.instances:
+                    self._book(gpu)
+
+    def _book(self, gpu: Gpu) -> None:
+        """Add the time since `gpu.busy_since` (clipped to the books window) and restart it."""
+        held = min(self.loop.now, self.books[1]) - max(gpu.busy_since, self.books[0])
+        self.gpu_seconds += max(held, 0.0)
+        gpu.busy_since = self.loop.now
+
+    # ------------------------------------------------------------ internals
+
+    def _new_instance(self, instance_id, model, node, devices, kv_bytes_per_gpu, capacity, ready_at, kind):
+        weights = self.profile(model).bytes_per_gpu
+        self._take(node, devices, weights + kv_bytes_per_gpu)
+        inst = Instance(instance_id, model, node, devices, weights, kv_bytes_per_gpu,
+                        self._kv_tokens(model, kv_bytes_per_gpu), capacity, self.loop.now, ready_at, kind)
+        if kind in self.starts:
+            self.starts[kind] += 1
+        self.instances[instance_id] = inst
+        for d in devices:
+            gpu = self.gpus[node][d]
+            if not gpu.instances:
+                gpu.busy_since = self.loop.now
+            gpu.instances.append(inst)
+        self.loop.at(ready_at, self._instance_started, inst)
+        self._touch(node, devices)
+        return inst
+
+    def _kv_tokens(self, model: str, kv_bytes_per_gpu: int) -> int:
+        prof = self.profile(model)
+        return kv_bytes_per_gpu * prof.tp // prof.kv_bytes_per_token
+
+    def _instance_started(self, inst: Instance) -> None:
+        if inst.state == "starting":
+            inst.state = "ready"
+            self._touch(inst.node, inst.devices)
+            self.on_instance_ready(inst)
+
+    def _drained(self, inst: Instance) -> None:
+        """A stop frees the GPUs at once; a demote takes demote_s (the engine parks its weights)."""
+        if inst.then == "stop":
+            self._finish_retire(inst)
+        else:
+            self.loop.after(self.timing.gpu.demote_s, self._finish_retire, inst)
+
+    def _finish_retire(self, inst: Instance) -> None:
+        if inst.instance_id not in self.instances:
+            return
+        del self.instances[inst.instance_id]
+        for d in inst.devices:
+            gpu = self.gpus[inst.node][d]
+            gpu.instances.remove(inst)
+            if not gpu.instances:
+                self._book(gpu)
+            gpu.used_bytes -= inst.kv_bytes_per_gpu + inst.weights_per_gpu
+        if inst.then == "demote":
+            copy = Copy(inst.model, inst.node, inst.devices, inst.weights_per_gpu, self.loop.now, "ready")
+            self._take(inst.node, inst.devices, inst.weights_per_gpu)
+            for d in inst.devices:
+                self.gpus[inst.node][d].copies.append(copy)
+        self._touch(inst.node, inst.devices)
+        self.on_instance_gone(inst)
+
+    def _copy_loaded(self, copy: Copy) -> None:
+        if copy.state == "loading":
+            copy.state = "ready"
+            self._touch(copy.node, copy.devices)
+
+    def _take(self, node: int, devices: tuple[int, ...], n_bytes: int) -> None:
+        row = self.gpus[node]
+        if any(row[d].free_bytes < n_bytes for d in devices):
+            raise OverCommit(f"node {node} devices {devices}: need {n_bytes} bytes, "
+                             f"free {[row[d].free_bytes for d in devices]}")
+        for d in devices:
+            row[d].used_bytes += n_bytes
+
+    def _load_done_at(self, model: str, node: int, devices: tuple[int, ...]) -> float:
+        """When a load of the model's weights onto these GPUs completes, booking the links it uses.
+
+        From the node's host-memory cache when the checkpoint is there, else SSD -> host memory
+        (serialised per node) pipelined with host -> GPU."""
+        now, prof = self.loop.now, self.profile(model)
+        row = self.gpus[node]
+        start = max([now] + [row[d].link_free_at for d in devices])
+        done = start + self.timing.host_load_s(self.kind_of[model])
+        cache = self.host_cache[node]
+        if model in cache:
+            cache.move_to_end(model)
+        else:
+            ssd_done = max(now, self.ssd_free_at[node]) + self.timing.ssd_load_s(self.kind_of[model])
+            self.ssd_free_at[node] = ssd_done
+            done = max(done, ssd_done)
+            cache[model] = prof.size_bytes
+            while sum(cache.values()) > self.timing.gpu.host_cache_bytes_per_node and len(cache) > 1:
+                cache.popitem(last=False)
+        for d in devices:
+            row[d].link_free_at = done
+        self.bytes_loaded += prof.size_bytes
+        return done
+
+    def _touch(self, node: int, devices: tuple[int, ...]) -> None:
+        if self.timeline is None:
+            return
+        for d in devices:
+            gpu = self.gpus[node][d]
+            state = _gpu_state(gpu)
+            if state != gpu.state:
+                gpu.state = state
+                self.timeline.append((self.loop.now, node, d, state))
+
+
+def _gpu_state(gpu: Gpu) -> int:
+    if gpu.instances:
+        return SERVING if any(i.state != "starting" for i in gpu.instances) else STARTING
+    if any(c.state == "loading" for c in gpu.copies):
+        return LOADING
+    return PREWARMED if gpu.copies else EMPTY
