@@ -30,6 +30,7 @@ class Copy:
     bytes_per_gpu: int
     ready_at: float
     state: str = "loading"  # "loading" | "ready"
+    kv_host: Instance | None = None  # the instance whose idle KV space holds it (None: pool memory)
 
 
 @dataclass(eq=False, slots=True)
@@ -50,6 +51,7 @@ class Instance:
     kv_tokens_used: int = 0
     prefill_free_at: float = 0.0
     compute_share: float = 1.0  # fraction of the GPUs' compute this instance gets
+    kv_lent_bytes: int = 0  # KV space per device lent to prewarmed copies
     then: str = ""  # after draining: "demote" (keep weights) or "stop"
 
 
@@ -102,10 +104,14 @@ class Cluster:
 
     # ------------------------------------------------------------ commands
 
-    def prewarm(self, model: str, node: int, devices: tuple[int, ...]) -> Copy:
+    def prewarm(self, model: str, node: int, devices: tuple[int, ...], in_kv_of: Instance | None = None) -> Copy:
+        """Load a copy into free pool memory, or into the idle KV space of instance `in_kv_of`."""
         size = self.profile(model).bytes_per_gpu
-        copy = Copy(model, node, devices, size, ready_at=self._load_done_at(model, node, devices))
-        self._take(node, devices, size)
+        copy = Copy(model, node, devices, size, ready_at=self._load_done_at(model, node, devices), kv_host=in_kv_of)
+        if in_kv_of is None:
+            self._take(node, devices, size)
+        else:
+            self._lend_kv(in_kv_of, size)
         for d in devices:
             self.gpus[node][d].copies.append(copy)
         self.loop.at(copy.ready_at, self._copy_loaded, copy)
@@ -113,18 +119,17 @@ class Cluster:
         return copy
 
     def evict(self, copy: Copy) -> None:
-        for d in copy.devices:
-            gpu = self.gpus[copy.node][d]
-            gpu.copies.remove(copy)
-            gpu.used_bytes -= copy.bytes_per_gpu
+        self._release(copy)
         copy.state = "evicted"
         self._touch(copy.node, copy.devices)
 
+    def lent_copies(self, inst: Instance) -> list[Copy]:
+        return [c for c in {id(c): c for d in inst.devices for c in self.gpus[inst.node][d].copies}.values()
+                if c.kv_host is inst]
+
     def promote(self, copy: Copy, instance_id: str, kv_bytes_per_gpu: int, capacity: int) -> Instance:
         """Serve from a prewarmed copy (ready or still loading); the copy's memory becomes the instance's."""
-        for d in copy.devices:
-            self.gpus[copy.node][d].copies.remove(copy)
-            self.gpus[copy.node][d].used_bytes -= copy.bytes_per_gpu
+        self._release(copy)
         kind = "hit" if copy.state == "ready" else "loading"
         copy.state = "promoted"
         ready_at = max(copy.ready_at, self.loop.now) + self.timing.gpu.promote_s
@@ -143,16 +148,6 @@ class Cluster:
         self._touch(inst.node, inst.devices)
         if inst.inflight == 0:
             self._drained(inst)
-
-    def resize_kv(self, inst: Instance, kv_bytes_per_gpu: int) -> None:
-        delta = kv_bytes_per_gpu - inst.kv_bytes_per_gpu
-        if delta > 0:
-            self._take(inst.node, inst.devices, delta)
-        else:
-            for d in inst.devices:
-                self.gpus[inst.node][d].used_bytes += delta
-        inst.kv_bytes_per_gpu = kv_bytes_per_gpu
-        inst.kv_tokens = self._kv_tokens(inst.model, kv_bytes_per_gpu)
 
     def request_done(self, inst: Instance) -> None:
         """Serving calls this when a request leaves an instance."""
@@ -191,6 +186,18 @@ class Cluster:
         self._touch(node, devices)
         return inst
 
+    def _release(self, copy: Copy) -> None:
+        for d in copy.devices:
+            self.gpus[copy.node][d].copies.remove(copy)
+            if copy.kv_host is None:
+                self.gpus[copy.node][d].used_bytes -= copy.bytes_per_gpu
+        if copy.kv_host is not None:
+            self._lend_kv(copy.kv_host, -copy.bytes_per_gpu)
+
+    def _lend_kv(self, inst: Instance, n_bytes: int) -> None:
+        inst.kv_lent_bytes += n_bytes
+        inst.kv_tokens = self._kv_tokens(inst.model, inst.kv_bytes_per_gpu - inst.kv_lent_bytes)
+
     def _kv_tokens(self, model: str, kv_bytes_per_gpu: int) -> int:
         prof = self.profile(model)
         return kv_bytes_per_gpu * prof.tp // prof.kv_bytes_per_token
@@ -218,6 +225,9 @@ class Cluster:
             if not gpu.instances:
                 self._book(gpu)
             gpu.used_bytes -= inst.kv_bytes_per_gpu + inst.weights_per_gpu
+        for copy in self.lent_copies(inst):
+            copy.kv_host = None  # the KV space is gone: the copy now holds pool memory
+            self._take(copy.node, copy.devices, copy.bytes_per_gpu)
         if inst.then == "demote":
             copy = Copy(inst.model, inst.node, inst.devices, inst.weights_per_gpu, self.loop.now, "ready")
             self._take(inst.node, inst.devices, inst.weights_per_gpu)

@@ -23,7 +23,7 @@ def summarize(req: Requests, cluster: Cluster, replay_s: float, measured: np.nda
     ttft = ttft_s(req)[measured]
     finish = req.finish_s[measured]
     n = len(ttft)
-    pct = np.percentile(ttft, [50, 95, 99]) if n else np.full(3, np.nan)
+    pct = np.percentile(ttft, [50, 95, 99], method="inverted_cdf") if n else np.full(3, np.nan)
     starts = cluster.starts
     n_starts = sum(starts.values())
     return {

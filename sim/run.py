@@ -26,7 +26,22 @@ DEFAULTS = {
     "alpha": 0.5, "total_rate_rps": 10.0, "seed": 1, "capacity": 32,
     "learn_days": 7, "replay_day": 7, "replay_start_h": 10.0, "replay_h": 1.0,
     "warmup_s": 900.0, "drain_s": 900.0, "kv_tokens_per_request": 2048,
+    "keep_alive_s": 60.0, "history_days": 7, "csp_days": 3, "csp_errors": 10,
 }
+
+
+def make_system(name: str, config: dict):
+    from sim.systems.muxserve import MuxServe
+    from sim.systems.serverless import ServerlessLLM
+    from sim.systems.warmserve import VARIANTS, WarmServe
+
+    if name == "serverlessllm":
+        return ServerlessLLM(config["keep_alive_s"])
+    if name == "muxserve":
+        return MuxServe()
+    if name in VARIANTS:
+        return WarmServe(VARIANTS[name])
+    raise ValueError(f"unknown system {name!r}: serverlessllm, muxserve, {', '.join(VARIANTS)}")
 
 
 def load_config(path: str | Path) -> dict:

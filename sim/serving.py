@@ -72,6 +72,7 @@ class Serving:
         self.meters: list[LoadMeter] = []
         self.on_waiting: Callable[[int], None] = lambda m: None  # a request waits for capacity
         self.on_request_done: Callable[[Instance], None] = lambda inst: None
+        self.on_kv_short: Callable[[Instance], None] = lambda inst: None  # reclaim KV lent to copies
         self._arrival = requests.arrival_s.tolist()
         self._model = requests.model.tolist()
         self._prompt = requests.prompt_tokens.tolist()
@@ -108,11 +109,17 @@ class Serving:
         self._drain_queue(m)
 
     def _pick(self, m: int, tokens: int) -> Instance | None:
-        best = None
+        best = short = None
         for inst in self.routable[m]:
-            if inst.inflight < inst.capacity and (inst.kv_tokens_used + tokens <= inst.kv_tokens or inst.inflight == 0):
-                if best is None or inst.inflight < best.inflight:
-                    best = inst
+            if inst.inflight < inst.capacity:
+                if inst.kv_tokens_used + tokens <= inst.kv_tokens or inst.inflight == 0:
+                    if best is None or inst.inflight < best.inflight:
+                        best = inst
+                elif inst.kv_lent_bytes:
+                    short = inst
+        if best is None and short is not None:
+            self.on_kv_short(short)  # lent KV space comes back before a request waits for it
+            return short if short.kv_tokens_used + tokens <= short.kv_tokens else None
         return best
 
     def _drain_queue(self, m: int) -> None:

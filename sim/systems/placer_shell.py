@@ -1,0 +1,113 @@
+"""The simulator's shell around the placer core: builds the core's Snapshot from the simulated
+cluster (exactly what the live placer reads from agents' node views) and executes the core's
+effects as an agent would (in order per node; a demote holds the node until drained; what cannot
+be carried out is refused and counted). It takes no decision of its own; the one agent-side mechanism is
+reclaiming KV space lent to prewarmed copies when a request of the hosting instance needs it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from services.placer.core import effects as fx
+from services.placer.core import snapshot as core
+from services.placer.core.overlay import apply_effects
+from sim.cluster import Cluster, Copy, Instance, OverCommit
+from sim.serving import Serving
+
+
+class Refused(RuntimeError):
+    """An effect that names something the cluster does not hold (the agent would refuse it)."""
+
+
+def node_name(node: int) -> str:
+    return f"node{node}"
+
+
+class PlacerShell:
+    def __init__(self, cluster: Cluster, serving: Serving, capacity: int, kv_bytes_per_gpu: dict[str, int]):
+        self.cluster, self.serving, self.capacity = cluster, serving, capacity
+        self.kv_bytes_per_gpu = kv_bytes_per_gpu  # model -> KV per device a new instance gets
+        self.decisions: list[tuple[float, fx.Effect]] = []  # every executed effect, in order
+        self.refused: list[tuple[float, fx.Effect, str]] = []  # effects the cluster could not carry out
+        self.pending: dict[int, deque] = {}  # node -> effects not yet run
+        self.blocked: dict[int, Instance] = {}  # node -> the draining instance its queue waits for
+        serving.on_kv_short = self.reclaim_for
+        cluster.on_instance_gone = self._instance_gone
+
+    def snapshot(self, forecasts: dict[str, tuple[float, float]], loads: dict[str, float]) -> core.Snapshot:
+        """The observed cluster with the effects not yet carried out overlaid (as the live placer does)."""
+        cl = self.cluster
+        nodes = tuple(core.Node(node_name(n), tuple(core.Gpu(g.device, g.free_bytes) for g in row))
+                      for n, row in enumerate(cl.gpus))
+        models = tuple(core.ModelSpec(name, cl.profile(name).size_bytes, cl.profile(name).tp,
+                                      *forecasts.get(name, (0.0, 0.0)), kv_bytes=self.kv_bytes_per_gpu[name])
+                       for name in self.serving.names)
+        copies = tuple(core.Copy(c.model, node_name(c.node), c.devices, c.state == "ready",
+                                 c.kv_host.instance_id if c.kv_host else "")
+                       for row in cl.gpus for g in row for c in g.copies if c.devices[0] == g.device)
+        instances = tuple(self._instance_view(i) for i in cl.instances.values())
+        observed = core.Snapshot(nodes, models, copies, instances, loads)
+        pending = [e for node in sorted(self.pending) for e in self.pending[node]]
+        return apply_effects(observed, pending, cl.loop.now) if pending else observed
+
+    def _instance_view(self, inst: Instance) -> core.Instance:
+        prof = self.cluster.profile(inst.model)
+        return core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
+                             inst.inflight, inst.kv_bytes_per_gpu,
+                             inst.kv_tokens_used * prof.kv_bytes_per_token // prof.tp,
+                             inst.state != "starting", inst.state == "draining")
+
+    def execute(self, effects, now_s: float) -> None:
+        """Queue effects per node; like an agent, a node runs its commands in order and a demote
+        holds the node's later commands until the instance has drained."""
+        for effect in effects:
+            self.pending.setdefault(int(effect.node.removeprefix("node")), deque()).append(effect)
+        for node in sorted(self.pending):
+            self._pump(node)
+
+    def _pump(self, node: int) -> None:
+        queue = self.pending[node]
+        while queue and node not in self.blocked:
+            effect = queue.popleft()
+            self.decisions.append((self.cluster.loop.now, effect))
+            try:
+                self._run(effect, node)
+            except (Refused, OverCommit) as exc:
+                self.refused.append((self.cluster.loop.now, effect, str(exc)))
+
+    def _instance_gone(self, inst: Instance) -> None:
+        if self.blocked.get(inst.node) is inst:
+            del self.blocked[inst.node]
+            self._pump(inst.node)
+
+    def _run(self, effect, node: int) -> None:
+        cluster = self.cluster
+        if isinstance(effect, fx.Prewarm):
+            host = cluster.instances.get(effect.kv_host) if effect.kv_host else None
+            cluster.prewarm(effect.model, node, effect.devices, in_kv_of=host)
+        elif isinstance(effect, fx.Evict):
+            cluster.evict(self._copy(effect, node))
+        elif isinstance(effect, fx.Promote):
+            cluster.promote(self._copy(effect, node), effect.instance_id, effect.kv_bytes, self.capacity)
+        elif isinstance(effect, fx.ColdStart):
+            cluster.cold_start(effect.model, node, effect.devices, effect.instance_id, effect.kv_bytes, self.capacity)
+        elif isinstance(effect, fx.Demote):
+            inst = cluster.instances.get(effect.instance_id)
+            if inst is None:
+                raise Refused(f"no instance {effect.instance_id}")
+            self.blocked[node] = inst
+            self.serving.retire(inst, "demote")
+
+    def _copy(self, effect, node: int) -> Copy:
+        copy = self.cluster.find_copy(effect.model, node, effect.devices)
+        if copy is None:
+            raise Refused(f"no copy of {effect.model} on node{node} {effect.devices}")
+        return copy
+
+    def reclaim_for(self, inst: Instance) -> None:
+        """A request of `inst` waits for KV space: evict every copy borrowing it."""
+        for copy in self.cluster.lent_copies(inst):
+            self.decisions.append((self.cluster.loop.now, fx.Evict(copy.model, node_name(copy.node), copy.devices,
+                                                                     fx.KV_RECLAIMED, inst.model)))
+            self.cluster.evict(copy)

@@ -1,0 +1,127 @@
+"""WarmServe in the simulator: the live services' forecaster core (OnlineForecaster) and placer
+core (tick, allocate) driven on the virtual clock. History for the forecaster comes from the
+learning days of the workload (each request outstanding for its prefill + decode time); then every
+window the simulated load is observed and forecast, every placer tick the core plans, and a model
+whose requests wait asks the core for an instance once per waiting episode (as the gateway does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.forecaster.core.online import OnlineForecaster
+from services.forecaster.core.windows import trace_windows
+from services.placer.core.planner import allocate, tick
+from services.placer.core.snapshot import Config
+from shared.workload import DAY_S
+from sim.serving import LoadMeter
+from sim.systems.base import Context
+from sim.systems.placer_shell import PlacerShell
+
+ASK_RETRY_S = 1.0  # the gateway's wait before asking the placer again after "no capacity"
+HISTORY_BATCH = 8  # the batch size whose decode step times the offline history's requests
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    forecast: str = "csp"  # forecaster method: csp | ours | seasonal_naive
+    placement: str = "paper"  # placer core placement: paper | evict_aware | round_robin
+    prewarm: bool = True
+    kv_prewarm: bool = True
+    window_s: float = 300.0
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("warmserve-paper"),
+    Variant("ours", forecast="ours", placement="evict_aware"),
+    Variant("paper-no-prewarm", prewarm=False),
+    Variant("paper-round-robin", placement="round_robin"),
+    Variant("paper-no-kv-prewarm", kv_prewarm=False),
+    Variant("paper-window-3min", window_s=180.0),
+    Variant("paper-window-40min", window_s=2400.0),
+)}
+
+
+class WarmServe:
+    def __init__(self, variant: Variant):
+        self.variant = variant
+        self.name = variant.name
+
+    def start(self, ctx: Context) -> None:
+        v, cfg = self.variant, ctx.config
+        self.ctx = ctx
+        self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
+                             prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm)
+        kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
+              for name in ctx.models}
+        self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)
+        self.forecaster = OnlineForecaster(v.forecast, v.window_s, cfg.get("csp_days", 3), cfg.get("csp_errors", 10))
+        for name in ctx.models:
+            self.forecaster.add_model(name)
+        self.window = math.floor(ctx.loop.now / v.window_s)
+        self._learn_history(cfg.get("history_days", 7))
+        self.forecasts = self._forecast(self.window)
+        self.window_meter, self.tick_meter = LoadMeter(ctx.serving), LoadMeter(ctx.serving)
+        self.asked = [False] * len(ctx.models)
+        ctx.serving.on_waiting = self._waiting
+        ctx.loop.at((self.window + 1) * v.window_s, self._window_closed)
+        ctx.loop.after(0.0, self._tick)
+
+    def _learn_history(self, days: int) -> None:
+        """Windows of the learning days before the simulation, from the workload's own requests."""
+        ctx, w = self.ctx, self.variant.window_s
+        first = max(math.floor((ctx.loop.now - days * DAY_S) / w), 0)
+        if first >= self.window:
+            return
+        avg = np.zeros((len(ctx.models), self.window))
+        peak = np.zeros_like(avg)
+        for m, name in enumerate(ctx.models):
+            arrivals = ctx.workload.model_arrivals(m, first * w, self.window * w)
+            prof = ctx.cluster.profile(name)
+            duration = (prof.prefill_overhead_s + arrivals.prompt_tokens * prof.prefill_s_per_token
+                        + arrivals.output_tokens * prof.decode_step_s(HISTORY_BATCH))
+            avg[m], peak[m] = trace_windows(arrivals.time_s, duration, w, self.window)
+        for t in range(first, self.window):
+            self.forecaster.observe_rows(t, avg[:, t], peak[:, t])
+
+    def _forecast(self, t: int) -> dict[str, tuple[float, float]]:
+        return {name: (p.avg, p.peak) for name, p in self.forecaster.forecast(t).items()}
+
+    def _window_closed(self) -> None:
+        loads = self.window_meter.take()
+        self.forecaster.observe_rows(self.window, np.array([a for a, _, _ in loads]),
+                                     np.array([max(p, a) for a, p, _ in loads], float))
+        self.window += 1
+        self.forecasts = self._forecast(self.window)
+        self.ctx.loop.at((self.window + 1) * self.variant.window_s, self._window_closed)
+
+    def _tick(self) -> None:
+        ctx = self.ctx
+        loads = {name: avg for name, (avg, _, _) in zip(ctx.models, self.tick_meter.take())}
+        snapshot = self.shell.snapshot(self.forecasts, loads)
+        self.shell.execute(tick(snapshot, ctx.loop.now, self.config), ctx.loop.now)
+        if ctx.loop.now < ctx.replay_end_s:
+            ctx.loop.after(self.config.scale_window_s, self._tick)
+
+    def _waiting(self, m: int) -> None:
+        """Like the gateway: ask once when a model's queue starts, retry after "no capacity"."""
+        queue = self.ctx.serving.queues[m]
+        if len(queue) == 1:
+            self.asked[m] = False
+        if not self.asked[m]:
+            self._ask(m)
+
+    def _ask(self, m: int) -> None:
+        ctx = self.ctx
+        if not ctx.serving.queues[m]:
+            return
+        self.asked[m] = True
+        snapshot = self.shell.snapshot(self.forecasts, {})
+        allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config)
+        self.shell.execute(allocation.effects, ctx.loop.now)
+        if not allocation.effects:
+            ctx.loop.after(ASK_RETRY_S, self._ask, m)
