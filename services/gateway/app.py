@@ -1,0 +1,85 @@
+"""The gateway's HTTP surface (FastAPI): OpenAI-compatible routes, health and metrics.
+
+Routes only check the API key and hand over: completions to `serving.Completion`, the model list
+to the warm-state core. Every error, including unknown routes, is answered in OpenAI's format.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from services.gateway.core.protocol import ApiError
+from services.gateway.core.warm import model_cards
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.runtime import GatewayRuntime
+from services.gateway.serving import AccessRecord, Completion
+from shared.settings import Settings
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def create_app(settings: Settings, runtime: GatewayRuntime, metrics: GatewayMetrics,
+               ready: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(title="WarmServe gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    completion = Completion(runtime, metrics, settings.max_body_bytes)
+    api_keys = settings.accepted_api_keys
+
+    def check_api_key(http: Request) -> None:
+        if not api_keys:
+            return
+        scheme, _, key = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in api_keys:
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key")
+
+    async def guarded(http: Request, chat: bool) -> Response:
+        try:
+            check_api_key(http)
+        except ApiError as exc:
+            completion.log(AccessRecord(endpoint="chat" if chat else "completions", status=exc.status,
+                                        error=exc.message))
+            return JSONResponse(exc.body(), status_code=exc.status)
+        return await completion(http, chat)
+
+    @app.post("/v1/completions")
+    async def completions(http: Request) -> Response:
+        return await guarded(http, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request) -> Response:
+        return await guarded(http, chat=True)
+
+    @app.get("/v1/models")
+    async def models(http: Request) -> Response:
+        check_api_key(http)
+        registry = await runtime.state.models()
+        views = await runtime.state.node_views(alive_only=True)
+        return JSONResponse(model_cards(registry, views, int(time.time())))
+
+    @app.get("/livez")
+    async def livez() -> Response:
+        return PlainTextResponse("ok")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return PlainTextResponse("ready") if ready() else PlainTextResponse("not ready", status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=PROMETHEUS_TEXT)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        error = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    return app

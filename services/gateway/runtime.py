@@ -1,0 +1,260 @@
+"""The gateway's cluster side: feeds the scheduler core with what agents and the placer say, applies
+its effects (send to an instance, refuse, abort, ask the placer), demultiplexes the engines' token
+streams into per-request mailboxes and publishes load samples.
+
+Shell only: every routing and holding decision is made by `core.scheduler.Scheduler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+
+from services.gateway.core.protocol import CompletionRequest
+from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, Effect, InstanceSeen, Policy, Refuse,
+                                             Scheduler)
+from services.gateway.metrics import GatewayMetrics
+from shared.bus import Bus, BusError
+from shared.logs import get_logger
+from shared.schemas import (CancelInference, Event, InferChunk, InferRequest, InstanceAnswer, InstanceNeed,
+                            ModelInfo, NodeView)
+from shared.settings import Settings
+from shared.state import State, StateError
+
+log = get_logger("gateway")
+INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready",
+                   "instance_draining": "draining", "instance_stopped": "stopped"}
+PROBE_WAIT_S = 0.05  # reply-subscription handshake: wait per probe
+
+
+class Refused(Exception):
+    """The scheduler refused the request: its model's queue is full or its deadline passed."""
+
+    def __init__(self, refuse: Refuse):
+        super().__init__(refuse.reason)
+        self.status, self.reason, self.retry_after_s = refuse.status, refuse.reason, refuse.retry_after_s
+
+
+class Generation:
+    """One request's mailbox: its dispatch notice, the engine's chunks or a refusal arrive in order."""
+
+    def __init__(self, request: InferRequest, arrived_s: float, idle_timeout_s: float):
+        self.request = request
+        self.arrived_s = arrived_s
+        self.idle_timeout_s = idle_timeout_s
+        self.mailbox: asyncio.Queue[Dispatch | Refuse | InferChunk] = asyncio.Queue()
+        self.dispatch: Dispatch | None = None
+        self.finished = False  # the engine sent its last chunk
+
+    async def next_chunk(self) -> InferChunk:
+        """The next chunk from the engine; raises Refused; an engine that goes silent yields an error chunk."""
+        while True:
+            if self.dispatch is None:
+                item = await self.mailbox.get()  # the scheduler's deadline bounds this wait
+            else:
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        item = await self.mailbox.get()
+                except TimeoutError:
+                    item = self.error(504, f"instance {self.dispatch.instance_id} sent nothing "
+                                           f"for {self.idle_timeout_s:g} s")
+            if isinstance(item, Dispatch):
+                self.dispatch = item
+            elif isinstance(item, Refuse):
+                raise Refused(item)
+            else:
+                self.finished = item.finish_reason is not None or item.error is not None
+                return item
+
+    def error(self, code: int, reason: str) -> InferChunk:
+        return InferChunk(request_id=self.request.request_id, seq=0, error=reason, error_code=code)
+
+
+class GatewayRuntime:
+    def __init__(self, settings: Settings, bus: Bus, state: State, metrics: GatewayMetrics):
+        self.settings, self.bus, self.state, self.metrics = settings, bus, state, metrics
+        self.subjects = bus.subjects
+        self.gateway_id = "gw" + uuid.uuid4().hex[:8]
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time  # the gateway's clock (monotonic seconds)
+        self.scheduler = Scheduler(Policy(settings.max_inflight_per_instance, settings.queue_limit,
+                                          settings.queue_deadline_s), self.now())
+        self._open: dict[str, Generation] = {}
+        self._models: dict[str, ModelInfo] = {}
+        self._ids = itertools.count()
+        self._outbox: asyncio.Queue[tuple[str, InferRequest | CancelInference]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._replies_ready = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._spawn(self._send_outbox())
+        self._spawn(self._pump_replies())
+        await self._await_reply_subscription()
+        await self.bus.subscribe(self.subjects.agent_heartbeat(), NodeView, self._on_node_view, concurrent=False)
+        for name in INSTANCE_EVENTS:
+            await self.bus.subscribe(self.subjects.event("agent", name), Event, self._on_instance_event,
+                                     concurrent=False)
+        await self.refresh()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Every sample interval: publish load samples, re-read the cluster from Redis, retry asks."""
+        interval_s = self.settings.sample_interval_s
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), interval_s)
+            except TimeoutError:
+                pass
+            for sample in self.scheduler.sample(self.now(), time.time()):
+                await self.bus.publish(self.subjects.load_samples(), sample)
+                self.metrics.outstanding.labels(sample.model).set(self.scheduler.load.outstanding(sample.model))
+                self.metrics.queued.labels(sample.model).set(self.scheduler.queued(sample.model))
+            try:
+                await self.refresh()
+            except StateError as exc:
+                log.warning("cluster_refresh_failed", reason=str(exc))
+            self._apply(self.scheduler.tick(self.now()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._deadline:
+            self._deadline.cancel()
+
+    async def refresh(self) -> None:
+        """Heartbeats in Redis are the truth: re-read them (and the registry)."""
+        views = await self.state.node_views(alive_only=True)
+        now = self.now()
+        for view in views.values():
+            self._apply(self.scheduler.observe_node(view.node, _instances_of(view), view.at_s, now))
+        stale_before_s = time.time() - self.settings.heartbeat_ttl_s
+        self._apply(self.scheduler.forget_dead_nodes(set(views), stale_before_s, now))
+        self._models = await self.state.models()
+
+    # ------------------------------------------------------------ requests
+
+    async def model_info(self, name: str) -> ModelInfo | None:
+        info = self._models.get(name)
+        if info is None:
+            info = await self.state.model(name)  # registered since the last refresh?
+            if info is not None:
+                self._models[name] = info
+        return info
+
+    def submit(self, request: CompletionRequest, arrived_s: float) -> Generation:
+        """Admit a request; its mailbox receives the dispatch, then the engine's chunks (or a refusal)."""
+        request_id = f"{'chatcmpl' if request.chat else 'cmpl'}-{self.gateway_id}-{next(self._ids):08d}"
+        infer = InferRequest(request_id=request_id, model=request.model,
+                             reply_to=self.subjects.infer_reply(self.gateway_id, request_id),
+                             prompt=request.prompt, messages=request.messages, sampling=request.sampling)
+        generation = Generation(infer, arrived_s, self.settings.infer_idle_timeout_s)
+        self._open[request_id] = generation
+        self._apply(self.scheduler.admit(request_id, request.model, self.now()))
+        return generation
+
+    def finish(self, generation: Generation) -> None:
+        """The request is over: cancel its engine work if unfinished and free its slot."""
+        request_id = generation.request.request_id
+        if self._open.pop(request_id, None) is None:
+            return
+        if generation.dispatch is not None and not generation.finished:
+            self._outbox.put_nowait((self.subjects.infer_cancel(generation.dispatch.instance_id),
+                                     CancelInference(request_id=request_id)))
+        self._apply(self.scheduler.finish(request_id, self.now()))
+
+    # ------------------------------------------------------------ effects
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Dispatch):
+                generation = self._open[effect.request_id]
+                self._outbox.put_nowait((self.subjects.infer(effect.instance_id), generation.request))
+                generation.mailbox.put_nowait(effect)
+            elif isinstance(effect, Refuse):
+                generation = self._open.get(effect.request_id)
+                if generation is not None:
+                    generation.mailbox.put_nowait(effect)
+            elif isinstance(effect, Abort):
+                generation = self._open.get(effect.request_id)
+                if generation is not None:
+                    generation.mailbox.put_nowait(generation.error(503, f"instance {effect.instance_id} is gone"))
+            elif isinstance(effect, AskPlacer):
+                self._spawn(self._ask_placer(effect))
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        deadline_s = self.scheduler.next_deadline_s()
+        if self._deadline is not None and (deadline_s is None or self._deadline.when() != deadline_s):
+            self._deadline.cancel()
+            self._deadline = None
+        if deadline_s is not None and self._deadline is None:
+            self._deadline = self.loop.call_at(deadline_s, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        self._apply(self.scheduler.tick(self.now()))
+
+    async def _ask_placer(self, ask: AskPlacer) -> None:
+        self.metrics.placer_asks.labels(ask.model).inc()
+        log.info("instance_requested", model=ask.model, waiting=ask.waiting)
+        await self.bus.publish_event("gateway", Event(name="instance_requested", at_s=time.time(),
+                                                      model=ask.model, detail={"waiting": ask.waiting}))
+        try:
+            answer = await self.bus.request(self.subjects.instance_need(),
+                                            InstanceNeed(model=ask.model, waiting=ask.waiting), InstanceAnswer)
+        except BusError as exc:
+            answer = InstanceAnswer(status="error", reason=str(exc))
+        if answer.status == "error":
+            log.warning("instance_request_failed", model=ask.model, reason=answer.reason)
+        ready = [InstanceSeen(r.instance_id, r.model, r.node, "ready", time.time())
+                 for r in answer.instances] if answer.status == "ready" else []
+        self._apply(self.scheduler.placer_answered(ask.model, answer.status != "error", ready, self.now()))
+
+    # ------------------------------------------------------------ NATS inputs
+
+    async def _on_node_view(self, view: NodeView) -> None:
+        self._apply(self.scheduler.observe_node(view.node, _instances_of(view), view.at_s, self.now()))
+
+    async def _on_instance_event(self, event: Event) -> None:
+        seen = InstanceSeen(event.instance_id, event.model, event.node, INSTANCE_EVENTS[event.name], event.at_s)
+        self._apply(self.scheduler.observe(seen, self.now()))
+
+    async def _pump_replies(self) -> None:
+        """One subscription for every reply to this gateway (kept through the shutdown drain)."""
+        async for chunk in self.bus.stream(self.subjects.infer_replies(self.gateway_id), InferChunk):
+            generation = self._open.get(chunk.request_id)
+            if generation is not None:
+                generation.mailbox.put_nowait(chunk)
+            elif chunk.request_id == self.gateway_id:
+                self._replies_ready.set()
+
+    async def _await_reply_subscription(self) -> None:
+        """Probe our own reply subject until the pump sees it, so no early reply can be lost."""
+        probe = InferChunk(request_id=self.gateway_id, seq=0)
+        subject = self.subjects.infer_reply(self.gateway_id, self.gateway_id)
+        while not self._replies_ready.is_set():
+            await self.bus.publish(subject, probe)
+            try:
+                await asyncio.wait_for(self._replies_ready.wait(), PROBE_WAIT_S)
+            except TimeoutError:
+                pass
+
+    async def _send_outbox(self) -> None:
+        """Publish requests and cancellations in exactly the order the scheduler released them."""
+        while True:
+            subject, message = await self._outbox.get()
+            await self.bus.publish(subject, message)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _instances_of(view: NodeView) -> list[InstanceSeen]:
+    return [InstanceSeen(i.instance_id, i.model, view.node, i.state.value, view.at_s) for i in view.instances]

@@ -1,0 +1,65 @@
+"""The gateway service: the runtime plus a uvicorn server running inside the service's own loop.
+
+Shutdown follows the runner: stop being ready, stop accepting connections, let in-flight answers
+finish (bounded by drain_timeout_s), then stop the runtime. No policy here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import uvicorn
+
+from services.gateway.app import create_app
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.runtime import GatewayRuntime
+from shared.runner import Service
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside a service: the runner owns the signal handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class GatewayService(Service):
+    name = "gateway"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.metrics = GatewayMetrics()
+        self.runtime: GatewayRuntime | None = None
+        self.port: int | None = None
+        self._server: EmbeddedServer | None = None
+        self._serving: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.runtime = GatewayRuntime(s, self.bus, self.state, self.metrics)
+        await self.runtime.start()
+        app = create_app(s, self.runtime, self.metrics, self.is_ready)
+        # bind and listen here: the port is known (and connections queue) before uvicorn starts
+        sock = socket.create_server((s.gateway_host, s.gateway_port), backlog=2048)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=s.drain_timeout_s, backlog=2048)
+        self._server = EmbeddedServer(config)
+        self._serving = asyncio.create_task(self._server.serve(sockets=[sock]))
+        self.log.info("gateway_listening", host=s.gateway_host, port=self.port, gateway_id=self.runtime.gateway_id)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.runtime.run(stopping)
+
+    def is_ready(self) -> bool:
+        return self._server is not None and not self._server.should_exit and not self._serving.done()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._serving
+        if self.runtime is not None:
+            await self.runtime.close()

@@ -1,0 +1,226 @@
+"""One completion request from HTTP body to answer: validate, admit, wait for the first token while
+watching the client, then answer as JSON or as an SSE stream; one access log line per request.
+
+The response (its headers included) starts only once the first token is there, so even streaming
+answers carry `x-warmserve-ttft-ms` and its parts, and an engine refusal (a prompt longer than the
+context) is a real HTTP 400. Holding, routing and timing decisions live in the scheduler core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.gateway.core.protocol import (DONE_EVENT, ApiError, CompletionRequest, chunk_body, completion_body,
+                                            fit_to_context, parse_request, sse_event, usage, usage_chunk_body)
+from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from services.gateway.runtime import GatewayRuntime, Generation, Refused
+from shared.logs import get_logger
+from shared.schemas import InferChunk
+
+log = get_logger("gateway")
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection" (access log and metrics only)
+
+
+class ClientGone(Exception):
+    pass
+
+
+@dataclass
+class AccessRecord:
+    """What the access log line and the metrics say about one request."""
+
+    endpoint: str
+    model: str = UNKNOWN_MODEL
+    request_id: str = ""
+    status: int = 200
+    stream: bool = False
+    instance: str = ""
+    ttft_ms: float = 0.0
+    queue_ms: float = 0.0
+    start_ms: float = 0.0
+    engine_ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    error: str = ""
+
+    def timing_headers(self) -> dict[str, str]:
+        return {"x-request-id": self.request_id, "x-warmserve-ttft-ms": f"{self.ttft_ms:.2f}",
+                "x-warmserve-queue-ms": f"{self.queue_ms:.2f}",
+                "x-warmserve-instance-start-ms": f"{self.start_ms:.2f}",
+                "x-warmserve-engine-ttft-ms": f"{self.engine_ttft_ms:.2f}"}
+
+
+class Completion:
+    def __init__(self, runtime: GatewayRuntime, metrics: GatewayMetrics, max_body_bytes: int):
+        self.runtime, self.metrics, self.max_body_bytes = runtime, metrics, max_body_bytes
+
+    async def __call__(self, http: Request, chat: bool) -> Response:
+        arrived_s = self.runtime.now()
+        record = AccessRecord(endpoint="chat" if chat else "completions")
+        generation: Generation | None = None
+        streaming: GenerationResponse | None = None
+        try:
+            request = parse_request(await read_body(http, self.max_body_bytes), chat)
+            info = await self.runtime.model_info(request.model)
+            if info is None:
+                raise ApiError(404, f"model {request.model!r} does not exist", param="model", code="model_not_found")
+            record.model, record.stream = request.model, request.stream
+            request = fit_to_context(request, info.max_model_len)
+            generation = self.runtime.submit(request, arrived_s)
+            record.request_id = generation.request.request_id
+            first = await until_disconnected(http, generation.next_chunk())
+            self._first_token(record, generation, first)
+            if request.stream:  # from here on the streaming response owns the generation
+                owned = generation
+                streaming = GenerationResponse(self._sse(request, owned, first, record),
+                                               lambda: self._finish(owned, record, arrived_s),
+                                               headers=record.timing_headers(), media_type="text/event-stream")
+                return streaming
+            text, last = await until_disconnected(http, collect(generation, first))
+            self._last_chunk(record, last)
+            body = completion_body(request, record.request_id, int(time.time()), text, last.finish_reason,
+                                   usage(last.prompt_tokens, last.completion_tokens))
+            return JSONResponse(body, headers=record.timing_headers())
+        except Refused as exc:
+            return self._error(record, ApiError(exc.status, exc.reason, kind="server_busy", code="model_busy",
+                                                retry_after_s=exc.retry_after_s))
+        except ApiError as exc:
+            return self._error(record, exc)
+        except ClientGone:
+            record.status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            if streaming is None:
+                self._finish(generation, record, arrived_s)
+
+    def _first_token(self, record: AccessRecord, generation: Generation, first: InferChunk) -> None:
+        if first.error is not None:
+            raise engine_error(first)
+        dispatch = generation.dispatch
+        ttft_s = self.runtime.now() - generation.arrived_s
+        record.instance = dispatch.instance_id
+        record.ttft_ms, record.queue_ms = ttft_s * 1000, dispatch.queue_wait_s * 1000
+        record.start_ms, record.engine_ttft_ms = dispatch.start_wait_s * 1000, first.engine_ttft_ms
+        self.metrics.observe_first_token(record.model, ttft_s, dispatch.queue_wait_s, dispatch.start_wait_s,
+                                         first.engine_ttft_ms / 1000)
+        self._last_chunk(record, first)
+
+    @staticmethod
+    def _last_chunk(record: AccessRecord, chunk: InferChunk) -> None:
+        record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        record.finish_reason = chunk.finish_reason or ""
+
+    async def _sse(self, request: CompletionRequest, generation: Generation, first: InferChunk,
+                   record: AccessRecord) -> AsyncIterator[bytes]:
+        created_s, chunk, is_first = int(time.time()), first, True
+        while True:
+            if chunk.error is not None:  # mid-stream failure: an OpenAI error event, then the end
+                record.status, record.error = chunk.error_code or 502, chunk.error
+                yield sse_event(engine_error(chunk).body())
+                break
+            if chunk.text or chunk.finish_reason or is_first:
+                yield sse_event(chunk_body(request, record.request_id, created_s, chunk.text,
+                                           chunk.finish_reason, is_first))
+                is_first = False
+            self._last_chunk(record, chunk)
+            if chunk.finish_reason is not None:
+                if request.include_usage:
+                    yield sse_event(usage_chunk_body(request, record.request_id, created_s,
+                                                     usage(chunk.prompt_tokens, chunk.completion_tokens)))
+                break
+            chunk = await generation.next_chunk()
+        yield DONE_EVENT
+
+    def _error(self, record: AccessRecord, error: ApiError) -> Response:
+        record.status, record.error = error.status, error.message
+        headers = {"retry-after": str(math.ceil(error.retry_after_s))} if error.retry_after_s is not None else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    def _finish(self, generation: Generation | None, record: AccessRecord, arrived_s: float) -> None:
+        if generation is not None:
+            if not generation.finished and record.status == 200:
+                record.status = CLIENT_CLOSED
+            self.runtime.finish(generation)
+        record.total_ms = (self.runtime.now() - arrived_s) * 1000
+        self.log(record)
+
+    def log(self, record: AccessRecord) -> None:
+        self.metrics.requests.labels(record.model, record.endpoint, str(record.status)).inc()
+        log.info("request_served", **asdict(record))
+
+
+class GenerationResponse(StreamingResponse):
+    """A streaming response that always runs `on_close` (even if the client left before it started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def engine_error(chunk: InferChunk) -> ApiError:
+    """An engine's error chunk as an API error: 400 keeps its meaning (bad input), others are upstream errors."""
+    code = chunk.error_code if 400 <= chunk.error_code < 600 else 502
+    if code == 400:
+        return ApiError(400, chunk.error or "invalid input", code="invalid_value")
+    return ApiError(code, chunk.error or "engine failed", kind="server_error", code="engine_error")
+
+
+async def collect(generation: Generation, first: InferChunk) -> tuple[str, InferChunk]:
+    """The whole text of a non-streaming answer and its last chunk."""
+    parts, chunk = [first.text], first
+    while chunk.finish_reason is None:
+        chunk = await generation.next_chunk()
+        if chunk.error is not None:
+            raise engine_error(chunk)
+        parts.append(chunk.text)
+    return "".join(parts), chunk
+
+
+async def read_body(http: Request, limit_bytes: int) -> bytes:
+    too_large = ApiError(413, f"request body larger than {limit_bytes} bytes", code="request_too_large")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit_bytes:
+        raise too_large
+    parts, size = [], 0
+    async for part in http.stream():
+        size += len(part)
+        if size > limit_bytes:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def until_disconnected(http: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but raise ClientGone (cancelling it) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(http: Request) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
