@@ -35,3 +35,16 @@ def settings(infra_servers, tmp_path) -> Settings:
         "drain_timeout_s": 5.0,
         "request_timeout_s": 5.0,
     }, env={})
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """The demo checkpoints, built once per session (no download): name -> ModelInfo."""
+    import os
+    from pathlib import Path
+
+    from warmserve.models import build_demo
+
+    cached = os.environ.get("WARMSERVE_TEST_MODELS_DIR")  # reuse a built models dir when given
+    root = Path(cached) if cached else tmp_path_factory.mktemp("models")
+    return {info.name: info for info in build_demo(root, log=lambda _: None)}

@@ -73,5 +73,5 @@ def test_one_instance_per_device_and_serving_copy_cannot_be_dropped():
 
 
 def test_kv_reservation_never_below_one_context():
-    assert instance_kv_bytes(1000, 2048, 0) == page_bytes(2_048_000)
+    assert instance_kv_bytes(1000, 2048, 0) == page_bytes(2_304_000)
     assert instance_kv_bytes(1000, 2048, 64 * MiB) == 64 * MiB

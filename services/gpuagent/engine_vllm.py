@@ -28,7 +28,7 @@ from vllm import EngineArgs, SamplingParams  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 
-from services.gpuagent.engine_api import Generation, Piece, BadRequest  # noqa: E402
+from services.gpuagent.engine_api import BadRequest, Piece  # noqa: E402
 from shared.model_files import read_verified  # noqa: E402
 from shared.schemas import InferRequest, ModelInfo  # noqa: E402
 
@@ -103,8 +103,7 @@ class VllmHost:
     def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
         args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype="bfloat16",
                           kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",
-                          max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True,
-                          device=self.device.split(":")[0] if self.device != "cpu" else "cpu")
+                          max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True)
         slot = EngineSlot(info.arch, LLMEngine.from_engine_args(args))
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True,
                                        name=f"engine-{info.arch}")

@@ -92,6 +92,8 @@ class AgentService(Service):
         for field in dataclasses.fields(s):
             env[env_name(field.name)] = str(getattr(s, field.name))
         for i in range(len(self.ledgers)):
+            if s.device_kind == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i)], env=env))
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S

@@ -65,12 +65,14 @@ class DeviceWorker:
         raise BadRequest(f"unknown op {call.op}")
 
     def _progress_reporter(self, model: str):
+        """A callback safe to call from the loading thread: publishes prewarm_progress events."""
         last = [0.0]
+        loop = asyncio.get_running_loop()
 
         def report(fraction: float) -> None:
             if fraction - last[0] >= 0.25 or fraction >= 1.0 > last[0]:
                 last[0] = fraction
-                asyncio.get_event_loop().call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_event(
+                loop.call_soon_threadsafe(asyncio.ensure_future, self.bus.publish_event(
                     "agent", Event(name="prewarm_progress", at_s=time.time(), model=model, node=self.node,
                                    devices=[self.index], detail={"fraction": round(fraction, 3)})))
 
@@ -139,11 +141,10 @@ class DeviceWorker:
 async def _run_process(settings: Settings, index: int) -> None:
     from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
 
-    device = "cpu" if settings.device_kind == "cpu" else f"cuda:{index}"
+    device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
     if device != "cpu":
         import torch
 
-        torch.cuda.set_device(index)
         torch.zeros(1, device=device)  # initialise the CUDA context now, not on the first request
     bus = await Bus.connect(settings, f"gpuagent-{settings.node}-dev{index}")
     worker = DeviceWorker(bus, settings, index, VllmHost(device, settings.kv_cache_bytes))

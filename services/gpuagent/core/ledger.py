@@ -25,8 +25,9 @@ def page_bytes(nbytes: int) -> int:
 
 
 def instance_kv_bytes(kv_bytes_per_token: int, max_model_len: int, requested: int) -> int:
-    """KV cache an instance gets: what was asked, but never less than one full context."""
-    return page_bytes(max(requested, kv_bytes_per_token * max_model_len))
+    """KV cache an instance gets: what was asked, but never less than one full context
+    (plus 1/8 for the engine's block rounding)."""
+    return page_bytes(max(requested, kv_bytes_per_token * max_model_len * 9 // 8))
 
 
 class Refused(Exception):

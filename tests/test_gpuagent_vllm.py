@@ -1,0 +1,88 @@
+"""GPU agent with real vLLM (CPU build) on the demo models: prewarm -> promote -> stream ->
+demote -> promote again, a weight swap between two checkpoints of one architecture, eviction
+under memory pressure, refusal of an oversized prewarm, restart reconciliation."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gpuagent.service import AgentService
+from shared.bus import Bus
+from shared.runner import Running
+from shared.schemas import CommandKind
+from shared.state import State
+from tests.agent_helpers import command, infer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def vllm_agent(settings, demo_models):
+    s = settings.with_overrides(engine="vllm", devices=1, device_memory_bytes=700 * MiB, heartbeat_s=0.5,
+                                kv_cache_bytes=32 * MiB)
+    state = await State.connect(s)
+    for info in demo_models.values():
+        await state.register_model(info)
+    running = await Running.start(AgentService(s), with_health=False)
+    bus = await Bus.connect(s, "test-client")
+    yield running, bus, state, s
+    await bus.close()
+    if running.accepting:
+        await running.shutdown()
+    await state.close()
+
+
+def text_of(chunks) -> str:
+    assert not chunks[-1].error, chunks[-1].error
+    return "".join(c.text for c in chunks)
+
+
+async def test_promote_swaps_weights_and_serves_real_tokens(vllm_agent):
+    running, bus, state, s = vllm_agent
+    node = s.node
+    assert (await command(bus, node, CommandKind.prewarm, "demo-small-a")).ok
+    assert (await command(bus, node, CommandKind.prewarm, "demo-small-b")).ok
+    first = await command(bus, node, CommandKind.promote, "demo-small-a", instance_id="a1")
+    assert first.ok, first.reason
+    a_text = text_of(await infer(bus, "a1", prompt="def main(", max_tokens=8))
+    chunks = await infer(bus, "a1", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chunks[-1].completion_tokens == 4 and chunks[-1].engine_ttft_ms > 0
+    assert (await command(bus, node, CommandKind.demote, instance_id="a1")).ok
+
+    # same architecture, other checkpoint: the warm engine takes the pool's weights, no new engine
+    second = await command(bus, node, CommandKind.promote, "demo-small-b", instance_id="b1")
+    assert second.ok and second.detail["path"] == "warm_engine" and second.detail["weight_swap_ms"] > 0
+    b_text = text_of(await infer(bus, "b1", prompt="def main(", max_tokens=8))
+    assert b_text != a_text  # greedy decoding: different weights, different tokens (prefix cache was reset)
+    assert (await command(bus, node, CommandKind.demote, instance_id="b1")).ok
+
+    again = await command(bus, node, CommandKind.promote, "demo-small-a", instance_id="a2")
+    assert again.ok and again.detail["path"] == "warm_engine"
+    assert text_of(await infer(bus, "a2", prompt="def main(", max_tokens=8)) == a_text
+
+
+async def test_memory_pressure_oversize_refusal_and_restart(vllm_agent):
+    running, bus, state, s = vllm_agent
+    node = s.node
+    too_big = await command(bus, node, CommandKind.prewarm, "demo-large", devices=(0,))
+    assert (await command(bus, node, CommandKind.prewarm, "demo-small-a")).ok
+    assert (await command(bus, node, CommandKind.prewarm, "demo-small-b")).ok
+    # 700 MiB: the large model (274 MB) fits as a copy, but not beside both small copies + an instance
+    started = await command(bus, node, CommandKind.cold_start, "demo-large", instance_id="L")
+    assert started.ok, started.reason
+    view = running.service.view()
+    kept = {c.model for c in view.copies}
+    assert "demo-large" in kept and len(kept) < 3  # evicted only as far as needed
+    text_of(await infer(bus, "L", prompt="hello", max_tokens=4))
+    oversized = await command(bus, node, CommandKind.prewarm, "demo-small-b" if "demo-small-b" not in kept
+                              else "demo-small-a")
+    assert not oversized.ok and "not enough memory" in oversized.reason
+    assert too_big.ok  # it fitted on its own at the time
+
+    # restart: Redis shows exactly what the new agent holds (nothing)
+    await running.shutdown()
+    restarted = await Running.start(AgentService(s), with_health=False)
+    view = (await state.node_views())[node]
+    assert view.copies == [] and view.instances == []
+    await restarted.shutdown()
