@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.placer.core import effects as fx
-from services.placer.core.cluster import Cluster, Occupant
+from services.placer.core.cluster import Cluster, NodeState, Occupant
 from services.placer.core.scores import copy_pages, pages
 from services.placer.core.snapshot import Instance
 
@@ -69,21 +69,35 @@ def _promotable(cluster: Cluster, model: str, ready: bool, kv: int) -> tuple[Occ
 
 
 def _cold_group(cluster: Cluster, model: str, kv: int) -> tuple[str, tuple[int, ...], list[Occupant]] | None:
-    """Idle aligned group with the fewest overlapping copies that fits once all of them are evicted."""
+    """Idle aligned group with the fewest overlapping copies (then least score) that fits once all
+    of them are evicted. Each node's groups are kept sorted by that key until the node changes."""
     spec = cluster.models[model]
     need = copy_pages(spec) + kv
     best = None
     for node in cluster.nodes.values():
-        for group in cluster.groups(node, spec.tp):
-            overlapped = cluster.overlapped(node.name, group)
-            if any(o.is_instance for o in overlapped):
-                continue
-            if cluster.evictions_for_room(node.name, group, need, lambda o: False, forced=overlapped) is None:
-                continue
-            key = (len(overlapped), sum(o.score for o in overlapped), node.order, group[0])
-            if best is None or key < best[0]:
+        for key, group, overlapped in _idle_groups_by_overlap(cluster, node, spec.tp):
+            if best is not None and key >= best[0]:
+                break
+            if cluster.evictions_for_room(node.name, group, need, lambda o: False, forced=overlapped) is not None:
                 best = (key, node.name, group, overlapped)
+                break
+        if best is not None and best[0][0] == 0:
+            break  # an empty group that fits: nothing later in scan order is better
     return None if best is None else best[1:]
+
+
+def _idle_groups_by_overlap(cluster: Cluster, node: NodeState, tp: int) -> list:
+    cached = cluster.cache.get(("idle_groups", node.name, tp))
+    if cached is not None and cached[0] == node.version:
+        return cached[1]
+    groups = []
+    for group in cluster.groups(node, tp):
+        overlapped = list(cluster.overlapped(node.name, group))
+        if not any(o.is_instance for o in overlapped):
+            groups.append(((len(overlapped), sum(o.score for o in overlapped), node.order, group[0]), group, overlapped))
+    groups.sort(key=lambda g: g[0])
+    cluster.cache[("idle_groups", node.name, tp)] = (node.version, groups)
+    return groups
 
 
 def _start(cluster: Cluster, model: str, now_s: float, trigger: str, kind: str, reason: str, node: str,

@@ -6,6 +6,7 @@ tick see earlier ones (incremental free memory). Built fresh from each snapshot;
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,9 +28,11 @@ class Occupant:
     kv_host: str = ""  # copies only: instance whose KV space holds them
     kv_devices: frozenset[int] = frozenset()  # devices where the copy's pages are KV space
     device_set: frozenset[int] = field(init=False)
+    aligned: bool = field(init=False)  # a power-of-two group starting at a multiple of its size
 
     def __post_init__(self) -> None:
         self.device_set = frozenset(self.devices)
+        self.aligned = is_aligned(self.devices)
 
     @property
     def is_instance(self) -> bool:
@@ -50,10 +53,43 @@ class NodeState:
     name: str
     order: int  # position in the snapshot (deterministic tie-breaks)
     gpus: dict[int, GpuState]
+    version: int = 0  # bumped on every change: caches keyed by it stay valid until then
+    _summary: tuple[int, int, float] | None = None  # cache of the three below, dropped on change
+
+    def _summarise(self) -> tuple[int, int, float]:
+        if self._summary is None:
+            gpus = self.gpus.values()
+            self._summary = (max((max(g.free, g.kv_spare) for g in gpus), default=0),
+                             max((g.free for g in gpus), default=0),
+                             min((o.score for g in gpus for o in g.occupants if not o.is_instance),
+                                 default=math.inf))
+        return self._summary
+
+    def most_room(self) -> int:
+        """The most pages any one GPU could still take (free pool or lendable KV space)."""
+        return self._summarise()[0]
+
+    def eviction_floor(self, need: int) -> float:
+        """A lower bound on the score evicted to fit `need` free pages on any group of this node:
+        0 if some GPU has the room, else the lowest copy score here (inf without copies)."""
+        _, most_free, lowest_score = self._summarise()
+        return 0.0 if most_free >= need else lowest_score
+
+    def changed(self) -> None:
+        self._summary = None
+        self.version += 1
+
+
+def is_aligned(devices: tuple[int, ...]) -> bool:
+    size = len(devices)
+    return size & (size - 1) == 0 and devices[0] % size == 0 and devices == tuple(range(devices[0], devices[0] + size))
 
 
 def laminar_ok(group: frozenset[int], other: Occupant) -> bool:
-    """TP groups stay laminar: same size = same group, smaller nests inside, larger contains."""
+    """TP groups stay laminar: same size = same group, smaller nests inside, larger contains.
+    (Two overlapping aligned power-of-two groups always are: the fast path.)"""
+    if other.aligned and len(group) & (len(group) - 1) == 0 and min(group) % len(group) == 0:
+        return True
     if len(other.device_set) == len(group):
         return other.device_set == group
     if len(other.device_set) < len(group):
@@ -70,6 +106,7 @@ class Cluster:
             for i, n in enumerate(snapshot.nodes)}
         self.copies: dict[str, list[Occupant]] = {}
         self._groups: dict[tuple[str, int], list[tuple[int, ...]]] = {}
+        self.cache: dict[tuple, tuple[int, object]] = {}  # policies' per-node caches: key -> (node version, value)
         self.instances: dict[str, list[Occupant]] = {}
         for inst in snapshot.instances:
             if inst.node in self.nodes and inst.model in self.models:
@@ -111,11 +148,14 @@ class Cluster:
         return self._groups[key]
 
     def overlapped(self, node: str, devices: tuple[int, ...]) -> list[Occupant]:
-        seen: dict[int, Occupant] = {}
+        """Copies and instances on any of `devices`, each once (do not mutate the result)."""
+        gpus = self.nodes[node].gpus
+        if len(devices) == 1:
+            return gpus[devices[0]].occupants
+        seen: list[Occupant] = []
         for d in devices:
-            for occ in self.nodes[node].gpus[d].occupants:
-                seen.setdefault(id(occ), occ)
-        return list(seen.values())
+            seen += [occ for occ in gpus[d].occupants if occ not in seen]
+        return seen
 
     def serving(self, model: str) -> list[Occupant]:
         """Instances of `model` that count as capacity (running or starting, not draining)."""
@@ -171,11 +211,13 @@ class Cluster:
     # ------------------------------------------------------------ changes
 
     def _attach(self, occ: Occupant) -> None:
+        self.nodes[occ.node].changed()
         for d in occ.devices:
             self.nodes[occ.node].gpus[d].occupants.append(occ)
         (self.instances if occ.is_instance else self.copies).setdefault(occ.model, []).append(occ)
 
     def _detach(self, occ: Occupant) -> None:
+        self.nodes[occ.node].changed()
         for d in occ.devices:
             self.nodes[occ.node].gpus[d].occupants.remove(occ)
         (self.instances if occ.is_instance else self.copies)[occ.model].remove(occ)
@@ -195,6 +237,7 @@ class Cluster:
         self._take(occ, -occ.pages)
 
     def _take(self, occ: Occupant, amount: int) -> None:
+        self.nodes[occ.node].changed()
         for d in occ.devices:
             gpu = self.nodes[occ.node].gpus[d]
             if d in occ.kv_devices:
@@ -211,7 +254,7 @@ class Cluster:
         kv = pages(self.models[model].kv_bytes)
         for d in devices:
             self.nodes[node].gpus[d].free -= occ.pages + kv
-        self._attach(occ)
+        self._attach(occ)  # also drops the node's room cache
         return occ
 
     def demote(self, occ: Occupant) -> Occupant:

@@ -28,39 +28,54 @@ def wanted_copies(cluster: Cluster) -> list[Want]:
     return wants
 
 
+class _Failures:
+    """Eviction searches that found nothing, per TP: (score, pages, groups skipped as the same
+    model's). Placing copies only adds copies of higher score and takes memory, so a later want
+    with the same TP, no higher score and no fewer pages can succeed only on those skipped
+    groups; an eviction frees memory and forgets everything."""
+
+    def __init__(self) -> None:
+        self.by_tp: dict[int, list[tuple[float, int, set[tuple[str, int]]]]] = {}
+
+    def only_groups(self, tp: int, score: float, need: int) -> set[tuple[str, int]] | None:
+        for failed_score, failed_need, skipped in self.by_tp.get(tp, ()):
+            if score <= failed_score and need >= failed_need:
+                return skipped
+        return None
+
+    def add(self, tp: int, score: float, need: int, skipped: set[tuple[str, int]]) -> None:
+        self.by_tp.setdefault(tp, []).append((score, need, skipped))
+
+    def forget(self) -> None:
+        self.by_tp.clear()
+
+
 def plan_prewarms(cluster: Cluster) -> list[fx.Effect]:
     """Place every wanted copy; apply each decision to `cluster` and return the effects."""
     effects: list[fx.Effect] = []
     cursor = sum(len(c) for c in cluster.copies.values())  # round robin: rotates with the cluster
+    failures = _Failures()
     for score, model, kind in wanted_copies(cluster):
         if cluster.config.placement == "round_robin":
             placed, cursor = _round_robin(cluster, model, score, cursor)
             effects += placed
         else:
             reason = fx.PREWARM_FOUNDATION if kind == "foundation" else fx.PREWARM_BURST
-            effects += _place_best(cluster, model, score, reason)
+            effects += _place_best(cluster, model, score, reason, failures)
     return effects
-
-
-def _candidates(cluster: Cluster, tp: int) -> Iterator[tuple[NodeState, tuple[int, ...], frozenset[int], list[Occupant]]]:
-    for node in cluster.nodes.values():
-        for group in cluster.groups(node, tp):
-            yield node, group, frozenset(group), cluster.overlapped(node.name, group)
 
 
 def _usable(model: str, group: frozenset[int], overlapped: list[Occupant]) -> bool:
     return all(o.model != model and laminar_ok(group, o) for o in overlapped)
 
 
-def _place_best(cluster: Cluster, model: str, score: float, reason: str) -> list[fx.Effect]:
+def _place_best(cluster: Cluster, model: str, score: float, reason: str, failures: _Failures) -> list[fx.Effect]:
     spec = cluster.models[model]
     need = copy_pages(spec)
     best: tuple | None = None
-    for node, group, group_set, overlapped in _candidates(cluster, spec.tp):
-        if not _usable(model, group_set, overlapped):
-            continue
-        room = cluster.room(node.name, group, need)
-        if room is False:
+    for node, group, room in _fitting(cluster, spec.tp, need):
+        overlapped = cluster.overlapped(node.name, group)
+        if not _usable(model, frozenset(group), overlapped):
             continue
         protected = all(not o.is_instance and o.score < score for o in overlapped)
         key = (not protected, sum(o.score for o in overlapped if not o.is_instance), node.order, group[0])
@@ -75,29 +90,56 @@ def _place_best(cluster: Cluster, model: str, score: float, reason: str) -> list
         return [fx.Prewarm(model, node_name, group, score, fx.PREWARM_KV_SPACE if host else reason,
                            kv_host=host.instance.instance_id if host else "")]
     if cluster.config.placement == "evict_aware":
-        return _place_evicting(cluster, model, score, reason, need)
+        return _place_evicting(cluster, model, score, reason, need, failures)
     return []
 
 
-def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, need: int) -> list[fx.Effect]:
+def _fitting(cluster: Cluster, tp: int, need: int) -> Iterator[tuple[NodeState, tuple[int, ...], Occupant | bool]]:
+    """Aligned groups with `need` pages of room (see Cluster.room), skipping nodes without any."""
+    for node in cluster.nodes.values():
+        if need <= node.most_room():
+            for group in cluster.groups(node, tp):
+                room = cluster.room(node.name, group, need)
+                if room is not False:
+                    yield node, group, room
+
+
+def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, need: int,
+                    failures: _Failures) -> list[fx.Effect]:
     """Evict lower-score copies for the group with the largest gain (score minus evicted scores)."""
+    tp = cluster.models[model].tp
+    only = failures.only_groups(tp, score, need)
+    skipped: set[tuple[str, int]] = set()
     best: tuple | None = None
-    for node, group, group_set, overlapped in _candidates(cluster, cluster.models[model].tp):
-        if any(o.model == model for o in overlapped):
-            continue
-        blocking = [o for o in overlapped if not laminar_ok(group_set, o)]
-        if any(o.is_instance or o.score >= score for o in blocking):
-            continue
-        more = cluster.evictions_for_room(node.name, group, need, lambda o: o.score < score, forced=blocking)
-        if more is None:
-            continue
-        evicted = blocking + more
-        gain = score - sum(o.score for o in evicted)
-        key = (-gain, node.order, group[0])
-        if gain > 0 and (best is None or key < best[0]):
-            best = (key, node.name, group, evicted)
+    floors = sorted((node.eviction_floor(need), node.order, node) for node in cluster.nodes.values())
+    for floor, _, node in floors:  # branch and bound: the most promising nodes first
+        if score - floor <= 0 or (best is not None and score - floor < -best[0][0]):
+            break
+        for group in cluster.groups(node, tp):
+            if only is not None and (node.name, group[0]) not in only:
+                continue
+            overlapped = cluster.overlapped(node.name, group)
+            if any(o.model == model for o in overlapped):
+                skipped.add((node.name, group[0]))
+                continue
+            group_set = frozenset(group)
+            blocking = [o for o in overlapped if not laminar_ok(group_set, o)]
+            if any(o.is_instance or o.score >= score for o in blocking):
+                continue
+            bound = score - sum(o.score for o in blocking)  # the gain can only fall from here
+            if bound <= 0 or (best is not None and -bound > best[0][0]):
+                continue
+            more = cluster.evictions_for_room(node.name, group, need, lambda o: o.score < score, forced=blocking)
+            if more is None:
+                continue
+            gain = bound - sum(o.score for o in more)
+            key = (-gain, node.order, group[0])
+            if gain > 0 and (best is None or key < best[0]):
+                best = (key, node.name, group, blocking + more)
     if best is None:
+        failures.add(tp, score, need, skipped if only is None else skipped & only)
         return []
+    failures.forget()
     _, node_name, group, evicted = best
     out: list[fx.Effect] = []
     for occ in evicted:
