@@ -1,0 +1,163 @@
+"""`warmserve up`: the whole stack on this machine.
+
+Starts (unless their URLs are configured) an embedded nats-server with JetStream and a
+redis-server, each keeping data under `data_dir`; builds and registers the demo models if
+needed; starts the four services as separate processes; waits until every /readyz answers;
+prints the gateway URL and an example request; on Ctrl-C stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from shared.settings import Settings, SettingsError, add_arguments, env_name, load_settings
+from warmserve import infra
+
+SERVICE_ORDER = ("gpuagent", "forecaster", "placer", "gateway")
+READY_TIMEOUT_S = 600.0
+
+
+def _configured(name: str, flags: dict) -> bool:
+    return flags.get(name) is not None or env_name(name) in os.environ
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+class Stack:
+    def __init__(self, settings: Settings, flags: dict):
+        self.settings, self.flags = settings, flags
+        self.data = Path(settings.data_dir).resolve()
+        self.logs = self.data / "logs"
+        self.servers: list[infra.Server] = []
+        self.services: dict[str, tuple[subprocess.Popen, int]] = {}
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def start_infra(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        if not _configured("nats_url", self.flags):
+            port = int(s.nats_url.rsplit(":", 1)[1])
+            self.servers.append(infra.start_nats(self.data, port, self.logs / "nats.log"))
+            self.say(f"nats-server (JetStream) on {s.nats_url}, data in {self.data / 'nats'}")
+        if not _configured("redis_url", self.flags):
+            port = int(s.redis_url.rsplit(":", 1)[1].split("/")[0])
+            self.servers.append(infra.start_redis(self.data, port, self.logs / "redis.log"))
+            self.say(f"redis-server on {s.redis_url}, data in {self.data / 'redis'}")
+
+    def build_models(self) -> None:
+        from warmserve.models import build_demo, register
+
+        infos = build_demo(Path(self.settings.models_dir).resolve(), log=self.say)
+        asyncio.run(register(self.settings, infos))
+
+    def start_services(self) -> None:
+        base_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for field in dataclasses.fields(self.settings):
+            base_env[env_name(field.name)] = str(getattr(self.settings, field.name))
+        for name in SERVICE_ORDER:
+            port = self.settings.gateway_port if name == "gateway" else infra.free_port()
+            env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0)})
+            log = open(self.logs / f"{name}.log", "ab")
+            proc = subprocess.Popen([sys.executable, "-m", "warmserve.cli", "service", name], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.services[name] = (proc, port)
+            self.say(f"started {name} (pid {proc.pid}), log {self.logs / (name + '.log')}")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = dict(self.services)
+        while pending:
+            for name, (proc, port) in list(pending.items()):
+                if proc.poll() is not None:
+                    raise infra.InfraError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+                if _ready(port):
+                    self.say(f"{name} ready")
+                    del pending[name]
+            if time.monotonic() > deadline:
+                raise infra.InfraError(f"not ready after {READY_TIMEOUT_S:.0f} s: {', '.join(pending)}")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        for name in reversed(SERVICE_ORDER):
+            if name in self.services:
+                proc, _ = self.services[name]
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for name, (proc, _) in self.services.items():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for server in reversed(self.servers):
+            server.stop()
+        self.say("stopped")
+
+    def banner(self) -> str:
+        url = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
+        return (f"\nWarmServe is up: gateway {url}\n\n"
+                f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                f"    -d '{{\"model\": \"demo-small-a\", \"stream\": true, \"max_tokens\": 16, "
+                f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n\n"
+                f"  warmserve status     warmserve watch     Ctrl-C stops everything\n")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="warmserve up", description=__doc__)
+    parser.add_argument("--no-demo", action="store_true", help="do not build/register the demo models")
+    add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    no_demo = args.pop("no_demo")
+    flags = {k: v for k, v in args.items() if v is not None}
+    try:
+        settings = load_settings(flags)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    stack = Stack(settings, flags)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if not _configured("gateway_port", flags) and infra.port_in_use(settings.gateway_port):
+            raise infra.InfraError(f"port {settings.gateway_port} for the gateway is already in use: "
+                                   f"pass --gateway-port or stop what is using it")
+        stack.start_infra()
+        if not no_demo:
+            stack.build_models()
+        stack.start_services()
+        stack.wait_ready()
+        print(stack.banner(), flush=True)
+        while all(proc.poll() is None for proc, _ in stack.services.values()):
+            time.sleep(0.5)
+        dead = [n for n, (p, _) in stack.services.items() if p.poll() is not None]
+        stack.say(f"service exited: {', '.join(dead)}; stopping the stack")
+        return 1
+    except infra.InfraError as exc:
+        stack.say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        stack.say("\nstopping...")
+        return 0
+    finally:
+        stack.stop()
