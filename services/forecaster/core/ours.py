@@ -46,15 +46,17 @@ class Ours:
         known = ~np.isnan(recent)
         any_known = known.any(axis=1)
         last = recent[np.arange(len(recent)), np.argmax(known, axis=1)] if len(recent) else np.zeros(0)
+        seasonal_known = ~np.isnan(grid[:, 0, 1:])  # the target's window on previous days
+        short = np.where(seasonal_known[:, :self.days].any(axis=1), 0.0, np.nan)  # NaN: no seasonal term
+        long = np.where(seasonal_known.any(axis=1), 0.0, np.nan)
         experts = np.stack([
-            csp_from_grid(grid, self.days, same_day),
-            csp_from_grid(grid, LONG_DAYS, same_day),
-            csp_from_grid(grid, LONG_DAYS, self.errors),
+            csp_from_grid(grid, self.days, same_day) + short,
+            csp_from_grid(grid, LONG_DAYS, same_day) + long,
+            csp_from_grid(grid, LONG_DAYS, self.errors) + long,
             np.where(any_known, last, np.nan),
             np.where(any_known, weighted_correction(recent, self.errors), np.nan),
             grid[:, 0, 1],
         ], axis=1)
-        experts[~(~np.isnan(grid)).any(axis=(1, 2))] = np.nan  # nothing known: no expert can say
         return experts
 
     def _experts(self, history: LoadHistory, t: int) -> tuple[np.ndarray, np.ndarray]:

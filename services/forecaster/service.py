@@ -1,0 +1,141 @@
+"""The forecaster service: load samples in, per-model forecasts out (thin shell over core/).
+
+Samples are validated, spread over the open windows (kept in Redis per sample, so a restart loses
+nothing), and at each window boundary every known model's window is recorded in its Redis history
+and its forecast for the new window is stored (Keys.forecasts) and published as a
+`forecast.evt.forecast_published` event whose `detail` is the Forecast. ForecastQuery is answered
+with the current ForecastSet. The clock is injected; all decisions are in core/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from services.forecaster.core.online import OnlineForecaster
+from services.forecaster.core.windows import (PartialWindows, WindowStats, add_sample, close_window,
+                                              sample_problem, window_index)
+from shared.runner import Service
+from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
+from shared.settings import Settings
+
+FORECAST_EVENT = "forecast_published"
+
+
+def history_field(index: int) -> str:
+    return str(index)
+
+
+class ForecasterService(Service):
+    name = "forecaster"
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, tick_s: float | None = None):
+        super().__init__(settings)
+        self.clock = clock
+        self.window_s = settings.window_s
+        # a window closes this long after its end, so the samples that end at the boundary are in
+        self.grace_s = min(settings.sample_interval_s, settings.window_s / 4)
+        self.tick_s = tick_s if tick_s is not None else min(settings.window_s / 10, 1.0)
+        self.forecaster = OnlineForecaster(settings.forecast_method, settings.window_s,
+                                           settings.csp_days, settings.csp_errors)
+        self.partials: dict[str, PartialWindows] = {}
+        self.current: dict[str, Forecast] = {}
+        self.next_close = 0  # index of the first window not closed yet
+        self.up_since_s = 0.0
+
+    # ------------------------------------------------------------ start: rebuild from Redis
+
+    async def start(self) -> None:
+        keys = self.state.keys
+        self.up_since_s = self.clock()
+        self.partials = await self.state.hgetall(keys.partial_window(), PartialWindows)
+        self.current = await self.state.hgetall(keys.forecasts(), Forecast)
+        windows: dict[int, dict[str, tuple[float, float]]] = {}
+        for model in self.partials:
+            self.forecaster.add_model(model)
+            for stats in (await self.state.hgetall(keys.window_history(model), WindowStats)).values():
+                windows.setdefault(window_index(stats.window_start_s, self.window_s), {})[model] = (stats.avg, stats.peak)
+        for index in range(min(windows, default=0), max(windows, default=-1) + 1):
+            self.forecaster.observe(index, windows.get(index, {}))
+        self.next_close = max(windows) + 1 if windows else window_index(self.up_since_s - self.grace_s, self.window_s)
+        self.partials = {m: PartialWindows(windows=[w for w in p.windows
+                                                    if w.window_start_s >= self.next_close * self.window_s - 1e-9])
+                         for m, p in self.partials.items()}
+        self.log.info("history_loaded", models=len(self.partials), windows=len(windows), next_window=self.next_close)
+        await self.bus.subscribe(self.bus.subjects.load_samples(), LoadSample, self.on_sample, concurrent=False)
+        await self.bus.subscribe(self.bus.subjects.forecast_query(), ForecastQuery, self.on_query)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self.close_due_windows()
+            try:
+                await asyncio.wait_for(stopping.wait(), self.tick_s)
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------ handlers
+
+    async def on_sample(self, sample: LoadSample) -> None:
+        problem = sample_problem(sample, self.clock(), self.window_s)
+        if problem:
+            self.log.warning("load_sample_rejected", model=sample.model, at_s=sample.at_s, reason=problem)
+            return None
+        if sample.model not in self.partials:
+            self.forecaster.add_model(sample.model)
+            self.log.info("model_seen", model=sample.model)
+        partial, late_s = add_sample(self.partials.get(sample.model, PartialWindows()), sample,
+                                     self.window_s, self.next_close * self.window_s)
+        if late_s > 0:
+            self.log.debug("load_sample_late", model=sample.model, at_s=sample.at_s, late_s=late_s)
+        self.partials[sample.model] = partial
+        await self.state.hput(self.state.keys.partial_window(), sample.model, partial)
+        return None
+
+    async def on_query(self, query: ForecastQuery) -> ForecastSet:
+        wanted = query.models or sorted(self.current)
+        return ForecastSet(forecasts=[self.current[m] for m in wanted if m in self.current])
+
+    # ------------------------------------------------------------ window boundaries
+
+    async def close_due_windows(self) -> None:
+        due = window_index(self.clock() - self.grace_s, self.window_s)  # windows before `due` have ended
+        if due <= self.next_close:
+            return
+        self.next_close = max(self.next_close, due - self.forecaster.history.capacity)
+        while self.next_close < due:
+            await self.close_window(self.next_close)
+            self.next_close += 1
+        await self.publish_forecasts(due)
+
+    async def close_window(self, index: int) -> None:
+        """Record window `index` for every known model, or leave it unknown if nobody watched it."""
+        start_s = index * self.window_s
+        watched = start_s >= self.up_since_s - self.grace_s or any(
+            w.window_start_s == start_s for p in self.partials.values() for w in p.windows)
+        if not watched:
+            self.forecaster.observe(index, {})
+            self.log.info("window_unobserved", window_start_s=start_s)
+            return
+        keys = self.state.keys
+        loads: dict[str, tuple[float, float]] = {}
+        for model, partial in self.partials.items():
+            stats, self.partials[model] = close_window(partial, start_s, self.window_s)
+            loads[model] = (stats.avg, stats.peak)
+            await self.state.hput(keys.window_history(model), history_field(index), stats)
+            await self.state.hdel(keys.window_history(model), history_field(index - self.forecaster.history.capacity))
+        await self.state.hput_many(keys.partial_window(), dict(self.partials))
+        self.forecaster.observe(index, loads)
+        self.log.debug("window_closed", window_start_s=start_s, models=len(loads))
+
+    async def publish_forecasts(self, index: int) -> None:
+        now = self.clock()
+        start_s = index * self.window_s
+        self.current = {model: Forecast(model=model, window_start_s=start_s, window_s=self.window_s,
+                                        avg=p.avg, peak=p.peak, method=p.method)
+                        for model, p in self.forecaster.forecast(index).items()}
+        await self.state.hput_many(self.state.keys.forecasts(), dict(self.current))
+        for forecast in self.current.values():
+            await self.bus.publish_event("forecast", Event(name=FORECAST_EVENT, at_s=now, model=forecast.model,
+                                                           reason=forecast.method, detail=forecast.model_dump()))
+        self.log.info("forecasts_published", window_start_s=start_s, models=len(self.current))
