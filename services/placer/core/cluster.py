@@ -117,7 +117,10 @@ class Cluster:
             self._lend_kv(occ)
         for c in snapshot.copies:
             if c.node in self.nodes and c.model in self.models:
-                self._attach(self._copy_occupant(c, hosts.get(c.kv_host)))
+                occ = self._copy_occupant(c, hosts.get(c.kv_host))
+                self._attach(occ)
+                for d in occ.kv_devices:  # observed free memory already counts pool copies, not lent KV
+                    self.nodes[c.node].gpus[d].kv_spare -= occ.pages
 
     def _copy_occupant(self, c: Copy, host: Occupant | None) -> Occupant:
         hosted = host is not None and frozenset(c.devices) <= host.device_set
