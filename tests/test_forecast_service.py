@@ -1,0 +1,153 @@
+"""Forecaster service over real NATS and Redis, in-process, with an injected clock: a restart
+mid-window loses no history, forecasts are published as events and answered on request, and
+malformed samples are rejected with a logged reason while serving goes on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from services.forecaster.core.windows import PartialWindows, WindowStats
+from services.forecaster.service import FORECAST_EVENT, ForecasterService
+from shared.bus import Bus
+from shared.runner import Running
+from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
+from shared.state import State
+
+
+class FakeClock:
+    def __init__(self, now_s: float):
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+async def wait_for(condition, timeout_s: float = 10.0) -> None:
+    """Poll an observable condition (sync or async) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def harness(settings):
+    s = settings.with_overrides(window_s=10.0, sample_interval_s=1.0)
+    client = await Bus.connect(s, "test-client")
+    state = await State.connect(s)
+    events: list[Event] = []
+
+    async def collect(event: Event) -> None:
+        events.append(event)
+
+    await client.subscribe(client.subjects.event("forecast", FORECAST_EVENT), Event, collect)
+    yield s, client, state, events
+    await client.close()
+    await state.close()
+
+
+async def start(settings, clock) -> Running:
+    return await Running.start(ForecasterService(settings, clock, tick_s=0.02), with_health=False)
+
+
+async def send(client: Bus, at_s: list[float], avg: float, peak: float, model: str = "a") -> None:
+    for at in at_s:
+        await client.publish(client.subjects.load_samples(),
+                             LoadSample(model=model, at_s=at, interval_s=1.0, avg_outstanding=avg, peak_outstanding=peak))
+    await client.nc.flush()
+
+
+def covered(state: State, model: str, window_start_s: float, seconds: float):
+    async def check() -> bool:
+        partial = await state.hget(state.keys.partial_window(), model, PartialWindows)
+        return partial is not None and any(w.window_start_s == window_start_s and w.covered_s == pytest.approx(seconds)
+                                           for w in partial.windows)
+    return check
+
+
+def published(events: list[Event], window_start_s: float):
+    return lambda: any(e.detail.get("window_start_s") == window_start_s for e in events)
+
+
+async def test_restart_mid_window_loses_nothing(harness):
+    settings, client, state, events = harness
+    clock = FakeClock(1000.5)
+    running = await start(settings, clock)
+    await send(client, [1001.0 + k for k in range(10)], avg=2.0, peak=3.0)  # window [1000, 1010)
+    await wait_for(covered(state, "a", 1000.0, 10.0))
+    clock.now_s = 1013.2  # window 100 is due (1 s grace)
+    await wait_for(published(events, 1010.0))
+    await send(client, [1011.0, 1012.0, 1013.0], avg=4.0, peak=6.0)  # first 3 s of [1010, 1020)
+    await wait_for(covered(state, "a", 1010.0, 3.0))
+    await running.shutdown()
+
+    clock.now_s = 1013.5
+    running = await start(settings, clock)
+    await send(client, [1014.0 + k for k in range(7)], avg=4.0, peak=6.0)  # the rest of [1010, 1020)
+    await wait_for(covered(state, "a", 1010.0, 10.0))
+    clock.now_s = 1021.5
+    await wait_for(published(events, 1020.0))
+
+    history = await state.hgetall(state.keys.window_history("a"), WindowStats)
+    assert (history["100"].avg, history["100"].peak, history["100"].covered_s) == (2.0, 3.0, 10.0)
+    assert (history["101"].avg, history["101"].peak, history["101"].covered_s) == (4.0, 6.0, 10.0)
+    service = running.service
+    assert service.forecaster.history.lags(service.forecaster.history.avg, 102, np.array([1, 2])).tolist() == [[4.0, 2.0]]
+    answer = await client.request(client.subjects.forecast_query(), ForecastQuery(), ForecastSet)
+    assert [f.model for f in answer.forecasts] == ["a"]
+    current = answer.forecasts[0]
+    assert current.window_start_s == 1020.0 and current.window_s == 10.0 and current.method.startswith("ours:")
+    last_event = [e for e in events if e.detail["window_start_s"] == 1020.0][-1]
+    assert Forecast.model_validate(last_event.detail) == current and last_event.model == "a"
+    await running.shutdown()
+
+
+async def test_malformed_samples_rejected_and_serving_goes_on(harness, capsys):
+    settings, client, state, events = harness
+    clock = FakeClock(2000.5)
+    running = await start(settings, clock)
+    await client.nc.publish(client.subjects.load_samples(), b"\xc1garbage")
+    await send(client, [2001.0], avg=5.0, peak=1.0, model="bad")  # peak below average
+    await send(client, [9000.0], avg=1.0, peak=1.0, model="bad")  # from the future
+    await send(client, [2001.0, 2002.0], avg=1.0, peak=2.0, model="good")
+    await wait_for(covered(state, "good", 2000.0, 2.0))
+    err = capsys.readouterr().err
+    assert "message_rejected" in err
+    assert "load_sample_rejected" in err and "peak_outstanding below avg_outstanding" in err and "future" in err
+    assert await state.hget(state.keys.partial_window(), "bad", PartialWindows) is None
+
+    clock.now_s = 2011.5
+    await wait_for(published(events, 2010.0))
+    answer = await client.request(client.subjects.forecast_query(), ForecastQuery(models=["good", "nope"]), ForecastSet)
+    assert [f.model for f in answer.forecasts] == ["good"]
+    assert answer.forecasts[0].avg > 0
+    await running.shutdown()
+
+
+async def test_windows_missed_while_down_stay_unknown(harness):
+    settings, client, state, events = harness
+    clock = FakeClock(3000.5)
+    running = await start(settings, clock)
+    await send(client, [3001.0, 3002.0], avg=3.0, peak=3.0)
+    await wait_for(covered(state, "a", 3000.0, 2.0))
+    clock.now_s = 3011.5
+    await wait_for(published(events, 3010.0))
+    await running.shutdown()
+
+    clock.now_s = 3039.5  # down during windows 301..303, nothing was saved for them
+    running = await start(settings, clock)
+    clock.now_s = 3051.5
+    await wait_for(published(events, 3050.0))
+    history = await state.hgetall(state.keys.window_history("a"), WindowStats)
+    assert sorted(history) == ["300", "304"]  # 304 was watched (no samples: zero load)
+    assert history["304"].avg == 0.0
+    await running.shutdown()
