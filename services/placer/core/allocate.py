@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from services.placer.core import effects as fx
 from services.placer.core.cluster import Cluster, NodeState, Occupant
-from services.placer.core.scores import copy_pages, pages
+from services.placer.core.scores import copy_pages, instance_pages
 from services.placer.core.snapshot import Instance
 
 HIT, IN_PROGRESS, MISS, NONE = "hit", "in_progress", "miss", "none"
@@ -36,7 +36,7 @@ def allocate_in(cluster: Cluster, model: str, now_s: float, trigger: str) -> All
     (scale_up or instance_needed) says why the instance is wanted."""
     if model not in cluster.models:
         return Allocation(NONE, fx.NO_CAPACITY)
-    kv = pages(cluster.models[model].kv_bytes)
+    kv = instance_pages(cluster.models[model])
     for ready, kind, reason in ((True, HIT, fx.PREWARM_HIT), (False, IN_PROGRESS, fx.PREWARM_IN_PROGRESS)):
         found = _promotable(cluster, model, ready, kv)
         if found is not None:
@@ -57,7 +57,8 @@ def _promotable(cluster: Cluster, model: str, ready: bool, kv: int) -> tuple[Occ
     """The copy to promote that costs the least evicted score for its KV room."""
     best = None
     for copy in cluster.copies.get(model, ()):
-        if copy.ready != ready or copy.kv_host or not _idle(cluster, copy.node, copy.devices):
+        if copy.ready != ready or copy.kv_host or len(copy.devices) != cluster.models[model].tp \
+                or not _idle(cluster, copy.node, copy.devices):
             continue
         evicted = cluster.evictions_for_room(copy.node, copy.devices, kv, lambda o: o is not copy)
         if evicted is None:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.placer.core.scores import copy_pages, copy_scores, kv_lendable_pages, pages
+from services.placer.core.scores import copy_pages, copy_scores, instance_pages, kv_lendable_pages
 from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
 
 
@@ -254,7 +254,7 @@ class Cluster:
         if from_copy is not None:
             self.evict(from_copy)
         occ = Occupant(model, node, devices, copy_pages(self.models[model]), instance=instance, ready=False)
-        kv = pages(self.models[model].kv_bytes)
+        kv = instance_pages(self.models[model])
         for d in devices:
             self.nodes[node].gpus[d].free -= occ.pages + kv
         self._attach(occ)  # also drops the node's room cache

@@ -1,7 +1,8 @@
 """Effects applied to a snapshot: the state the cluster reaches once agents have executed them.
 
-The service overlays effects its agents have not reported yet; the simulator and the property
-tests advance a snapshot with it. Memory follows the core's accounting in 2 MiB pages.
+Idempotent: an effect the snapshot already shows (a copy present, an instance started, a copy
+gone) changes nothing, so the service can overlay commands still in flight on observed state.
+The simulator and the property tests advance snapshots with it. Memory in 2 MiB pages.
 """
 
 from __future__ import annotations
@@ -10,50 +11,49 @@ import dataclasses
 from typing import Iterable
 
 from services.placer.core import effects as fx
-from services.placer.core.scores import copy_pages, pages
+from services.placer.core.scores import copy_pages, instance_pages
 from services.placer.core.snapshot import PAGE_BYTES, Copy, Gpu, Instance, Node, Snapshot
 
 
 def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float) -> Snapshot:
     models = {m.name: m for m in snapshot.models}
     copies = list(snapshot.copies)
-    instances = list(snapshot.instances)
+    instances = {i.instance_id: i for i in snapshot.instances}
     free = {(n.name, g.index): g.free_bytes for n in snapshot.nodes for g in n.gpus}
 
     def take(node: str, devices: tuple[int, ...], nbytes: int) -> None:
         for d in devices:
             free[(node, d)] -= nbytes
 
-    def pop_copy(model: str, node: str, devices: tuple[int, ...]) -> Copy | None:
-        for i, c in enumerate(copies):
-            if (c.model, c.node, c.devices) == (model, node, devices):
-                return copies.pop(i)
-        return None
+    def find_copy(model: str, node: str, devices: tuple[int, ...]) -> Copy | None:
+        return next((c for c in copies if (c.model, c.node) == (model, node) and set(c.devices) & set(devices)), None)
 
     for e in effects:
+        if e.model not in models or (e.node, e.devices[0]) not in free:
+            continue
         weight = copy_pages(models[e.model]) * PAGE_BYTES
         if isinstance(e, fx.Prewarm):
-            copies.append(Copy(e.model, e.node, e.devices, ready=True, kv_host=e.kv_host))
-            if not e.kv_host:
-                take(e.node, e.devices, weight)
+            if find_copy(e.model, e.node, e.devices) is None:
+                copies.append(Copy(e.model, e.node, e.devices, ready=True, kv_host=e.kv_host))
+                take(e.node, e.devices, 0 if e.kv_host else weight)
         elif isinstance(e, fx.Evict):
-            gone = pop_copy(e.model, e.node, e.devices)
-            if gone is not None and not gone.kv_host:
-                take(e.node, e.devices, -weight)
-        elif isinstance(e, (fx.Promote, fx.ColdStart)):
-            if isinstance(e, fx.Promote):
-                pop_copy(e.model, e.node, e.devices)
-                weight = 0
-            take(e.node, e.devices, weight + pages(e.kv_bytes) * PAGE_BYTES)
-            instances.append(Instance(e.instance_id, e.model, e.node, e.devices, started_at_s=now_s,
-                                      kv_capacity_bytes=e.kv_bytes, ready=True))
-        elif isinstance(e, fx.Demote):
-            gone = next(i for i in instances if i.instance_id == e.instance_id)
-            instances.remove(gone)
+            gone = find_copy(e.model, e.node, e.devices)
+            if gone is not None:
+                copies.remove(gone)
+                take(gone.node, gone.devices, 0 if gone.kv_host else -weight)
+        elif isinstance(e, (fx.Promote, fx.ColdStart)) and e.instance_id not in instances:
+            copy = find_copy(e.model, e.node, e.devices) if isinstance(e, fx.Promote) else None
+            if copy is not None:
+                copies.remove(copy)
+            take(e.node, e.devices, (0 if copy else weight) + instance_pages(models[e.model]) * PAGE_BYTES)
+            instances[e.instance_id] = Instance(e.instance_id, e.model, e.node, e.devices, started_at_s=now_s,
+                                                kv_capacity_bytes=e.kv_bytes, ready=True)
+        elif isinstance(e, fx.Demote) and e.instance_id in instances:
+            gone = instances.pop(e.instance_id)
             hosted = [c for c in copies if c.kv_host == e.instance_id]
             lent = sum(copy_pages(models[c.model]) for c in hosted) * PAGE_BYTES
-            take(e.node, e.devices, lent - pages(gone.kv_capacity_bytes) * PAGE_BYTES)
+            take(gone.node, gone.devices, lent - instance_pages(models[gone.model]) * PAGE_BYTES)
             copies = [dataclasses.replace(c, kv_host="") if c.kv_host == e.instance_id else c for c in copies]
-            copies.append(Copy(e.model, e.node, e.devices, ready=True))
+            copies.append(Copy(gone.model, gone.node, gone.devices, ready=True))
     nodes = tuple(Node(n.name, tuple(Gpu(g.index, free[(n.name, g.index)]) for g in n.gpus)) for n in snapshot.nodes)
-    return dataclasses.replace(snapshot, nodes=nodes, copies=tuple(copies), instances=tuple(instances))
+    return dataclasses.replace(snapshot, nodes=nodes, copies=tuple(copies), instances=tuple(instances.values()))

@@ -31,6 +31,11 @@ def copy_pages(model: ModelSpec) -> int:
     return pages(model.size_bytes / model.tp)
 
 
+def instance_pages(model: ModelSpec) -> int:
+    """Pages per device an instance needs on top of its copy's weights: KV cache and engine."""
+    return pages(model.kv_bytes) + pages(model.engine_bytes)
+
+
 def replica_counts(avg: float, peak: float, current: int, capacity: int) -> tuple[int, int]:
     """(n_f, n_b): foundation copies for the average load, burst copies for the peak."""
     foundation = max(math.ceil(avg / capacity) - current, 0)

@@ -31,6 +31,8 @@ class ModelSpec:
     avg: float = 0.0  # forecast: mean outstanding requests in the next window
     peak: float = 0.0  # forecast: peak outstanding requests in the next window
     kv_bytes: int = 0  # KV cache per device a new instance needs (0: none reserved here)
+    engine_bytes: int = 0  # memory per device an instance needs beyond the copy and its KV (an
+    #                        engine that does not serve from the pool's tensors holds its own weights)
 
 
 @dataclass(frozen=True)
