@@ -2,7 +2,7 @@
 
 Experts per series (average and peak): the paper's CSP, CSP over 7 days (with the day-reset and
 with a continuous correction), the last known value, a recent-weighted mean, seasonal naive; for
-the peak also the predicted average times the model's learned peak/average ratio. Each model
+the peak also the predicted average times the model's peak/average ratio (of EW means). Each model
 follows the expert with the lowest exponentially weighted absolute error on that model; unknown
 windows (new model, gaps) are skipped by every expert. Pure, no I/O; state = the error scores.
 """
@@ -33,7 +33,7 @@ class Ours:
         self.error_decay = error_decay  # weight of the newest absolute error in each score
         self.avg_scores = np.zeros((0, len(SERIES_EXPERTS)))
         self.peak_scores = np.zeros((0, len(PEAK_EXPERTS)))
-        self.ratio = np.zeros(0)  # learned peak / average per model (NaN: not yet seen)
+        self.level = np.zeros((0, 2))  # per model: EW mean of the average and of the peak (NaN: unseen)
         self._cached: tuple[int, int, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------ experts
@@ -65,11 +65,12 @@ class Ours:
             return self._cached[2], self._cached[3]
         self.avg_scores = _grow(self.avg_scores, n, 0.0)
         self.peak_scores = _grow(self.peak_scores, n, 0.0)
-        self.ratio = _grow(self.ratio[:, None], n, np.nan)[:, 0]
+        self.level = _grow(self.level, n, np.nan)
         avg = self._series_experts(history, history.avg, t)
         chosen_avg = _pick(avg, self.avg_scores[:n])
+        ratio = self.level[:n, 1] / np.where(self.level[:n, 0] > 0, self.level[:n, 0], np.nan)
         peak = np.concatenate([self._series_experts(history, history.peak, t),
-                               (chosen_avg * self.ratio[:n])[:, None]], axis=1)
+                               (chosen_avg * ratio)[:, None]], axis=1)
         self._cached = (t, n, avg, peak)
         return avg, peak
 
@@ -97,10 +98,9 @@ class Ours:
             error = np.abs(experts - actual[:, None])
             usable = ~np.isnan(error)
             scores[:n] = np.where(usable, (1 - decay) * scores[:n] + decay * np.nan_to_num(error), scores[:n])
-        seen = ~np.isnan(avg[:n]) & (avg[:n] > 0)
-        ratio = np.where(seen, peak[:n] / np.where(seen, avg[:n], 1.0), np.nan)
-        old = self.ratio[:n]
-        self.ratio[:n] = np.where(seen, np.where(np.isnan(old), ratio, (1 - decay) * old + decay * ratio), old)
+        actual = np.stack([avg[:n], peak[:n]], axis=1)
+        seen, old = ~np.isnan(actual), self.level[:n]
+        self.level[:n] = np.where(seen, np.where(np.isnan(old), actual, (1 - decay) * old + decay * actual), old)
 
 
 def _choice(experts: np.ndarray, scores: np.ndarray) -> np.ndarray:
