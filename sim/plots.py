@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.cluster import STATE_NAMES  # noqa: E402
@@ -49,14 +50,13 @@ def gpu_timeline(result, nodes: int, gpus_per_node: int, path: Path) -> Path:
         state[row], since[row] = code, t
     for row, code in state.items():
         _bar(ax, row, since[row], end, code, start, end)
-    for code, name in enumerate(STATE_NAMES[1:], start=1):
-        ax.barh([], [], color=STATE_COLOURS[code], label=name)
+    handles = [Patch(color=STATE_COLOURS[code], label=name) for code, name in enumerate(STATE_NAMES) if code]
     ax.set_xlim(0, (end - start) / 60)
     ax.set_ylim(-0.5, n - 0.5)
     ax.set_xlabel("minutes into the replay")
     ax.set_ylabel("GPU (node x device)")
     ax.set_title(f"GPU states: {result.system}")
-    ax.legend(loc="upper right", fontsize=7, ncol=4)
+    ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
