@@ -27,6 +27,7 @@ from shared.settings import env_name
 REMEMBERED_COMMANDS = 10_000
 WORKER_START_TIMEOUT_S = 300.0
 LONG_CALL_TIMEOUT_S = 900.0
+WORKER_STOP_TIMEOUT_S = 3.0
 
 
 class AgentService(Service):
@@ -94,8 +95,9 @@ class AgentService(Service):
         for i in range(len(self.ledgers)):
             if s.device_kind == "cuda":
                 env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i)], env=env))
+            self.processes.append(subprocess.Popen(  # worker logs (and vLLM's) go to our stderr
+                [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i)], env=env,
+                stdout=sys.stderr))
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         for i, proc in enumerate(self.processes):
             while True:  # wait until the worker answers (vLLM imported, device initialised)
@@ -133,8 +135,9 @@ class AgentService(Service):
             proc.terminate()
         for proc in self.processes:
             try:
-                await asyncio.to_thread(proc.wait, 10)
+                await asyncio.to_thread(proc.wait, WORKER_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
+                self.log.warning("device_worker_killed", pid=proc.pid)
                 proc.kill()
         await self.state.drop_node(self.node)
         await self._event("agent_stopped")

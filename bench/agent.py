@@ -1,0 +1,231 @@
+"""`warmserve bench agent [--json]`: time to first token with real vLLM, side by side, per model:
+(a) nothing resident: cold start from disk on a fresh device (engine init + weights),
+(a2) cold from disk on a device whose warm engine is idle (disk read + weight swap),
+(b) a prewarmed copy: promote (weight swap into the warm engine, no disk, no process),
+(c) a running instance, and (d) a fresh `python -m vllm.entrypoints.openai.api_server` process.
+Also prewarm and evict times and the peak RSS of each device worker. CPU by default; CUDA with
+`--device-kind cuda` (bench/gpu_agent.sh)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from services.gpuagent.service import AgentService
+from shared.bus import Bus
+from shared.logs import configure_logging
+from shared.model_files import checkpoint_info
+from shared.runner import Running
+from shared.schemas import AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, SamplingSpec
+from shared.settings import load_settings
+from shared.state import State
+from warmserve import infra
+from warmserve.models import DEMO_MODELS, DemoSpec, build_model, build_tokenizer
+
+REPEATS = 5
+PROMPT = "def fibonacci(n):"
+
+
+def build_pairs(root: Path, large: DemoSpec | None) -> list[tuple[str, str]]:
+    """Two checkpoints per architecture (so promotion really swaps weights): (measured, other)."""
+    build_tokenizer(root / "_tokenizer")
+    small, big = DEMO_MODELS[0], large or DEMO_MODELS[2]
+    pairs = []
+    for spec in (small, big):
+        names = (spec.name, spec.name + "-other")
+        for name, seed in zip(names, (spec.seed, spec.seed + 100)):
+            if not (root / name / "model.safetensors").exists():
+                build_model(DemoSpec(name, spec.hidden, spec.layers, spec.heads, spec.intermediate, seed),
+                            root / name, root / "_tokenizer")
+        pairs.append(names)
+    return pairs
+
+
+class Bench:
+    def __init__(self, bus: Bus, node: str):
+        self.bus, self.node = bus, node
+
+    async def cmd(self, kind: CommandKind, model: str = "", device: int = 0, instance_id: str = "") -> CommandResult:
+        result = await self.bus.request(self.bus.subjects.agent_command(self.node), AgentCommand(
+            command_id=uuid.uuid4().hex, kind=kind, model=model, devices=[device], instance_id=instance_id),
+            CommandResult, timeout_s=900)
+        if not result.ok:
+            raise RuntimeError(f"{kind.value} {model}: {result.reason}")
+        return result
+
+    async def first_token_s(self, instance_id: str) -> float:
+        """Send one request; seconds until its first token arrives (the rest is drained)."""
+        request_id = uuid.uuid4().hex
+        reply = self.bus.subjects.infer_reply("bench", request_id)
+        chunks = self.bus.stream(reply, InferChunk)
+        first = asyncio.ensure_future(chunks.__anext__())
+        await asyncio.sleep(0.01)
+        await self.bus.nc.flush()
+        started = time.perf_counter()
+        await self.bus.publish(self.bus.subjects.infer(instance_id), InferRequest(
+            request_id=request_id, model="", reply_to=reply, prompt=PROMPT,
+            sampling=SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True)))
+        chunk = await asyncio.wait_for(first, 120)
+        elapsed = time.perf_counter() - started
+        while not (chunk.finish_reason or chunk.error):
+            chunk = await chunks.__anext__()
+        await chunks.aclose()
+        if chunk.error:
+            raise RuntimeError(chunk.error)
+        return elapsed
+
+    async def timed(self, coro) -> tuple[float, object]:
+        started = time.perf_counter()
+        result = await coro
+        return time.perf_counter() - started, result
+
+
+async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
+    out: dict = {"model": model}
+    # (a) nothing resident on a fresh device: the cold start every cache miss pays
+    seconds, result = await b.timed(b.cmd(CommandKind.cold_start, model, device, "cold"))
+    out["a_cold_start_s"] = seconds + await b.first_token_s("cold")
+    out["a_detail"] = {k: v for k, v in result.detail.items() if k.endswith("_ms") or k == "path"}
+    await b.cmd(CommandKind.demote, instance_id="cold")
+    # (a2) cold from disk, engine warm: evict the copy, load again
+    await b.cmd(CommandKind.evict, model, device)
+    seconds, _ = await b.timed(b.cmd(CommandKind.cold_start, model, device, "cold2"))
+    out["a2_disk_into_warm_engine_s"] = seconds + await b.first_token_s("cold2")
+    await b.cmd(CommandKind.demote, instance_id="cold2")
+    # prewarm/evict of the other checkpoint, then (b) promote with a real weight swap each time
+    prewarm, evict, promote, warm = [], [], [], []
+    await b.cmd(CommandKind.prewarm, other, device)
+    for i in range(REPEATS):
+        await b.cmd(CommandKind.promote, other, device, f"o{i}")  # the engine now holds other weights
+        await b.cmd(CommandKind.demote, instance_id=f"o{i}")
+        seconds, result = await b.timed(b.cmd(CommandKind.promote, model, device, f"p{i}"))
+        promote.append(seconds + await b.first_token_s(f"p{i}"))
+        out.setdefault("b_copied_bytes", result.detail.get("copied_bytes"))
+        warm.extend([await b.first_token_s(f"p{i}") for _ in range(3)])  # (c) running instance
+        await b.cmd(CommandKind.demote, instance_id=f"p{i}")
+    for _ in range(3):
+        seconds, _ = await b.timed(b.cmd(CommandKind.evict, other, device))
+        evict.append(seconds)
+        seconds, _ = await b.timed(b.cmd(CommandKind.prewarm, other, device))
+        prewarm.append(seconds)
+    await b.cmd(CommandKind.evict, other, device)
+    await b.cmd(CommandKind.evict, model, device)
+    out.update(b_promote_s=statistics.median(promote), c_running_s=statistics.median(warm),
+               prewarm_s=statistics.median(prewarm), evict_s=statistics.median(evict))
+    return out
+
+
+def fresh_server_ttft_s(path: str, kv_bytes: int) -> float:
+    """(d) spawn vLLM's own OpenAI server for the model; seconds from spawn to the first token."""
+    port = infra.free_port()
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+                             "--port", str(port), "--enforce-eager", "--dtype", "bfloat16",
+                             "--kv-cache-memory-bytes", str(kv_bytes), "--max-model-len", "2048"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = json.dumps({"model": path, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}).encode()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm api_server exited with {proc.returncode}")
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    resp.read()
+                    return time.perf_counter() - started
+            except OSError:
+                time.sleep(0.2)
+            if time.perf_counter() - started > 600:
+                raise RuntimeError("vllm api_server not serving after 600 s")
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def worker_peak_rss(agent: AgentService) -> list[int]:
+    peaks = []
+    for proc in agent.processes:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peaks.append(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024)
+    return peaks
+
+
+async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoSpec | None) -> dict:
+    pairs = build_pairs(models_dir, large)
+    data = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    nats = infra.start_nats(data, infra.free_port())
+    redis = infra.start_redis(data, infra.free_port())
+    settings = load_settings({"nats_url": nats.url, "redis_url": redis.url, "namespace": "benchagent",
+                              "engine": "vllm", "device_kind": device_kind, "devices": 2,
+                              "device_memory_bytes": 8 << 30, "kv_cache_bytes": 128 << 20}, env={})
+    try:
+        state = await State.connect(settings)
+        for name in (n for pair in pairs for n in pair):
+            await state.register_model(checkpoint_info(name, models_dir / name))
+        await state.close()
+        running = await Running.start(AgentService(settings), with_health=False)
+        bus = await Bus.connect(settings, "bench")
+        b = Bench(bus, settings.node)
+        results = [await measure_model(b, model, other, device) for device, (model, other) in enumerate(pairs)]
+        peaks = worker_peak_rss(running.service)
+        await bus.close()
+        await running.shutdown()
+        for r, (model, _) in zip(results, pairs):
+            info = checkpoint_info(model, models_dir / model)
+            r["size_bytes"], r["params_m"] = info.size_bytes, round(info.size_bytes / 2 / 1e6, 1)
+            if not skip_fresh:
+                r["d_fresh_api_server_s"] = fresh_server_ttft_s(str(models_dir / model), 128 << 20)
+                r["ratio_b_over_d"] = r["b_promote_s"] / r["d_fresh_api_server_s"]
+            r["ratio_b_over_a"] = r["b_promote_s"] / r["a_cold_start_s"]
+        return {"device_kind": device_kind, "models": results, "worker_peak_rss_bytes": peaks,
+                "repeats": REPEATS}
+    finally:
+        nats.stop()
+        redis.stop()
+
+
+def render(report: dict) -> str:
+    cols = [("model", "model", "{}"), ("params_m", "M params", "{}"), ("a_cold_start_s", "(a) cold s", "{:.3f}"),
+            ("a2_disk_into_warm_engine_s", "(a2) disk->warm s", "{:.3f}"), ("b_promote_s", "(b) promote s", "{:.3f}"),
+            ("c_running_s", "(c) running s", "{:.4f}"), ("d_fresh_api_server_s", "(d) api_server s", "{:.1f}"),
+            ("ratio_b_over_a", "b/a", "{:.4f}"), ("ratio_b_over_d", "b/d", "{:.5f}"),
+            ("prewarm_s", "prewarm s", "{:.3f}"), ("evict_s", "evict s", "{:.4f}")]
+    lines = ["  ".join(f"{title:>16}" for _, title, _ in cols)]
+    for r in report["models"]:
+        lines.append("  ".join(f"{(fmt.format(r[key]) if key in r else '-'):>16}" for key, _, fmt in cols))
+    lines.append(f"device worker peak RSS (MiB): {[round(p / 2**20) for p in report['worker_peak_rss_bytes']]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="warmserve bench agent", description=__doc__)
+    parser.add_argument("action", nargs="?", default="agent")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--models-dir", default="out/bench-models")
+    parser.add_argument("--device-kind", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--skip-fresh-server", action="store_true", help="skip (d), the slowest part")
+    parser.add_argument("--large", default="", help="hidden,layers,heads,intermediate of the large model "
+                                                    "(e.g. 4096,32,32,11008 for a 7B Llama on a GPU)")
+    args = parser.parse_args(argv)
+    large = None
+    if args.large:
+        h, n, heads, f = (int(x) for x in args.large.split(","))
+        large = DemoSpec(f"bench-{h}x{n}", h, n, heads, f, seed=7)
+    configure_logging("warning")
+    root = Path(args.models_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    report = asyncio.run(run(root, args.device_kind, args.skip_fresh_server, large))
+    print(json.dumps(report, indent=1) if args.json else render(report))
+    return 0

