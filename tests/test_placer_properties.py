@@ -87,14 +87,14 @@ def check_effects_valid(before: Snapshot, effects) -> None:
 
 
 def with_load(snap: Snapshot, step, now: float) -> Snapshot:
-    """Vary forecasts, load and instances' KV use between steps."""
+    """Vary forecasts, load and instances' requests and KV use between steps."""
     _, pick, load, inflight = step
     models = tuple(ModelSpec(m.name, m.size_bytes, m.tp, avg=(m.avg + load) % 120, peak=(m.peak + 2 * load) % 240,
                              kv_bytes=m.kv_bytes, engine_bytes=m.engine_bytes) for m in snap.models)
     name = models[pick % len(models)].name
     instances = tuple(type(i)(i.instance_id, i.model, i.node, i.devices, i.started_at_s, inflight,
-                              i.kv_capacity_bytes, min(i.kv_capacity_bytes, inflight * PAGE_BYTES))
-                      for i in snap.instances)
+                              i.kv_capacity_bytes, min(i.kv_capacity_bytes, inflight * PAGE_BYTES), ready=True)
+                      for i in snap.instances)  # instances started by earlier steps are ready now
     return Snapshot(snap.nodes, models, snap.copies, instances, {name: load})
 
 

@@ -118,14 +118,18 @@ class PlacerService(Service):
     # ------------------------------------------------------------ gateway requests
 
     async def on_need(self, need: InstanceNeed) -> InstanceAnswer:
-        """Ready instances, or "starting" after ordering one (never waits for it), or an error."""
+        """"ready" while some instance has room, else "starting" (one is on its way, or is ordered
+        now; never waits for it), else "error" with the reason."""
         seen = await self.observe()
         if need.model not in seen.models:
             return InstanceAnswer(status="error", reason=f"unknown model {need.model!r}")
         now = time.time()
         snapshot = self.snapshot(seen, now)
+        serving = [i for i in snapshot.instances if i.model == need.model and i.ready and not i.draining]
         routes = [InstanceRoute(instance_id=i.instance_id, model=i.model, node=i.node, devices=list(i.devices))
-                  for i in snapshot.instances if i.model == need.model and i.ready and not i.draining]
+                  for i in serving]
+        if any(i.inflight < self.config.capacity for i in serving):  # the asker's view was stale
+            return InstanceAnswer(status="ready", instances=routes, reason="capacity_free")
         starting = self.dispatcher.starting(need.model) or any(
             i.model == need.model and not i.ready and not i.draining for i in snapshot.instances)
         if starting:

@@ -1,4 +1,5 @@
-"""Effects applied to a snapshot: the state the cluster reaches once agents have executed them.
+"""Effects applied to a snapshot: the state the cluster reaches once agents have accepted them
+(new instances are still starting: mark them ready when they are).
 
 Idempotent: an effect the snapshot already shows (a copy present, an instance started, a copy
 gone) changes nothing, so the service can overlay commands still in flight on observed state.
@@ -47,7 +48,7 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
                 copies.remove(copy)
             take(e.node, e.devices, (0 if copy else weight) + instance_pages(models[e.model]) * PAGE_BYTES)
             instances[e.instance_id] = Instance(e.instance_id, e.model, e.node, e.devices, started_at_s=now_s,
-                                                kv_capacity_bytes=e.kv_bytes, ready=True)
+                                                kv_capacity_bytes=e.kv_bytes, ready=False)
         elif isinstance(e, fx.Demote) and e.instance_id in instances:
             gone = instances.pop(e.instance_id)
             hosted = [c for c in copies if c.kv_host == e.instance_id]
