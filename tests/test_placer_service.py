@@ -13,7 +13,7 @@ from services.gpuagent.service import AgentService
 from services.placer.service import PlacerService
 from shared.bus import Bus
 from shared.runner import Running
-from shared.schemas import Event, Forecast, InstanceAnswer, InstanceNeed, Plan, PlannedCopy
+from shared.schemas import Event, Forecast, InstanceAnswer, InstanceNeed, LoadSample, Plan, PlannedCopy
 from shared.state import State
 from tests.agent_helpers import fake_model
 
@@ -22,11 +22,11 @@ MODELS = ("m1", "m2", "m3")
 
 
 async def eventually(check, timeout_s: float = 20.0, what: str = "condition"):
-    """Poll observed state until `check()` returns something truthy (agents and ticks are async)."""
+    """Poll observed state until `check()` returns neither None nor False (agents and ticks are async)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = await check()
-        if value:
+        if value is not None and value is not False:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -37,7 +37,7 @@ async def eventually(check, timeout_s: float = 20.0, what: str = "condition"):
 async def cluster(settings):
     s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001,
                                 fake_load_bytes_s=1e9, heartbeat_s=0.2, heartbeat_ttl_s=1.0, kv_cache_bytes=2 * MiB,
-                                placer_tick_s=0.2, request_timeout_s=2.0)
+                                placer_tick_s=0.2, request_timeout_s=2.0, scale_window_s=1.0)
     state = await State.connect(s)
     for name in MODELS:
         await state.register_model(fake_model(name, 8 * MiB))
@@ -117,7 +117,7 @@ async def _ready(bus: Bus, model: str):
 
 
 async def _nonempty(items):
-    return bool(items)
+    return items or None
 
 
 async def _stop(task: asyncio.Task) -> None:
@@ -202,3 +202,29 @@ async def test_restarted_placer_converges_to_observed_state(cluster):
 
 async def _ticks(running: Running, count: int):
     return running.service.ticks >= count
+
+
+async def test_autoscaler_scales_up_on_load_and_demotes_to_zero_keeping_weights(cluster):
+    s, state, bus, agents, start_placer = cluster
+    load = {"m1": 40.0}  # above 0.8 * B for one instance: two instances
+
+    async def gateway_samples():
+        while True:
+            await bus.publish(bus.subjects.load_samples(), LoadSample(
+                model="m1", at_s=time.time(), interval_s=0.2, avg_outstanding=load["m1"], peak_outstanding=load["m1"]))
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(gateway_samples())
+    await start_placer()
+
+    async def instances(count: int):
+        views = await state.node_views()
+        found = [(v.node, i.devices[0]) for v in views.values() for i in v.instances if i.state.value == "ready"]
+        return found if len(found) == count else None
+
+    serving = await eventually(lambda: instances(2), what="two instances of m1")
+    load["m1"] = 0.0
+    await eventually(lambda: instances(0), what="scale to zero")
+    kept = [(node, d) for node, model, d in await held_copies(state) if model == "m1"]
+    assert sorted(kept) == sorted(serving)  # demoted: the weights stay as prewarmed copies
+    await _stop(sampler)
