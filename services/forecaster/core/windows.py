@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from shared.schemas import LoadSample, Message
-from pydantic import Field
 
 
 @dataclass(frozen=True)
