@@ -203,6 +203,33 @@ class Cluster:
                 credit(occ)
         return chosen if all(f >= need for f in free.values()) else None
 
+    def copies_by_score(self, node: NodeState, gpu: GpuState) -> list[Occupant]:
+        """The copies on `gpu` in eviction order (lowest score first), cached until the node changes."""
+        key = ("by_score", node.name, gpu.index)
+        cached = self.cache.get(key)
+        if cached is None or cached[0] != node.version:
+            cached = (node.version, sorted((o for o in gpu.occupants if not o.is_instance),
+                                           key=lambda o: (o.score, o.devices)))
+            self.cache[key] = cached
+        return cached[1]
+
+    def eviction_cost_floor(self, node: NodeState, gpu: GpuState, need: int, below: float) -> float:
+        """The score evictions_for_room evicts from `gpu` alone to give it `need` free pages when
+        only copies scoring under `below` may go (inf: they cannot): a lower bound for any group
+        holding `gpu`, as that greedy takes exactly this prefix while `gpu` lacks room."""
+        free, cost = gpu.free, 0.0
+        if free >= need:
+            return cost
+        for occ in self.copies_by_score(node, gpu):
+            if occ.score >= below:
+                break
+            cost += occ.score
+            if gpu.index not in occ.kv_devices:
+                free += occ.pages
+            if free >= need:
+                return cost
+        return math.inf
+
     def rescore(self) -> None:
         """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0."""
         for name, occs in self.copies.items():

@@ -108,6 +108,7 @@ def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, nee
                     failures: _Failures) -> list[fx.Effect]:
     """Evict lower-score copies for the group with the largest gain (score minus evicted scores)."""
     tp = cluster.models[model].tp
+    aligned = tp & (tp - 1) == 0  # aligned power-of-two groups are laminar with each other
     only = failures.only_groups(tp, score, need)
     skipped: set[tuple[str, int]] = set()
     best: tuple | None = None
@@ -123,16 +124,19 @@ def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, nee
                 skipped.add((node.name, group[0]))
                 continue
             group_set = frozenset(group)
-            blocking = [o for o in overlapped if not laminar_ok(group_set, o)]
+            blocking = [o for o in overlapped if not (aligned and o.aligned) and not laminar_ok(group_set, o)]
             if any(o.is_instance or o.score >= score for o in blocking):
                 continue
-            bound = score - sum(o.score for o in blocking)  # the gain can only fall from here
+            if blocking:
+                bound = score - sum(o.score for o in blocking)
+            else:  # the greedy evicts at least each device's own prefix
+                bound = score - max(cluster.eviction_cost_floor(node, node.gpus[d], need, score) for d in group)
             if bound <= 0 or (best is not None and -bound > best[0][0]):
                 continue
             more = cluster.evictions_for_room(node.name, group, need, lambda o: o.score < score, forced=blocking)
             if more is None:
                 continue
-            gain = bound - sum(o.score for o in more)
+            gain = score - sum(o.score for o in blocking + more)
             key = (-gain, node.order, group[0])
             if gain > 0 and (best is None or key < best[0]):
                 best = (key, node.name, group, blocking + more)
