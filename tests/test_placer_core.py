@@ -177,6 +177,16 @@ def test_copies_beyond_their_replica_count_score_zero_and_go_first():
     assert evictions(tick(snap, 0, Config())) == [("spare", (1,))]
 
 
+def test_evict_aware_evicts_a_lower_score_copy_that_breaks_laminarity():
+    # TP3 groups (0, 1, 2) and (3, 4, 5) both half-overlap the TP2 copy on (2, 3): memory is
+    # plentiful, but the group is only usable once that (lower-score) copy is gone
+    snap = Snapshot(nodes((40,) * 6), (model("low", gib=2, tp=2), model("new", gib=12, tp=3, avg=1)),
+                    (Copy("low", "n0", (2, 3)),))
+    effects = tick(snap, 0, Config(placement="evict_aware"))
+    assert evictions(effects) == [("low", (2, 3))] and prewarms(effects) == [("new", "n0", (0, 1, 2))]
+    assert tick(snap, 0, Config(placement="paper")) == []
+
+
 def test_paper_mode_skips_when_full():
     assert tick(full_cluster(), 0, Config(placement="paper")) == []
 

@@ -21,7 +21,7 @@ def clusters(draw) -> Snapshot:
     nodes = tuple(Node(f"n{i}", tuple(Gpu(d, gpu_gib * GIB) for d in range(n))) for i, n in enumerate(node_sizes))
     models = []
     for i in range(draw(st.integers(1, 6))):
-        tp = draw(st.sampled_from([1, 1, 2, 4, 8]))
+        tp = draw(st.sampled_from([1, 1, 2, 3, 4, 8]))  # 3: aligned groups that are not powers of two
         models.append(ModelSpec(f"m{i}", int(tp * draw(st.floats(0.5, 12)) * GIB), tp,
                                 avg=draw(st.floats(0, 100)), peak=draw(st.floats(0, 200)),
                                 kv_bytes=draw(st.sampled_from([0, GIB // 2, 2 * GIB])),
