@@ -1,6 +1,7 @@
 """Placer service over real NATS and Redis with two real GPU agents (fake engine) as nodes n0 and
 n1: forecasts become prewarmed copies, instance needs are answered at once (hit, starting, ready),
-an agent's death and a placer restart both converge to the observed state with no phantoms."""
+load samples scale instances up and down, an agent's death and a placer restart both converge to
+the observed state with no phantoms, and commands are retried under one idempotency key."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 import pytest
 
 from services.gpuagent.service import AgentService
+from services.placer.core import Evict, Prewarm
+from services.placer.dispatch import Dispatcher
 from services.placer.service import PlacerService
 from shared.bus import Bus
 from shared.runner import Running
-from shared.schemas import Event, Forecast, InstanceAnswer, InstanceNeed, LoadSample, Plan, PlannedCopy
+from shared.schemas import AgentCommand, CommandResult, Event, Forecast, InstanceAnswer, InstanceNeed, LoadSample, Plan, PlannedCopy
 from shared.state import State
 from tests.agent_helpers import fake_model
 
@@ -228,3 +231,29 @@ async def test_autoscaler_scales_up_on_load_and_demotes_to_zero_keeping_weights(
     kept = [(node, d) for node, model, d in await held_copies(state) if model == "m1"]
     assert sorted(kept) == sorted(serving)  # demoted: the weights stay as prewarmed copies
     await _stop(sampler)
+
+
+async def test_commands_are_retried_with_the_same_id_and_dropped_for_dead_nodes(settings):
+    bus = await Bus.connect(settings, "placer-dispatch")
+    agent = await Bus.connect(settings, "stub-agent")
+    seen: list[str] = []
+
+    async def flaky_agent(cmd: AgentCommand) -> CommandResult | None:
+        seen.append(cmd.command_id)
+        return None if len(seen) == 1 else CommandResult(command_id=cmd.command_id, ok=True)  # first: lost
+
+    await agent.subscribe(agent.subjects.agent_command("nx"), AgentCommand, flaky_agent)
+    alive = {"nx"}
+    dispatcher = Dispatcher(bus, attempt_timeout_s=0.3, node_alive=lambda node: node in alive)
+    dispatcher.submit([Prewarm("m1", "nx", (0,), 1.0, "prewarm_foundation")])
+    assert dispatcher.overlay(observed_at_s=0.0)  # pending at once, before any answer
+    await dispatcher.drain()
+    assert len(seen) == 2 and seen[0] == seen[1]  # the retry reused the idempotency key
+    assert dispatcher.overlay(observed_at_s=time.time() + 1) == []  # done, and observed since
+
+    alive.clear()  # a node without heartbeat: no retries, the effect is forgotten
+    dispatcher.submit([Evict("m1", "gone", (0,), "evicted_for")])
+    await dispatcher.drain()
+    assert dispatcher.overlay(observed_at_s=0.0) == []
+    await agent.close()
+    await bus.close()
