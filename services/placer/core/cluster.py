@@ -164,7 +164,7 @@ class Cluster:
         """Instances of `model` that count as capacity (running or starting, not draining)."""
         return [o for o in self.instances.get(model, []) if not o.instance.draining]
 
-    def room(self, node: str, devices: tuple[int, ...], need: int) -> Occupant | None | bool:
+    def room(self, node: str, devices: tuple[int, ...], need: int) -> Occupant | bool:
         """Where `need` pages per device fit: True (free pool), the instance whose idle KV space
         holds them (one host covering every device), or False (no room)."""
         gpus = [self.nodes[node].gpus[d] for d in devices]
