@@ -86,5 +86,5 @@ def _reason(effect: fx.Effect) -> str:
 def plan_from(tick: TickPlan, now_s: float) -> Plan:
     return Plan(at_s=now_s, instances=dict(tick.instances),
                 copies=[PlannedCopy(model=c.model, node=c.node, devices=list(c.devices), score=c.score,
-                                    reason="kv_space" if c.kv_host else ("ready" if c.ready else "loading"))
+                                    reason=fx.PREWARM_KV_SPACE if c.kv_host else "")
                         for c in tick.copies])
