@@ -40,7 +40,7 @@ async def eventually(check, timeout_s: float = 20.0, what: str = "condition"):
 async def cluster(settings):
     s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001,
                                 fake_load_bytes_s=1e9, heartbeat_s=0.2, heartbeat_ttl_s=1.0, kv_cache_bytes=2 * MiB,
-                                placer_tick_s=0.2, request_timeout_s=2.0, scale_window_s=1.0)
+                                placer_tick_s=0.2, request_timeout_s=2.0)
     state = await State.connect(s)
     for name in MODELS:
         await state.register_model(fake_model(name, 8 * MiB))
@@ -49,8 +49,8 @@ async def cluster(settings):
     bus = await Bus.connect(s, "test-gateway")
     placers: list[Running] = []
 
-    async def start_placer() -> Running:
-        placers.append(await Running.start(PlacerService(s), with_health=False))
+    async def start_placer(**overrides) -> Running:
+        placers.append(await Running.start(PlacerService(s.with_overrides(**overrides)), with_health=False))
         return placers[-1]
 
     yield s, state, bus, agents, start_placer
@@ -218,7 +218,7 @@ async def test_autoscaler_scales_up_on_load_and_demotes_to_zero_keeping_weights(
             await asyncio.sleep(0.2)
 
     sampler = asyncio.create_task(gateway_samples())
-    await start_placer()
+    await start_placer(scale_window_s=1.0)  # instances older than 1 s may be scaled down
 
     async def instances(count: int):
         views = await state.node_views()
