@@ -31,6 +31,16 @@ def _configured(name: str, flags: dict) -> bool:
     return flags.get(name) is not None or env_name(name) in os.environ
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    return host, int(port)
+
+
+def server_name(setting: str) -> str:
+    return setting.removesuffix("_url")
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
@@ -51,16 +61,18 @@ class Stack:
         print(text, file=sys.stderr, flush=True)
 
     def start_infra(self) -> None:
+        """Start an embedded server for each local URL nobody listens on; use configured ones as they are."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        s = self.settings
-        if not _configured("nats_url", self.flags):
-            port = int(s.nats_url.rsplit(":", 1)[1])
-            self.servers.append(infra.start_nats(self.data, port, self.logs / "nats.log"))
-            self.say(f"nats-server (JetStream) on {s.nats_url}, data in {self.data / 'nats'}")
-        if not _configured("redis_url", self.flags):
-            port = int(s.redis_url.rsplit(":", 1)[1].split("/")[0])
-            self.servers.append(infra.start_redis(self.data, port, self.logs / "redis.log"))
-            self.say(f"redis-server on {s.redis_url}, data in {self.data / 'redis'}")
+        for name, url, start in (("nats_url", self.settings.nats_url, infra.start_nats),
+                                 ("redis_url", self.settings.redis_url, infra.start_redis)):
+            host, port = _host_port(url)
+            configured = _configured(name, self.flags)
+            if host not in ("127.0.0.1", "localhost") or (configured and infra.port_in_use(port)):
+                self.say(f"using {url}")
+                continue
+            server = start(self.data, port, self.logs / f"{server_name(name)}.log")  # port conflicts raise here
+            self.servers.append(server)
+            self.say(f"{server_name(name)}-server on {server.url}, data in {self.data / server.name}")
 
     def build_models(self) -> None:
         from warmserve.models import build_demo, register
@@ -139,7 +151,7 @@ def main(argv: list[str]) -> int:
     stack = Stack(settings, flags)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if not _configured("gateway_port", flags) and infra.port_in_use(settings.gateway_port):
+        if infra.port_in_use(settings.gateway_port):
             raise infra.InfraError(f"port {settings.gateway_port} for the gateway is already in use: "
                                    f"pass --gateway-port or stop what is using it")
         stack.start_infra()

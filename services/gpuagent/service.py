@@ -97,7 +97,7 @@ class AgentService(Service):
                 env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0
             self.processes.append(subprocess.Popen(  # worker logs (and vLLM's) go to our stderr
                 [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i)], env=env,
-                stdout=sys.stderr))
+                stdout=sys.stderr, start_new_session=True))  # we stop workers ourselves, after draining
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         for i, proc in enumerate(self.processes):
             while True:  # wait until the worker answers (vLLM imported, device initialised)
@@ -127,7 +127,10 @@ class AgentService(Service):
         self._ready = False
         for ledger in self.ledgers:
             if ledger.instance:
-                await self._demote(ledger, ledger.instance.instance_id, "agent_stopping")
+                try:
+                    await self._demote(ledger, ledger.instance.instance_id, "agent_stopping")
+                except BusError as exc:  # the worker is gone already: nothing left to drain
+                    self.log.warning("demote_on_stop_failed", device=ledger.index, reason=str(exc))
         for worker in self.workers:
             await worker.bus.drain_subscriptions()
             await worker.bus.close()

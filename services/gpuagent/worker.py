@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sys
 import time
 
 from services.gpuagent.engine_api import BadRequest, EngineHost
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings({k: v for k, v in args.items() if v is not None})
     configure_logging(settings.log_level, settings.log_json)
     asyncio.run(_run_process(settings, index))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # vLLM leaves non-daemon threads behind; nothing is left to flush, so do not wait for them
 
 
 if __name__ == "__main__":
