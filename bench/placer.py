@@ -1,10 +1,6 @@
-"""`warmserve bench placer [--json]`: wall time of one full planning tick of the placer core.
-
-Clusters of 8-GPU nodes (80 GiB each), models with TP 1/2/4/8 and forecasts drawn from a fixed
-seed. Each case times the tick that fills the empty cluster ("fill"), then ticks after the
-forecasts are reshuffled among the models and 30 % of them get live load (so placement, eviction,
-allocation and scaling all run). Measures the pure core only: wall time, and process CPU time
-(which a busy machine inflates less).
+"""`warmserve bench placer [--json]`: wall and CPU time of one full planning tick of the placer core
+on 8-GPU nodes with TP 1/2/4/8 models: the tick that fills an empty cluster, then ticks after the
+forecasts are reshuffled and 30 % of models get live load (placement, eviction, allocation, scaling).
 """
 
 from __future__ import annotations

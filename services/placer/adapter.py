@@ -1,8 +1,6 @@
-"""Translation between wire/Redis messages and the placer core: observed NodeViews, the registry
-and forecasts into a core Snapshot; core effects into AgentCommands; a TickPlan into a Plan.
-
-Pure functions (no I/O). Agents report one CopyView per device; copies are regrouped into TP
-groups here, and the copy backing a serving instance is not a prewarmed copy.
+"""Translation between wire messages and the placer core (pure, no I/O): NodeViews, registry and
+forecasts into a Snapshot (per-device CopyViews regrouped into TP groups, copies backing a serving
+instance left out); effects into AgentCommands; a TickPlan into the desired Plan.
 """
 
 from __future__ import annotations

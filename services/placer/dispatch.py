@@ -1,8 +1,6 @@
-"""Sends the core's effects to agents: one chain of commands per node, in order, each with an
-idempotent command id that is reused on every retry (an agent executes an id once).
-
-Effects stay "pending" from submission until an observation taken after they finished, so
-decisions made meanwhile see them (the overlay). A failed command ends its chain.
+"""Sends the core's effects to agents: a chain of commands per node, in order, each with an
+idempotent command id reused on every retry. Effects stay pending (overlaid on observations) until
+an observation taken after they finished; a failed command ends its chain.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Placer shell: the only writer of the desired plan. Each tick it observes (live agents' views,
-registry, forecasts, load samples), overlays commands still in flight, runs the core's tick,
-sends the effects to agents and writes the Plan; it answers the gateway's InstanceNeed at once.
-
-Observed state is re-read every tick, so after a placer restart or an agent's death the plan
-converges to what live agents report; views of dead agents are removed from Redis.
+"""Placer shell, the only writer of the desired plan: each tick it observes (live agents' views,
+registry, forecasts, load samples), overlays commands in flight, runs the core, sends the effects
+and writes the Plan; it answers InstanceNeed at once. Re-reading observed state every tick makes
+the plan converge after a placer restart or an agent's death (dead agents' views are removed).
 """
 
 from __future__ import annotations

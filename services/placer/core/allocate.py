@@ -1,8 +1,6 @@
-"""Request-time allocation of a new instance (DESIGN §3.3): hit, in-progress prewarm, or miss.
-
-Hit: promote a ready copy on idle GPUs (no instance there), evicting other copies only as far as
-the KV cache needs room. In progress: the same with a copy still loading. Miss: the aligned group
-with the fewest overlapping copies, evicting all of them, cold load. Applies its choice to the cluster.
+"""Request-time allocation of a new instance (DESIGN §3.3), applied to the cluster index: promote a
+ready copy on idle GPUs (evicting others only as far as the KV cache needs), else a loading copy,
+else cold-load on the aligned group with the fewest overlapping copies, evicting all of them.
 """
 
 from __future__ import annotations

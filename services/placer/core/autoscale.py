@@ -1,8 +1,6 @@
-"""Autoscaler (DESIGN §3.3) and KV-space reclaim (§3.4): per-tick instance decisions.
-
-Scale up when load > 0.8*B*n (allocating each new instance), down when load < 0.5*B*n to the
-count that keeps load under the scale-up line (zero when there is no load), never touching
-instances younger than `protect_s`. A scale-down demotes: drain, weights stay as a copy.
+"""Autoscaler (DESIGN §3.3) and KV-space reclaim (§3.4). Scale up above 0.8*B*n, down below
+0.5*B*n to the count that keeps load under the scale-up line (zero without load), never touching
+instances younger than `protect_s`; a scale-down demotes (drain, the weights stay as a copy).
 """
 
 from __future__ import annotations

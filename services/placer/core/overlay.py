@@ -1,9 +1,6 @@
-"""Effects applied to a snapshot: the state the cluster reaches once agents have accepted them
-(new instances are still starting: mark them ready when they are).
-
-Idempotent: an effect the snapshot already shows (a copy present, an instance started, a copy
-gone) changes nothing, so the service can overlay commands still in flight on observed state.
-The simulator and the property tests advance snapshots with it. Memory in 2 MiB pages.
+"""Effects applied to a snapshot: the cluster once agents have accepted them (new instances still
+starting). Idempotent, so the service can overlay commands in flight on observed state that may
+already show them; the simulator and property tests advance snapshots with it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Prewarm placement (DESIGN §3.2): which new copies to load where, greedy in descending score.
-
-A candidate is an aligned TP group on one node with room, no copy of the same model, and laminar
-with every copy or instance it overlaps. Preference: protected (every overlapped copy scores lower),
-then least overlapped score. When nothing fits, "evict_aware" evicts lower-score copies if the
-plan's total score rises, "paper" skips, "round_robin" (ablation) takes the first fit in turn.
-"""
+"""Prewarm placement (DESIGN §3.2), greedy in descending score over aligned TP groups that have
+room, hold no copy of the model and stay laminar; protected first, then least overlapped score.
+When nothing fits: "evict_aware" evicts lower-score copies if the plan's score rises, "paper"
+skips, "round_robin" (ablation) takes the first fit in turn."""
 
 from __future__ import annotations
 
