@@ -65,8 +65,18 @@ class Generation:
             elif isinstance(item, Refuse):
                 raise Refused(item)
             else:
-                self.finished = item.finish_reason is not None or item.error is not None
-                return item
+                return self._accept(item)
+
+    def take_ready(self) -> list[InferChunk]:
+        """The chunks already received (up to the last one), to be answered in one write."""
+        ready = []
+        while not self.finished and not self.mailbox.empty():
+            ready.append(self._accept(self.mailbox.get_nowait()))
+        return ready
+
+    def _accept(self, chunk: InferChunk) -> InferChunk:
+        self.finished = chunk.finish_reason is not None or chunk.error is not None
+        return chunk
 
     def error(self, code: int, reason: str) -> InferChunk:
         return InferChunk(request_id=self.request.request_id, seq=0, error=reason, error_code=code)

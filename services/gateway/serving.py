@@ -121,25 +121,28 @@ class Completion:
         record.finish_reason = chunk.finish_reason or ""
 
     async def _sse(self, request: CompletionRequest, generation: Generation, first: InferChunk,
-                   record: AccessRecord) -> AsyncIterator[bytes]:
-        created_s, chunk, is_first = int(time.time()), first, True
+                   record: AccessRecord) -> AsyncIterator[tuple[bytes, bool]]:
+        """SSE events as (bytes, is_last); chunks that arrived together leave in one write."""
+        created_s, is_first, chunks = int(time.time()), True, [first, *generation.take_ready()]
         while True:
-            if chunk.error is not None:  # mid-stream failure: an OpenAI error event, then the end
-                record.status, record.error = chunk.error_code or 502, chunk.error
-                yield sse_event(engine_error(chunk).body())
-                break
-            if chunk.text or chunk.finish_reason or is_first:
-                yield sse_event(chunk_body(request, record.request_id, created_s, chunk.text,
-                                           chunk.finish_reason, is_first))
-                is_first = False
-            self._last_chunk(record, chunk)
-            if chunk.finish_reason is not None:
-                if request.include_usage:
-                    yield sse_event(usage_chunk_body(request, record.request_id, created_s,
-                                                     usage(chunk.prompt_tokens, chunk.completion_tokens)))
-                break
-            chunk = await generation.next_chunk()
-        yield DONE_EVENT
+            events = []
+            for chunk in chunks:
+                if chunk.error is not None:  # mid-stream failure: an OpenAI error event, then the end
+                    record.status, record.error = chunk.error_code or 502, chunk.error
+                    events.append(sse_event(engine_error(chunk).body()))
+                elif chunk.text or chunk.finish_reason or is_first:
+                    events.append(sse_event(chunk_body(request, record.request_id, created_s, chunk.text,
+                                                       chunk.finish_reason, is_first)))
+                    is_first = False
+                    self._last_chunk(record, chunk)
+                if generation.finished and chunk is chunks[-1]:
+                    if request.include_usage and chunk.error is None:
+                        events.append(sse_event(usage_chunk_body(request, record.request_id, created_s,
+                                                                 usage(chunk.prompt_tokens, chunk.completion_tokens))))
+                    yield b"".join(events) + DONE_EVENT, True
+                    return
+            yield b"".join(events), False
+            chunks = [await generation.next_chunk(), *generation.take_ready()]
 
     def _error(self, record: AccessRecord, error: ApiError) -> Response:
         record.status, record.error = error.status, error.message
@@ -162,7 +165,7 @@ class Completion:
 class GenerationResponse(StreamingResponse):
     """A streaming response that always runs `on_close` (even if the client left before it started)."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close, **kwargs: Any):
+    def __init__(self, content: AsyncIterator[tuple[bytes, bool]], on_close, **kwargs: Any):
         super().__init__(content, **kwargs)
         self.on_close = on_close
 
@@ -171,6 +174,12 @@ class GenerationResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+    async def stream_response(self, send) -> None:
+        """Like Starlette's, but the last piece ends the body in the same write (one syscall less)."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for data, last in self.body_iterator:
+            await send({"type": "http.response.body", "body": data, "more_body": not last})
 
 
 def engine_error(chunk: InferChunk) -> ApiError:
