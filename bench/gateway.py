@@ -38,6 +38,12 @@ COLD_START_S = 1.0  # simulated instance start for the cold model
 MAX_TOKENS = 4
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
@@ -82,11 +88,14 @@ async def gateway_ttft(http: aiohttp.ClientSession, url: str, model: str, prompt
         return (ttft or time.perf_counter() - start), response.status
 
 
-async def added_latency(direct: DirectClient, http: aiohttp.ClientSession, url: str, pairs: int) -> dict:
+async def added_latency(direct: DirectClient, http: aiohttp.ClientSession, url: str, pairs: int,
+                        gateway_pid: int) -> dict:
+    """Alternate direct and gateway requests, one at a time; also the gateway's CPU per request."""
     direct_s, gateway_s = [], []
     for _ in range(20):  # warm up both paths
         await direct.ttft_s("warm-i0", "warm")
         await gateway_ttft(http, url, "warm")
+    cpu_before = cpu_s(gateway_pid)
     for _ in range(pairs):
         direct_s.append(await direct.ttft_s("warm-i0", "warm"))
         gateway_s.append((await gateway_ttft(http, url, "warm"))[0])
@@ -94,13 +103,15 @@ async def added_latency(direct: DirectClient, http: aiohttp.ClientSession, url: 
     g = {q: percentile(gateway_s, q) * 1000 for q in (50, 99)}
     return {"pairs": pairs, "direct_ttft_ms": {"p50": d[50], "p99": d[99]},
             "gateway_ttft_ms": {"p50": g[50], "p99": g[99]},
-            "added_ms": {"p50": g[50] - d[50], "p99": g[99] - d[99]}}
+            "added_ms": {"p50": g[50] - d[50], "p99": g[99] - d[99]},
+            "gateway_cpu_ms_per_request": (cpu_s(gateway_pid) - cpu_before) / pairs * 1000}
 
 
-async def rate_step(http: aiohttp.ClientSession, url: str, rate: float, seconds: float, direct_p50_ms: float) -> dict:
+async def rate_step(http: aiohttp.ClientSession, url: str, rate: float, seconds: float, direct_p50_ms: float,
+                    gateway_pid: int) -> dict:
     """Open-loop Poisson arrivals at `rate` for `seconds`; added latency = TTFT - direct p50 TTFT."""
     rng, tasks = random.Random(rate), []
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), cpu_s(gateway_pid)
     next_s = 0.0
     while next_s < seconds:
         delay = start + next_s - time.perf_counter()
@@ -112,7 +123,8 @@ async def rate_step(http: aiohttp.ClientSession, url: str, rate: float, seconds:
     elapsed = time.perf_counter() - start
     ok = [r[0] * 1000 - direct_p50_ms for r in results if isinstance(r, tuple) and r[1] == 200]
     return {"rate": rate, "requests": len(tasks), "errors": len(tasks) - len(ok),
-            "achieved_rps": len(ok) / elapsed, "p50_added_ms": percentile(ok, 50), "p99_added_ms": percentile(ok, 99)}
+            "achieved_rps": len(ok) / elapsed, "p50_added_ms": percentile(ok, 50), "p99_added_ms": percentile(ok, 99),
+            "gateway_cpu_share": (cpu_s(gateway_pid) - cpu_before) / elapsed}
 
 
 async def cold_burst(http: aiohttp.ClientSession, url: str, node: SimNode, placer: SimPlacer) -> dict:
@@ -121,7 +133,7 @@ async def cold_burst(http: aiohttp.ClientSession, url: str, node: SimNode, place
                                    return_exceptions=True)
     wall_s = time.perf_counter() - start
     ok = [r[0] * 1000 for r in results if isinstance(r, tuple) and r[1] == 200]
-    received = [r.request_id for i in node.instances.values() if i.model == "cold" for r in i.received]
+    received = [r.request_id for r in node.journal if r.model == "cold"]
     return {"requests": BURST, "ok": len(ok), "errors": BURST - len(ok), "placer_asks": len(placer.needs),
             "released_in_order": received == sorted(received) and len(received) == BURST,
             "simulated_start_s": COLD_START_S, "wall_s": wall_s,
@@ -150,7 +162,7 @@ async def stack(workdir: Path):
         gateway = subprocess.Popen([sys.executable, "-m", "services.gateway", *args],
                                    stderr=open(workdir / "gateway.log", "wb"), start_new_session=True)
         infra.wait_for_port(port, 30, gateway, "gateway")
-        yield f"http://127.0.0.1:{port}", bus, node, placer
+        yield f"http://127.0.0.1:{port}", gateway.pid, bus, node, placer
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -163,15 +175,15 @@ async def stack(workdir: Path):
 
 async def run(pairs: int, step_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
-        async with stack(Path(tmp)) as (url, bus, node, placer):
+        async with stack(Path(tmp)) as (url, gateway_pid, bus, node, placer):
             direct = DirectClient(bus)
             await direct.start()
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
-                latency = await added_latency(direct, http, url, pairs)
+                latency = await added_latency(direct, http, url, pairs, gateway_pid)
                 steps = []
                 for rate in RATES:
-                    step = await rate_step(http, url, rate, step_s, latency["direct_ttft_ms"]["p50"])
+                    step = await rate_step(http, url, rate, step_s, latency["direct_ttft_ms"]["p50"], gateway_pid)
                     steps.append(step)
                     if step["errors"] or step["p99_added_ms"] > RATE_LIMIT_P99_MS:
                         break
@@ -192,12 +204,13 @@ def table(result: dict) -> str:
              f"    direct to instance   {lat['direct_ttft_ms']['p50']:8.2f}  {lat['direct_ttft_ms']['p99']:8.2f}",
              f"    through gateway      {lat['gateway_ttft_ms']['p50']:8.2f}  {lat['gateway_ttft_ms']['p99']:8.2f}",
              f"    added                {lat['added_ms']['p50']:8.2f}  {lat['added_ms']['p99']:8.2f}"
-             f"   (target p50 <= {result['target_added_p50_ms']} ms)", "",
+             f"   (target p50 <= {result['target_added_p50_ms']} ms)",
+             f"    gateway CPU per request: {lat['gateway_cpu_ms_per_request']:.2f} ms", "",
              f"(2) max rate with p99 added <= {result['max_rate']['p99_limit_ms']:g} ms: {result['max_rate']['rps']} req/s",
-             "    offered  achieved  errors  p50 added  p99 added"]
+             "    offered  achieved  errors  p50 added  p99 added  gateway CPU"]
     for s in result["max_rate"]["steps"]:
         lines.append(f"    {s['rate']:7}  {s['achieved_rps']:8.1f}  {s['errors']:6}  {s['p50_added_ms']:9.2f}"
-                     f"  {s['p99_added_ms']:9.2f}")
+                     f"  {s['p99_added_ms']:9.2f}  {s['gateway_cpu_share']:10.0%}")
     b = result["cold_burst"]
     lines += ["", f"(3) cold burst: {b['ok']}/{b['requests']} ok, {b['errors']} errors, placer asked "
                   f"{b['placer_asks']}x, released in order: {b['released_in_order']}, "

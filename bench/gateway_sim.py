@@ -20,10 +20,12 @@ class SimInstance:
     """An engine instance: token i is the text " w{i}"; `stop` and `max_tokens` are honoured;
     a prompt with more words than `max_model_len` is refused with error_code 400."""
 
-    def __init__(self, bus: Bus, model: str, instance_id: str, token_s: float, max_model_len: int):
+    def __init__(self, bus: Bus, model: str, instance_id: str, token_s: float, max_model_len: int,
+                 journal: list[InferRequest]):
         self.bus, self.model, self.instance_id = bus, model, instance_id
         self.token_s, self.max_model_len = token_s, max_model_len
         self.received: list[InferRequest] = []
+        self.journal = journal  # shared by the node's instances: every request in order of receipt
         self.cancelled: list[str] = []
         self.peak_active = 0  # most requests generating at once
         self._active: set[str] = set()
@@ -39,6 +41,7 @@ class SimInstance:
     async def _generate(self, request: InferRequest) -> None:
         received_s = time.perf_counter()
         self.received.append(request)
+        self.journal.append(request)
         rid = request.request_id
         words = len((request.prompt or "").split()) + sum(len(str(m["content"]).split())
                                                           for m in request.messages or [])
@@ -78,10 +81,10 @@ class SimNode:
     def __init__(self, bus: Bus, state: State, node: str = "simnode", token_s: float = 0.0):
         self.bus, self.state, self.node, self.token_s = bus, state, node, token_s
         self.instances: dict[str, SimInstance] = {}
-        self.models: dict[str, str] = {}  # instance id -> model
+        self.journal: list[InferRequest] = []  # requests received by any instance, in order
 
     async def add_instance(self, model: str, instance_id: str, max_model_len: int = 2048) -> SimInstance:
-        instance = SimInstance(self.bus, model, instance_id, self.token_s, max_model_len)
+        instance = SimInstance(self.bus, model, instance_id, self.token_s, max_model_len, self.journal)
         await instance.start()
         self.instances[instance_id] = instance
         await self._changed("instance_ready", model, instance_id)

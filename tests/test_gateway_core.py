@@ -45,18 +45,17 @@ def test_cold_model_asks_once_and_releases_in_arrival_order():
     assert dispatched(s.observe(ready("i1"), 2.0)) == [("r0", "i1"), ("r1", "i1")]
     assert dispatched(s.finish("r1", 2.5)) == [("r2", "i1")]
     assert dispatched(s.finish("r0", 2.6)) == [("r3", "i1")]
-    assert [e for e in s.tick(3.0) if isinstance(e, AskPlacer)] == []  # still the same waiting episode
+    assert [e for e in s.tick(3.0) if isinstance(e, AskPlacer)] == []  # within the ask interval
 
 
-def test_a_new_waiting_episode_asks_again_and_a_failed_ask_is_retried_later():
-    s = scheduler(b=1)
+def test_asks_at_most_once_per_interval_and_retries_a_failed_ask_sooner():
+    s = scheduler(b=1, deadline_s=60)
     assert s.admit("r0", "m", 0) == [AskPlacer("m", 1)]
-    s.placer_answered("m", True, [ready("i1")], 0.1)  # answered with a ready instance: r0 runs
-    s.finish("r0", 0.2)
-    s.observe(ready("i1", state="stopped", at_s=2.0), 0.3)
-    assert s.admit("r1", "m", 0.4) == [AskPlacer("m", 1)]
-    s.placer_answered("m", False, [], 0.5)
-    assert s.tick(1.0) == [] and s.tick(1.5) == [AskPlacer("m", 1)]
+    assert s.admit("r1", "m", 1.0) == []  # still pending
+    s.placer_answered("m", True, [ready("i1")], 1.1)  # a ready instance: r0 runs, r1 waits for its slot
+    assert s.tick(4.9) == [] and s.tick(5.0) == [AskPlacer("m", 1)]  # still waiting after the interval
+    s.placer_answered("m", False, [], 5.5)
+    assert s.tick(6.0) == [] and s.tick(6.5) == [AskPlacer("m", 1)]
 
 
 def test_queue_limit_is_429_and_deadline_is_503_in_order():

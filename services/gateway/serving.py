@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request
@@ -159,7 +159,7 @@ class Completion:
 
     def log(self, record: AccessRecord) -> None:
         self.metrics.requests.labels(record.model, record.endpoint, str(record.status)).inc()
-        log.info("request_served", **asdict(record))
+        log.info("request_served", **vars(record))
 
 
 class GenerationResponse(StreamingResponse):

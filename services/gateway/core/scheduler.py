@@ -24,7 +24,8 @@ class Policy:
     max_inflight: int  # B: requests in flight per instance (from this gateway)
     queue_limit: int  # requests a model may hold waiting
     queue_deadline_s: float  # how long a request may wait for an instance
-    ask_retry_s: float = 1.0  # wait before asking the placer again after it failed
+    ask_interval_s: float = 5.0  # at most one placer ask per model in this time (while requests wait)
+    ask_retry_s: float = 1.0  # wait before asking again after the placer failed or did not answer
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Abort:
 
 @dataclass(frozen=True)
 class AskPlacer:
-    """Ask the placer for an instance of the model (once per waiting episode)."""
+    """Ask the placer for an instance of the model (never two pending, at most one per ask_interval_s)."""
 
     model: str
     waiting: int
@@ -106,8 +107,8 @@ class _Model:
     queue: deque[str] = field(default_factory=deque)
     instances: set[str] = field(default_factory=set)
     ready_since_s: float | None = None  # since when the model has had a ready instance
-    ask: str = "idle"  # idle | pending (placer asked) | answered (wait for the queue to empty)
-    ask_retry_s: float = -math.inf  # no new ask before this time
+    ask_pending: bool = False  # an ask is on its way to the placer
+    next_ask_s: float = -math.inf  # no new ask before this time
 
 
 class Scheduler:
@@ -155,7 +156,6 @@ class Scheduler:
                 del self._requests[request_id]
                 effects.append(Refuse(request_id, 503, f"no instance of {model} became free within "
                                                        f"{self.policy.queue_deadline_s:g} s", DEADLINE_RETRY_S))
-            self._queue_changed(m)
             effects += self._maybe_ask(model, now_s)
         return effects
 
@@ -208,16 +208,14 @@ class Scheduler:
         return effects
 
     def placer_answered(self, model: str, ok: bool, instances: list[InstanceSeen], now_s: float) -> list[Effect]:
-        """The placer's answer to an ask: ready instances are usable now; a failure is retried later."""
+        """The placer's answer to an ask: ready instances are usable now; a failure is retried sooner."""
         m = self._model(model)
-        if ok:
-            m.ask = "answered"
-        else:
-            m.ask, m.ask_retry_s = "idle", now_s + self.policy.ask_retry_s
+        m.ask_pending = False
+        if not ok:
+            m.next_ask_s = now_s + self.policy.ask_retry_s
         effects: list[Effect] = []
         for seen in instances:
             effects += self.observe(seen, now_s)
-        self._queue_changed(m)
         return effects
 
     def instance_load(self, instance_id: str) -> int:
@@ -256,20 +254,15 @@ class Scheduler:
             waited_s = now_s - request.arrived_s
             start_wait_s = min(max(m.ready_since_s - request.arrived_s, 0.0), waited_s) if request.cold else 0.0
             effects.append(Dispatch(request_id, instance_id, waited_s - start_wait_s, start_wait_s))
-        self._queue_changed(m)
         return effects
 
     def _maybe_ask(self, model: str, now_s: float) -> list[Effect]:
+        """Requests wait with no free slot (the queue is released before this is asked)."""
         m = self._models[model]
-        if m.queue and m.ask == "idle" and now_s >= m.ask_retry_s:
-            m.ask = "pending"
+        if m.queue and not m.ask_pending and now_s >= m.next_ask_s:
+            m.ask_pending, m.next_ask_s = True, now_s + self.policy.ask_interval_s
             return [AskPlacer(model, len(m.queue))]
         return []
-
-    @staticmethod
-    def _queue_changed(m: _Model) -> None:
-        if not m.queue and m.ask == "answered":
-            m.ask = "idle"  # the waiting episode is over: the next one asks again
 
     def _remove(self, instance_id: str, now_s: float) -> list[Effect]:
         instance = self._instances.pop(instance_id, None)
