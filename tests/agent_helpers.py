@@ -4,9 +4,13 @@ commands, running one inference and collecting its chunks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
+from services.gpuagent.service import AgentService
 from shared.bus import Bus
+from shared.runner import Running
+from shared.state import State
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, ModelInfo,
                             SamplingSpec)
 
@@ -47,3 +51,20 @@ async def infer(bus: Bus, instance_id: str, prompt: str | None = "hello", max_to
         sampling=SamplingSpec(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
     await asyncio.wait_for(task, timeout_s)
     return chunks
+
+
+@contextlib.asynccontextmanager
+async def running_agent(settings, models: list[ModelInfo]):
+    """An agent in this process with `models` registered: yields (running, client bus, state)."""
+    state = await State.connect(settings)
+    for info in models:
+        await state.register_model(info)
+    running = await Running.start(AgentService(settings), with_health=False)
+    bus = await Bus.connect(settings, "test-client")
+    try:
+        yield running, bus, state
+    finally:
+        await bus.close()
+        if running.accepting:
+            await running.shutdown()
+        await state.close()

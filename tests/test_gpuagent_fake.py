@@ -8,11 +8,9 @@ import asyncio
 import pytest
 
 from services.gpuagent.service import AgentService
-from shared.bus import Bus
 from shared.runner import Running
 from shared.schemas import CommandKind, InstanceState
-from shared.state import State
-from tests.agent_helpers import command, fake_model, infer
+from tests.agent_helpers import command, fake_model, infer, running_agent
 
 MiB = 1 << 20
 
@@ -21,16 +19,9 @@ MiB = 1 << 20
 async def agent(settings):
     s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001,
                                 fake_load_bytes_s=1e9, heartbeat_s=0.2, kv_cache_bytes=2 * MiB)
-    state = await State.connect(s)
-    for name, size in (("m1", 8 * MiB), ("m2", 8 * MiB), ("huge", 100 * MiB)):
-        await state.register_model(fake_model(name, size))
-    running = await Running.start(AgentService(s), with_health=False)
-    bus = await Bus.connect(s, "test-client")
-    yield running, bus, state, s
-    await bus.close()
-    if running.accepting:
-        await running.shutdown()
-    await state.close()
+    models = [fake_model(name, size) for name, size in (("m1", 8 * MiB), ("m2", 8 * MiB), ("huge", 100 * MiB))]
+    async with running_agent(s, models) as (running, bus, state):
+        yield running, bus, state, s
 
 
 async def test_prewarm_promote_infer_demote_promote_again(agent):

