@@ -134,7 +134,7 @@ async def cold_burst(http: aiohttp.ClientSession, url: str, node: SimNode, place
     wall_s = time.perf_counter() - start
     ok = [r[0] * 1000 for r in results if isinstance(r, tuple) and r[1] == 200]
     received = [r.request_id for r in node.journal if r.model == "cold"]
-    return {"requests": BURST, "ok": len(ok), "errors": BURST - len(ok), "placer_asks": len(placer.needs),
+    return {"requests": BURST, "ok": len(ok), "errors": BURST - len(ok), "placer_asks": sum(need.model == "cold" for need in placer.needs),
             "released_in_order": received == sorted(received) and len(received) == BURST,
             "simulated_start_s": COLD_START_S, "wall_s": wall_s,
             "ttft_ms": {"p50": percentile(ok, 50), "p99": percentile(ok, 99)}}

@@ -26,7 +26,7 @@ from shared.state import State, StateError
 log = get_logger("gateway")
 INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready",
                    "instance_draining": "draining", "instance_stopped": "stopped"}
-PROBE_WAIT_S = 0.05  # reply-subscription handshake: wait per probe
+CLIENT_LEFT = object()  # mailbox marker: the HTTP client disconnected
 
 
 class Refused(Exception):
@@ -37,6 +37,10 @@ class Refused(Exception):
         self.status, self.reason, self.retry_after_s = refuse.status, refuse.reason, refuse.retry_after_s
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was complete."""
+
+
 class Generation:
     """One request's mailbox: its dispatch notice, the engine's chunks or a refusal arrive in order."""
 
@@ -44,12 +48,12 @@ class Generation:
         self.request = request
         self.arrived_s = arrived_s
         self.idle_timeout_s = idle_timeout_s
-        self.mailbox: asyncio.Queue[Dispatch | Refuse | InferChunk] = asyncio.Queue()
+        self.mailbox: asyncio.Queue[Dispatch | Refuse | InferChunk | object] = asyncio.Queue()
         self.dispatch: Dispatch | None = None
         self.finished = False  # the engine sent its last chunk
 
     async def next_chunk(self) -> InferChunk:
-        """The next chunk from the engine; raises Refused; an engine that goes silent yields an error chunk."""
+        """The next chunk from the engine; raises Refused or ClientGone; a silent engine yields an error chunk."""
         while True:
             if self.dispatch is None:
                 item = await self.mailbox.get()  # the scheduler's deadline bounds this wait
@@ -64,14 +68,22 @@ class Generation:
                 self.dispatch = item
             elif isinstance(item, Refuse):
                 raise Refused(item)
+            elif item is CLIENT_LEFT:
+                raise ClientGone()
             else:
                 return self._accept(item)
+
+    def client_left(self) -> None:
+        self.mailbox.put_nowait(CLIENT_LEFT)
 
     def take_ready(self) -> list[InferChunk]:
         """The chunks already received (up to the last one), to be answered in one write."""
         ready = []
         while not self.finished and not self.mailbox.empty():
-            ready.append(self._accept(self.mailbox.get_nowait()))
+            item = self.mailbox.get_nowait()
+            if item is CLIENT_LEFT:
+                raise ClientGone()
+            ready.append(self._accept(item))
         return ready
 
     def _accept(self, chunk: InferChunk) -> InferChunk:
@@ -83,6 +95,9 @@ class Generation:
 
 
 class GatewayRuntime:
+    """`bus` is the service's control connection (drained first at shutdown); requests and their
+    replies use a data connection of their own, so answers in flight survive that drain."""
+
     def __init__(self, settings: Settings, bus: Bus, state: State, metrics: GatewayMetrics):
         self.settings, self.bus, self.state, self.metrics = settings, bus, state, metrics
         self.subjects = bus.subjects
@@ -97,14 +112,15 @@ class GatewayRuntime:
         self._outbox: asyncio.Queue[tuple[str, InferRequest | CancelInference]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._deadline: asyncio.TimerHandle | None = None
-        self._replies_ready = asyncio.Event()
+        self.data: Bus | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        self.data = await Bus.connect(self.settings, "gateway-data")
+        await self.data.subscribe(self.subjects.infer_replies(self.gateway_id), InferChunk, self._on_reply,
+                                  concurrent=False)
         self._spawn(self._send_outbox())
-        self._spawn(self._pump_replies())
-        await self._await_reply_subscription()
         await self.bus.subscribe(self.subjects.agent_heartbeat(), NodeView, self._on_node_view, concurrent=False)
         for name in INSTANCE_EVENTS:
             await self.bus.subscribe(self.subjects.event("agent", name), Event, self._on_instance_event,
@@ -135,6 +151,9 @@ class GatewayRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._deadline:
             self._deadline.cancel()
+        if self.data is not None:
+            await self.data.drain_subscriptions()
+            await self.data.close()
 
     async def refresh(self) -> None:
         """Heartbeats in Redis are the truth: re-read them (and the registry)."""
@@ -234,31 +253,16 @@ class GatewayRuntime:
         seen = InstanceSeen(event.instance_id, event.model, event.node, INSTANCE_EVENTS[event.name], event.at_s)
         self._apply(self.scheduler.observe(seen, self.now()))
 
-    async def _pump_replies(self) -> None:
-        """One subscription for every reply to this gateway (kept through the shutdown drain)."""
-        async for chunk in self.bus.stream(self.subjects.infer_replies(self.gateway_id), InferChunk):
-            generation = self._open.get(chunk.request_id)
-            if generation is not None:
-                generation.mailbox.put_nowait(chunk)
-            elif chunk.request_id == self.gateway_id:
-                self._replies_ready.set()
-
-    async def _await_reply_subscription(self) -> None:
-        """Probe our own reply subject until the pump sees it, so no early reply can be lost."""
-        probe = InferChunk(request_id=self.gateway_id, seq=0)
-        subject = self.subjects.infer_reply(self.gateway_id, self.gateway_id)
-        while not self._replies_ready.is_set():
-            await self.bus.publish(subject, probe)
-            try:
-                await asyncio.wait_for(self._replies_ready.wait(), PROBE_WAIT_S)
-            except TimeoutError:
-                pass
+    async def _on_reply(self, chunk: InferChunk) -> None:
+        generation = self._open.get(chunk.request_id)
+        if generation is not None:  # else: the request is over (late chunks are dropped)
+            generation.mailbox.put_nowait(chunk)
 
     async def _send_outbox(self) -> None:
         """Publish requests and cancellations in exactly the order the scheduler released them."""
         while True:
             subject, message = await self._outbox.get()
-            await self.bus.publish(subject, message)
+            await self.data.publish(subject, message)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -20,17 +20,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.gateway.core.protocol import (DONE_EVENT, ApiError, CompletionRequest, chunk_body, completion_body,
                                             fit_to_context, parse_request, sse_event, usage, usage_chunk_body)
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
-from services.gateway.runtime import GatewayRuntime, Generation, Refused
+from services.gateway.runtime import ClientGone, GatewayRuntime, Generation, Refused
 from shared.logs import get_logger
 from shared.schemas import InferChunk
 
 log = get_logger("gateway")
-T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection" (access log and metrics only)
-
-
-class ClientGone(Exception):
-    pass
 
 
 @dataclass
@@ -69,6 +64,7 @@ class Completion:
         record = AccessRecord(endpoint="chat" if chat else "completions")
         generation: Generation | None = None
         streaming: GenerationResponse | None = None
+        watcher: asyncio.Task | None = None
         try:
             request = parse_request(await read_body(http, self.max_body_bytes), chat)
             info = await self.runtime.model_info(request.model)
@@ -78,15 +74,17 @@ class Completion:
             request = fit_to_context(request, info.max_model_len)
             generation = self.runtime.submit(request, arrived_s)
             record.request_id = generation.request.request_id
-            first = await until_disconnected(http, generation.next_chunk())
+            watcher = watch_client(http, generation)
+            first = await generation.next_chunk()
             self._first_token(record, generation, first)
             if request.stream:  # from here on the streaming response owns the generation
+                watcher.cancel()  # and watches the client itself
                 owned = generation
                 streaming = GenerationResponse(self._sse(request, owned, first, record),
                                                lambda: self._finish(owned, record, arrived_s),
                                                headers=record.timing_headers(), media_type="text/event-stream")
                 return streaming
-            text, last = await until_disconnected(http, collect(generation, first))
+            text, last = await collect(generation, first)
             self._last_chunk(record, last)
             body = completion_body(request, record.request_id, int(time.time()), text, last.finish_reason,
                                    usage(last.prompt_tokens, last.completion_tokens))
@@ -100,6 +98,8 @@ class Completion:
             record.status = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if streaming is None:
                 self._finish(generation, record, arrived_s)
 
@@ -215,19 +215,11 @@ async def read_body(http: Request, limit_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-async def until_disconnected(http: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but raise ClientGone (cancelling it) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
+def watch_client(http: Request, generation: Generation) -> asyncio.Task:
+    """A task that tells the generation when its client disconnects (cancel it when done)."""
     watcher = asyncio.ensure_future(_disconnected(http))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled() or not task.done():
-        raise ClientGone()
-    return task.result()
+    watcher.add_done_callback(lambda task: task.cancelled() or generation.client_left())
+    return watcher
 
 
 async def _disconnected(http: Request) -> None:
