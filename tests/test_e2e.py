@@ -5,6 +5,7 @@ gpuagent (prewarm/cold start) -> tokens streamed back over NATS -> SSE to the cl
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -14,15 +15,20 @@ from services.gateway.service import GatewayService
 from services.gpuagent.service import AgentService
 from services.placer.service import PlacerService
 from shared.runner import Running
+from shared.settings import load_settings
 from shared.state import State
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MiB = 1 << 20
 
 
-@pytest.fixture
-async def stack(settings, demo_models):
-    s = settings.with_overrides(engine="vllm", devices=2, device_memory_bytes=900 * MiB, gateway_port=0,
+@pytest.fixture(scope="module")
+async def stack(infra_servers, demo_models, tmp_path_factory):
+    """One stack for the module: starting vLLM workers is the slow part."""
+    nats, redis = infra_servers
+    s = load_settings({"namespace": "e2e" + uuid.uuid4().hex[:8], "nats_url": nats.url, "redis_url": redis.url,
+                       "data_dir": str(tmp_path_factory.mktemp("e2e"))}, env={})
+    s = s.with_overrides(engine="vllm", devices=2, device_memory_bytes=900 * MiB, gateway_port=0,
                                 kv_cache_bytes=32 * MiB, heartbeat_s=0.5, placer_tick_s=0.5)
     state = await State.connect(s)
     for info in demo_models.values():
