@@ -310,3 +310,21 @@ async def test_health_endpoints(make_cluster):
     async with c.http() as http:
         assert (await http.get("/livez")).text == "ok"
         assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_shutdown_finishes_streams_in_flight_and_refuses_held_requests(make_cluster):
+    c = await make_cluster(token_s=0.02)
+    async with c.http() as http:
+        held = asyncio.create_task(http.post("/v1/completions", json={"model": "cold", "prompt": "x"}))
+        async with http.stream("POST", "/v1/completions",
+                               json={"model": "warm", "prompt": "x", "max_tokens": 20, "stream": True}) as response:
+            lines = []
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and not lines:
+                    await eventually(lambda: c.scheduler.queued("cold") == 1)
+                    stopping = asyncio.create_task(c.gateway.stop())
+                lines.append(line)
+        await stopping
+        assert (await held).status_code == 503
+    texts = [json.loads(line[5:])["choices"][0]["text"] for line in lines if line.startswith("data: {")]
+    assert "".join(texts) == "".join(f" w{i}" for i in range(20)) and lines[-2:] == ["data: [DONE]", ""]

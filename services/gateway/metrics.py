@@ -38,13 +38,17 @@ class GatewayMetrics:
         self.outstanding = Gauge("warmserve_gateway_outstanding_requests", "queued + running requests",
                                  ["model"], registry=self.registry)
 
+        self._ttft_parts: dict[str, tuple[Histogram, ...]] = {}  # per model: labelled children, looked up once
+
     def observe_first_token(self, model: str, ttft_s: float, queue_wait_s: float, start_wait_s: float,
                             engine_ttft_s: float) -> None:
-        self.ttft.labels(model).observe(ttft_s)
-        self.queue_wait.labels(model).observe(queue_wait_s)
-        self.start_wait.labels(model).observe(start_wait_s)
-        self.engine_ttft.labels(model).observe(engine_ttft_s)
-        self.overhead.labels(model).observe(max(ttft_s - queue_wait_s - start_wait_s - engine_ttft_s, 0.0))
+        parts = self._ttft_parts.get(model)
+        if parts is None:
+            parts = self._ttft_parts[model] = tuple(h.labels(model) for h in (
+                self.ttft, self.queue_wait, self.start_wait, self.engine_ttft, self.overhead))
+        overhead_s = max(ttft_s - queue_wait_s - start_wait_s - engine_ttft_s, 0.0)
+        for histogram, value in zip(parts, (ttft_s, queue_wait_s, start_wait_s, engine_ttft_s, overhead_s)):
+            histogram.observe(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -145,6 +145,10 @@ class GatewayRuntime:
                 log.warning("cluster_refresh_failed", reason=str(exc))
             self._apply(self.scheduler.tick(self.now()))
 
+    def refuse_waiting(self) -> None:
+        """Shutting down: answer every held request now (503) rather than at its deadline."""
+        self._apply(self.scheduler.refuse_waiting("the gateway is shutting down", self.now()))
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

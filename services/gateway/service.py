@@ -76,7 +76,8 @@ class GatewayService(Service):
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
+            self._server.should_exit = True  # no new connections; answers in flight finish
+            self.runtime.refuse_waiting()
             await self._serving
         if self.runtime is not None:
             await self.runtime.close()

@@ -159,6 +159,17 @@ class Scheduler:
             effects += self._maybe_ask(model, now_s)
         return effects
 
+    def refuse_waiting(self, reason: str, now_s: float) -> list[Effect]:
+        """Refuse every held request (503), e.g. when the gateway shuts down."""
+        effects: list[Effect] = []
+        for model, m in self._models.items():
+            while m.queue:
+                request_id = m.queue.popleft()
+                del self._requests[request_id]
+                self.load.change(model, -1, now_s)
+                effects.append(Refuse(request_id, 503, reason, QUEUE_FULL_RETRY_S))
+        return effects
+
     def next_deadline_s(self) -> float | None:
         heads = [self._requests[m.queue[0]].deadline_s for m in self._models.values() if m.queue]
         return min(heads, default=None)
