@@ -324,3 +324,73 @@ def test_every_effect_carries_a_reason():
                     (Copy("c", "n1", (0,)),), instances(1), {"a": 70.0})
     effects = tick(snap, 100, Config())
     assert effects and all(e.reason for e in effects)
+
+
+# ------------------------------------------------------------------ displacement (no idle group)
+
+
+def displacement_case(insts, loads=None, copies=(), free=(1, 1)) -> Snapshot:
+    """GPUs nearly full of other models' instances; 'a' (4 GiB) fits only where one is displaced."""
+    return Snapshot(nodes(free), (model("a"), model("b"), model("c")), copies, insts, loads or {})
+
+
+def inst(iid: str, m: str, gpu: int, inflight: int = 0, started: float = 0.0) -> Instance:
+    return Instance(iid, m, "n0", (gpu,), started_at_s=started, inflight=inflight)
+
+
+@pytest.mark.parametrize("insts,loads,expected", [
+    # an idle instance goes, even its model's last (no request of it would wait)
+    ((inst("b1", "b", 0, 3), inst("c1", "c", 1, 0)), {}, "c1"),
+    # the least busy of a model whose other instance still carries its load under 0.8*B
+    ((inst("b1", "b", 0, 3), inst("b2", "b", 1, 1)), {"b": 4.0}, "b2"),
+    # never the last instance of a model with requests in flight
+    ((inst("b1", "b", 0, 3), inst("c1", "c", 1, 1)), {}, None),
+    # the remaining instance could not carry the load (40 > 0.8 * 32)
+    ((inst("b1", "b", 0, 20), inst("b2", "b", 1, 20)), {"b": 40.0}, None),
+    # windowed load counts too, not only requests in flight
+    ((inst("b1", "b", 0, 1), inst("b2", "b", 1, 1)), {"b": 30.0}, None),
+    # instances younger than protect_s stay
+    ((inst("b1", "b", 0, 0, started=98), inst("c1", "c", 1, 0, started=97)), {}, None),
+])
+def test_displacement_takes_the_least_load_and_never_starves(insts, loads, expected):
+    got = allocate(displacement_case(insts, loads), "a", 100, Config())
+    demoted = [e for e in got.effects if isinstance(e, Demote)]
+    if expected is None:
+        assert (got.kind, got.effects) == ("none", ())
+        return
+    assert [e.instance_id for e in demoted] == [expected]
+    assert (demoted[0].reason, demoted[0].for_model) == (fx.DISPLACED_FOR, "a")
+    victim = demoted[0].model
+    assert [type(e) for e in got.effects] == [Demote, Evict, ColdStart]  # drain, drop its weights, load
+    assert (got.effects[1].model, got.effects[1].for_model) == (victim, "a")
+    assert got.effects[-1].devices == demoted[0].devices and got.kind == "miss"
+
+
+def test_displacement_prefers_a_group_with_a_ready_copy_and_promotes_it():
+    snap = displacement_case((inst("b1", "b", 0), inst("c1", "c", 1)), copies=(Copy("a", "n0", (1,)),), free=(1, 5))
+    got = allocate(snap, "a", 100, Config())
+    assert [(type(e), e.devices) for e in got.effects] == [(Demote, (1,)), (Promote, (1,))]
+    assert got.kind == "hit"
+
+
+def test_displacement_evicts_copies_borrowing_the_victims_kv_first():
+    host = Instance("b1", "b", "n0", (0,), started_at_s=0, kv_capacity_bytes=int(3.2 * GIB))
+    snap = Snapshot(nodes((1,)), (model("a"), model("b"), model("c", gib=1, avg=1)),
+                    (Copy("c", "n0", (0,), kv_host="b1"),), (host,))
+    got = allocate(snap, "a", 100, Config())
+    assert [(type(e), e.model) for e in got.effects] == [(Evict, "c"), (Demote, "b"), (Evict, "b"), (ColdStart, "a")]
+
+
+def test_displacement_needs_the_whole_group_to_fit():
+    # TP2 'a' takes 4 GiB per GPU: GPU0 frees 5 GiB without b, GPU1 only 2 GiB without c
+    snap = Snapshot(nodes((1, 1)), (model("a", gib=8, tp=2), model("b"), model("c", gib=1)), (),
+                    (inst("b1", "b", 0), inst("c1", "c", 1)))
+    assert allocate(snap, "a", 100, Config()).effects == ()
+    both = Snapshot(nodes((1, 3)), snap.models, (), snap.instances)
+    assert [type(e) for e in allocate(both, "a", 100, Config()).effects] == [Demote, Demote, Evict, Evict, ColdStart]
+
+
+def test_displacement_reason_reaches_the_agent_command():
+    from services.placer.adapter import command_for
+    got = allocate(displacement_case((inst("b1", "b", 0), inst("c1", "c", 1))), "a", 100, Config())
+    assert command_for(got.effects[0], "id").reason == "displaced_for:a"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from services.gpuagent.service import AgentService
-from services.placer.core import Evict, Prewarm
+from services.placer.core import ColdStart, Demote, Evict, Prewarm
 from services.placer.dispatch import Dispatcher
 from services.placer.service import PlacerService
 from shared.bus import Bus
@@ -255,5 +255,31 @@ async def test_commands_are_retried_with_the_same_id_and_dropped_for_dead_nodes(
     dispatcher.submit([Evict("m1", "gone", (0,), "evicted_for")])
     await dispatcher.drain()
     assert dispatcher.overlay(observed_at_s=0.0) == []
+    await agent.close()
+    await bus.close()
+
+
+async def test_later_commands_on_a_node_wait_for_an_earlier_demote(settings):
+    bus = await Bus.connect(settings, "placer-dispatch-order")
+    agent = await Bus.connect(settings, "stub-agent-order")
+    drained, order = asyncio.Event(), []
+
+    async def slow_demote_agent(cmd: AgentCommand) -> CommandResult:
+        order.append(cmd.kind.value)
+        if cmd.kind.value == "demote":
+            await drained.wait()
+        return CommandResult(command_id=cmd.command_id, ok=True)
+
+    await agent.subscribe(agent.subjects.agent_command("nd"), AgentCommand, slow_demote_agent)
+    dispatcher = Dispatcher(bus, attempt_timeout_s=5.0, node_alive=lambda node: True)
+    dispatcher.submit([Demote("m1", "nd", (0,), "i1", "displaced_for", for_model="m2")])
+    dispatcher.submit([ColdStart("m2", "nd", (0,), "i2", "cold_start")])  # a later batch, same node
+    await eventually(lambda: asyncio.sleep(0, order == ["demote"]), what="demote sent")
+    await asyncio.sleep(0.2)
+    assert order == ["demote"]  # the cold start waits for the drain
+    drained.set()
+    await dispatcher.drain()
+    await dispatcher.drain()
+    assert order == ["demote", "cold_start"]
     await agent.close()
     await bus.close()

@@ -75,8 +75,9 @@ def command_for(effect: fx.Effect, command_id: str) -> AgentCommand:
 
 
 def _reason(effect: fx.Effect) -> str:
-    if isinstance(effect, fx.Evict) and effect.for_model:
-        return f"{effect.reason}:{effect.for_model}"
+    for_model = getattr(effect, "for_model", "")
+    if for_model:
+        return f"{effect.reason}:{for_model}"
     trigger = getattr(effect, "trigger", "")
     return f"{effect.reason}:{trigger}" if trigger else effect.reason
 

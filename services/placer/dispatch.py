@@ -1,6 +1,8 @@
 """Sends the core's effects to agents: a chain of commands per node, in order, each with an
-idempotent command id reused on every retry. Effects stay pending (overlaid on observations) until
-an observation taken after they finished; a failed command ends its chain.
+idempotent command id reused on every retry; a chain also waits for demotes ordered on its node
+by earlier chains (as the simulator's shell does: a node's commands queue behind a drain). Effects
+stay pending (overlaid on observations) until an observation taken after they finished; a failed
+command ends its chain.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from services.placer.adapter import command_for
-from services.placer.core import ColdStart, Effect, Evict, Promote
+from services.placer.core import ColdStart, Demote, Effect, Evict, Promote
 from shared.bus import Bus, BusError
 from shared.logs import get_logger
 from shared.schemas import CommandResult, Event
@@ -37,6 +39,7 @@ class Dispatcher:
         self.attempt_timeout_s = attempt_timeout_s
         self.node_alive = node_alive
         self.pending: dict[str, Pending] = {}
+        self.demotes: dict[str, list[asyncio.Event]] = {}  # node -> demotes ordered, not yet answered
         self.tasks: set[asyncio.Task] = set()
 
     def overlay(self, observed_at_s: float) -> list[Effect]:
@@ -51,27 +54,44 @@ class Dispatcher:
                    for p in self.pending.values())
 
     def submit(self, effects: list[Effect]) -> None:
-        """Register the effects as pending now (synchronously), then execute them per node in order."""
+        """Register the effects as pending now (synchronously), then execute them per node in order,
+        after the demotes earlier chains ordered on that node."""
         chains: dict[str, list[str]] = {}
         for effect in effects:
             command_id = uuid.uuid4().hex
             self.pending[command_id] = Pending(effect.node, effect)
             chains.setdefault(effect.node, []).append(command_id)
         for node, chain in chains.items():
-            task = asyncio.create_task(self._run_chain(node, chain))
+            earlier = list(self.demotes.get(node, ()))
+            mine = {c: asyncio.Event() for c in chain if isinstance(self.pending[c].effect, Demote)}
+            self.demotes.setdefault(node, []).extend(mine.values())
+            task = asyncio.create_task(self._run_chain(node, chain, earlier, mine))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _run_chain(self, node: str, chain: list[str]) -> None:
-        for position, command_id in enumerate(chain):
-            entry = self.pending.get(command_id)
-            result = await self._send(node, command_id, entry.effect) if entry else None
-            if result is not None and result.ok:
-                entry.done_at_s = time.time()
-                continue
-            for dropped in chain[position:]:
-                self.pending.pop(dropped, None)
-            return
+    async def _run_chain(self, node: str, chain: list[str], earlier: list[asyncio.Event],
+                         mine: dict[str, asyncio.Event]) -> None:
+        try:
+            for event in earlier:
+                await event.wait()
+            for position, command_id in enumerate(chain):
+                entry = self.pending.get(command_id)
+                result = await self._send(node, command_id, entry.effect) if entry else None
+                self._answered(node, mine.pop(command_id, None))
+                if result is not None and result.ok:
+                    entry.done_at_s = time.time()
+                    continue
+                for dropped in chain[position:]:
+                    self.pending.pop(dropped, None)
+                return
+        finally:
+            for event in mine.values():  # demotes never sent: nothing to wait for
+                self._answered(node, event)
+
+    def _answered(self, node: str, demote: asyncio.Event | None) -> None:
+        if demote is not None:
+            demote.set()
+            self.demotes[node].remove(demote)
 
     async def _send(self, node: str, command_id: str, effect: Effect) -> CommandResult | None:
         cmd = command_for(effect, command_id)

@@ -1,10 +1,12 @@
 """Request-time allocation of a new instance (DESIGN §3.3), applied to the cluster index: promote a
 ready copy on idle GPUs (evicting others only as far as the KV cache needs), else a loading copy,
-else cold-load on the aligned group with the fewest overlapping copies, evicting all of them.
+else cold-load on the aligned group with the fewest overlapping copies, evicting all of them; with
+no idle group, displace (demote) other models' idle or surplus instances, the least load first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from services.placer.core import effects as fx
@@ -34,6 +36,17 @@ def allocate_in(cluster: Cluster, model: str, now_s: float, trigger: str) -> All
     (scale_up or instance_needed) says why the instance is wanted."""
     if model not in cluster.models:
         return Allocation(NONE, fx.NO_CAPACITY)
+    found = _allocate_idle(cluster, model, now_s, trigger)
+    if found.kind != NONE:
+        return found
+    displaced = _displace(cluster, model, now_s)
+    if not displaced:
+        return found
+    found = _allocate_idle(cluster, model, now_s, trigger)  # lands on the GPUs just freed
+    return dataclasses.replace(found, effects=tuple(displaced) + found.effects)
+
+
+def _allocate_idle(cluster: Cluster, model: str, now_s: float, trigger: str) -> Allocation:
     kv = instance_pages(cluster.models[model])
     for ready, kind, reason in ((True, HIT, fx.PREWARM_HIT), (False, IN_PROGRESS, fx.PREWARM_IN_PROGRESS)):
         found = _promotable(cluster, model, ready, kv)
@@ -45,6 +58,62 @@ def allocate_in(cluster: Cluster, model: str, now_s: float, trigger: str) -> All
         return Allocation(NONE, fx.NO_CAPACITY)
     node, group, evicted = found_miss
     return _start(cluster, model, now_s, trigger, MISS, fx.COLD_START, node, group, evicted, None)
+
+
+def _displace(cluster: Cluster, model: str, now_s: float) -> list[fx.Effect]:
+    """Demote the instances on the aligned group that displaces the least load (requests in flight),
+    preferring a group holding a ready copy of `model`, then fewer instances, then less copy score;
+    only groups where `model` fits once everything on them is gone. Copies borrowing a displaced
+    instance's KV space are evicted first, then the instance is demoted (its weights stay a copy)."""
+    spec = cluster.models[model]
+    need = copy_pages(spec) + instance_pages(spec)
+    best = None
+    for node in cluster.nodes.values():
+        for group in cluster.groups(node, spec.tp):
+            overlapped = cluster.overlapped(node.name, group)
+            victims = [o for o in overlapped if o.is_instance]
+            if not victims or not _displaceable(cluster, model, victims, now_s) \
+                    or any(cluster.pages_without_occupants(node.name, d) < need for d in group):
+                continue
+            hit = any(o.model == model and o.devices == group and o.ready and not o.is_instance for o in overlapped)
+            key = (sum(v.instance.inflight for v in victims), not hit, len(victims),
+                   sum(o.score for o in overlapped if not o.is_instance), node.order, group[0])
+            if best is None or key < best[0]:
+                best = (key, victims)
+    if best is None:
+        return []
+    effects: list[fx.Effect] = []
+    for victim in best[1]:
+        inst = victim.instance
+        for lent in [o for o in cluster.overlapped(victim.node, victim.devices) if o.kv_host == inst.instance_id]:
+            cluster.evict(lent)
+            effects.append(fx.Evict(lent.model, lent.node, lent.devices, fx.EVICTED_FOR, for_model=model))
+        cluster.displace(victim)
+        effects.append(fx.Demote(victim.model, victim.node, victim.devices, inst.instance_id, fx.DISPLACED_FOR,
+                                 for_model=model))
+    return effects
+
+
+def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: float) -> bool:
+    """Instances of other models, ready and past their protection; a model loses busy instances
+    only while its remaining ones stay under the scale-up line for its load (requests in flight
+    or the windowed load, whichever is higher): never starved to zero while it has requests."""
+    config = cluster.config
+    by_model: dict[str, list[Occupant]] = {}
+    for v in victims:
+        inst = v.instance
+        if v.model == model or not inst.ready or inst.draining or now_s - inst.started_at_s < config.protect_s:
+            return False
+        by_model.setdefault(v.model, []).append(v)
+    for name, taken in by_model.items():
+        if all(v.instance.inflight == 0 for v in taken):
+            continue
+        serving = cluster.serving(name)
+        left = len(serving) - len(taken)
+        demand = max(cluster.loads.get(name, 0.0), sum(o.instance.inflight for o in serving))
+        if left < 1 or demand > config.scale_up_at * config.capacity * left:
+            return False
+    return True
 
 
 def _idle(cluster: Cluster, node: str, devices: tuple[int, ...]) -> bool:

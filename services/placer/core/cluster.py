@@ -108,6 +108,7 @@ class Cluster:
         self._groups: dict[tuple[str, int], list[tuple[int, ...]]] = {}
         self.cache: dict[tuple, tuple[int, object]] = {}  # policies' per-node caches: key -> (node version, value)
         self.instances: dict[str, list[Occupant]] = {}
+        self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
         for inst in snapshot.instances:
             if inst.node in self.nodes and inst.model in self.models:
                 self._attach(Occupant(inst.model, inst.node, inst.devices, copy_pages(self.models[inst.model]),
@@ -230,6 +231,12 @@ class Cluster:
                 return cost
         return math.inf
 
+    def pages_without_occupants(self, node: str, index: int) -> int:
+        """Free pages GPU `index` would have with every copy and instance on it gone."""
+        gpu = self.nodes[node].gpus[index]
+        held = sum(o.pages for o in gpu.occupants if index not in o.kv_devices)
+        return gpu.free + held + sum(instance_pages(self.models[o.model]) for o in gpu.occupants if o.is_instance)
+
     def rescore(self) -> None:
         """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0."""
         for name, occs in self.copies.items():
@@ -292,6 +299,20 @@ class Cluster:
         self._detach(occ)
         copy = Occupant(occ.model, occ.node, occ.devices, occ.pages, ready=True)
         self._attach(copy)
+        return copy
+
+    def displace(self, occ: Occupant) -> Occupant:
+        """Demote an instance whose GPUs go to another model (no copy may borrow its KV space):
+        its KV and engine memory count as free at once, as the node's later commands wait for
+        its drain."""
+        copy = self.demote(occ)
+        freed = instance_pages(self.models[occ.model])
+        for d in occ.devices:
+            gpu = self.nodes[occ.node].gpus[d]
+            gpu.free += freed
+            if gpu.host is occ:
+                gpu.host, gpu.kv_spare = None, 0
+        self.nodes[occ.node].changed()
         return copy
 
 

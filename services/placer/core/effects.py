@@ -23,6 +23,7 @@ SCALE_UP = "scale_up"  # autoscaler: load above the scale-up threshold
 SCALE_DOWN = "scale_down"  # autoscaler: load below the scale-down threshold
 INSTANCE_NEEDED = "instance_needed"  # the gateway asked for an instance
 NO_CAPACITY = "no_capacity"  # allocation found no group that can hold the instance
+DISPLACED_FOR = "displaced_for"  # demoted to give its GPUs to a model whose requests wait (`for_model`)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Demote:
     devices: tuple[int, ...]
     instance_id: str
     reason: str
+    for_model: str = ""  # displaced_for: the model that gets the GPUs
 
 
 Effect = Union[Prewarm, Evict, Promote, ColdStart, Demote]
