@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -15,7 +16,7 @@ from bench.gateway_sim import SimNode, SimPlacer, register
 from services.gateway.service import GatewayService
 from shared.bus import Bus
 from shared.runner import Running
-from shared.schemas import LoadSample
+from shared.schemas import InstanceState, InstanceView, LoadSample, NodeView
 from shared.state import State
 
 
@@ -223,7 +224,7 @@ async def test_full_queue_is_429_and_passed_deadline_is_503(make_cluster):
         late = await asyncio.gather(*held)
     assert [r.status_code for r in late] == [503, 503]
     assert all(int(r.headers["retry-after"]) > 0 and r.json()["error"]["code"] == "model_busy" for r in late)
-    assert c.scheduler.load.outstanding("cold") == 0
+    assert c.scheduler.outstanding("cold") == 0
 
 
 async def test_client_leaving_the_queue_frees_its_place(make_cluster):
@@ -232,7 +233,7 @@ async def test_client_leaving_the_queue_frees_its_place(make_cluster):
         held = asyncio.create_task(http.post("/v1/completions", json={"model": "cold", "prompt": "x"}))
         await eventually(lambda: c.scheduler.queued("cold") == 1)
         held.cancel()
-    await eventually(lambda: c.scheduler.queued("cold") == 0 and c.scheduler.load.outstanding("cold") == 0)
+    await eventually(lambda: c.scheduler.queued("cold") == 0 and c.scheduler.outstanding("cold") == 0)
     instance = await c.placer.start_instance("cold")
     assert instance.received == []
 
@@ -328,3 +329,16 @@ async def test_shutdown_finishes_streams_in_flight_and_refuses_held_requests(mak
         assert (await held).status_code == 503
     texts = [json.loads(line[5:])["choices"][0]["text"] for line in lines if line.startswith("data: {")]
     assert "".join(texts) == "".join(f" w{i}" for i in range(20)) and lines[-2:] == ["data: [DONE]", ""]
+
+
+async def test_silent_instance_times_out_with_an_error(make_cluster):
+    c = await make_cluster(infer_idle_timeout_s=0.3)
+    ghost = NodeView(node="ghost", at_s=time.time(), instances=[
+        InstanceView(instance_id="ghost-i0", model="other", devices=[0], state=InstanceState.ready)])
+    await c.state.put_node_view(ghost, 60)
+    await c.bus.publish(c.bus.subjects.agent_heartbeat(), ghost)
+    await eventually(lambda: c.scheduler.ready_instances("other") == ["ghost-i0"])
+    async with c.http() as http:
+        response = await asyncio.wait_for(http.post("/v1/completions", json={"model": "other", "prompt": "x"}), 3)
+    assert response.status_code == 504 and "ghost-i0" in response.json()["error"]["message"]
+    assert c.scheduler.instance_load("ghost-i0") == 0

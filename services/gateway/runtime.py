@@ -137,7 +137,7 @@ class GatewayRuntime:
                 pass
             for sample in self.scheduler.sample(self.now(), time.time()):
                 await self.bus.publish(self.subjects.load_samples(), sample)
-                self.metrics.outstanding.labels(sample.model).set(self.scheduler.load.outstanding(sample.model))
+                self.metrics.outstanding.labels(sample.model).set(self.scheduler.outstanding(sample.model))
                 self.metrics.queued.labels(sample.model).set(self.scheduler.queued(sample.model))
             try:
                 await self.refresh()
@@ -254,6 +254,9 @@ class GatewayRuntime:
         self._apply(self.scheduler.observe_node(view.node, _instances_of(view), view.at_s, self.now()))
 
     async def _on_instance_event(self, event: Event) -> None:
+        if not event.instance_id or not event.model:
+            log.warning("instance_event_incomplete", name=event.name, node=event.node)
+            return
         seen = InstanceSeen(event.instance_id, event.model, event.node, INSTANCE_EVENTS[event.name], event.at_s)
         self._apply(self.scheduler.observe(seen, self.now()))
 

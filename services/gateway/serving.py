@@ -22,6 +22,7 @@ from services.gateway.core.protocol import (DONE_EVENT, ApiError, CompletionRequ
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.runtime import ClientGone, GatewayRuntime, Generation, Refused
 from shared.logs import get_logger
+from shared.state import StateError
 from shared.schemas import InferChunk
 
 log = get_logger("gateway")
@@ -79,9 +80,8 @@ class Completion:
             self._first_token(record, generation, first)
             if request.stream:  # from here on the streaming response owns the generation
                 watcher.cancel()  # and watches the client itself
-                owned = generation
-                streaming = GenerationResponse(self._sse(request, owned, first, record),
-                                               lambda: self._finish(owned, record, arrived_s),
+                streaming = GenerationResponse(self._sse(request, generation, first, record),
+                                               lambda: self._finish(generation, record, arrived_s),
                                                headers=record.timing_headers(), media_type="text/event-stream")
                 return streaming
             text, last = await collect(generation, first)
@@ -97,6 +97,12 @@ class Completion:
         except ClientGone:
             record.status = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
+        except StateError as exc:
+            return self._error(record, ApiError(503, f"cluster state unavailable: {exc}", kind="server_error",
+                                                code="state_unavailable", retry_after_s=1))
+        except Exception:
+            log.exception("request_failed", request_id=record.request_id, model=record.model)
+            return self._error(record, ApiError(500, "internal error", kind="server_error"))
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -104,11 +110,11 @@ class Completion:
                 self._finish(generation, record, arrived_s)
 
     def _first_token(self, record: AccessRecord, generation: Generation, first: InferChunk) -> None:
+        dispatch = generation.dispatch
+        record.instance = dispatch.instance_id
         if first.error is not None:
             raise engine_error(first)
-        dispatch = generation.dispatch
         ttft_s = self.runtime.now() - generation.arrived_s
-        record.instance = dispatch.instance_id
         record.ttft_ms, record.queue_ms = ttft_s * 1000, dispatch.queue_wait_s * 1000
         record.start_ms, record.engine_ttft_ms = dispatch.start_wait_s * 1000, first.engine_ttft_ms
         self.metrics.observe_first_token(record.model, ttft_s, dispatch.queue_wait_s, dispatch.start_wait_s,
@@ -178,8 +184,11 @@ class GenerationResponse(StreamingResponse):
     async def stream_response(self, send) -> None:
         """Like Starlette's, but the last piece ends the body in the same write (one syscall less)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for data, last in self.body_iterator:
-            await send({"type": "http.response.body", "body": data, "more_body": not last})
+        try:
+            async for data, last in self.body_iterator:
+                await send({"type": "http.response.body", "body": data, "more_body": not last})
+        except ClientGone:  # noticed while reading ahead: nobody is left to answer
+            return
 
 
 def engine_error(chunk: InferChunk) -> ApiError:

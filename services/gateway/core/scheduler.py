@@ -178,6 +178,9 @@ class Scheduler:
         m = self._models.get(model)
         return len(m.queue) if m else 0
 
+    def outstanding(self, model: str) -> int:
+        return self.load.outstanding(model)
+
     def sample(self, now_s: float, at_s: float) -> list[LoadSample]:
         return self.load.sample(now_s, at_s)
 
@@ -228,6 +231,10 @@ class Scheduler:
         for seen in instances:
             effects += self.observe(seen, now_s)
         return effects
+
+    def ready_instances(self, model: str) -> list[str]:
+        m = self._models.get(model)
+        return sorted(i for i in m.instances if self._instances[i].state == "ready") if m else []
 
     def instance_load(self, instance_id: str) -> int:
         instance = self._instances.get(instance_id)
