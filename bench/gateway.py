@@ -111,7 +111,7 @@ async def rate_step(http: aiohttp.ClientSession, url: str, rate: float, seconds:
                     gateway_pid: int) -> dict:
     """Open-loop Poisson arrivals at `rate` for `seconds`; added latency = TTFT - direct p50 TTFT."""
     rng, tasks = random.Random(rate), []
-    start, cpu_before = time.perf_counter(), cpu_s(gateway_pid)
+    start, cpu_before, own_cpu_before = time.perf_counter(), cpu_s(gateway_pid), time.process_time()
     next_s = 0.0
     while next_s < seconds:
         delay = start + next_s - time.perf_counter()
@@ -124,7 +124,8 @@ async def rate_step(http: aiohttp.ClientSession, url: str, rate: float, seconds:
     ok = [r[0] * 1000 - direct_p50_ms for r in results if isinstance(r, tuple) and r[1] == 200]
     return {"rate": rate, "requests": len(tasks), "errors": len(tasks) - len(ok),
             "achieved_rps": len(ok) / elapsed, "p50_added_ms": percentile(ok, 50), "p99_added_ms": percentile(ok, 99),
-            "gateway_cpu_share": (cpu_s(gateway_pid) - cpu_before) / elapsed}
+            "gateway_cpu_share": (cpu_s(gateway_pid) - cpu_before) / elapsed,
+            "client_and_engine_cpu_share": (time.process_time() - own_cpu_before) / elapsed}
 
 
 async def cold_burst(http: aiohttp.ClientSession, url: str, node: SimNode, placer: SimPlacer) -> dict:
@@ -207,10 +208,11 @@ def table(result: dict) -> str:
              f"   (target p50 <= {result['target_added_p50_ms']} ms)",
              f"    gateway CPU per request: {lat['gateway_cpu_ms_per_request']:.2f} ms", "",
              f"(2) max rate with p99 added <= {result['max_rate']['p99_limit_ms']:g} ms: {result['max_rate']['rps']} req/s",
-             "    offered  achieved  errors  p50 added  p99 added  gateway CPU"]
+             "    offered  achieved  errors  p50 added  p99 added  gateway CPU  client+engine CPU"]
     for s in result["max_rate"]["steps"]:
         lines.append(f"    {s['rate']:7}  {s['achieved_rps']:8.1f}  {s['errors']:6}  {s['p50_added_ms']:9.2f}"
-                     f"  {s['p99_added_ms']:9.2f}  {s['gateway_cpu_share']:10.0%}")
+                     f"  {s['p99_added_ms']:9.2f}  {s['gateway_cpu_share']:11.0%}"
+                     f"  {s['client_and_engine_cpu_share']:17.0%}")
     b = result["cold_burst"]
     lines += ["", f"(3) cold burst: {b['ok']}/{b['requests']} ok, {b['errors']} errors, placer asked "
                   f"{b['placer_asks']}x, released in order: {b['released_in_order']}, "
