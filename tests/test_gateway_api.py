@@ -214,7 +214,7 @@ async def test_other_models_are_served_while_one_is_cold(make_cluster):
 
 
 async def test_full_queue_is_429_and_passed_deadline_is_503(make_cluster):
-    c = await make_cluster(queue_limit=2, queue_deadline_s=0.5)
+    c = await make_cluster(queue_limit=2, queue_deadline_s=1.5)
     async with c.http() as http:
         body = {"model": "cold", "prompt": "x"}
         held = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(2)]
