@@ -105,6 +105,16 @@ def test_newer_observation_wins_and_lost_instances_abort_their_requests():
     assert s.forget_dead_nodes(alive={"n0"}, stale_before_s=21.0, now_s=4) == [Abort("r1", "i2")]
 
 
+def test_a_stopped_instance_is_not_revived_by_an_older_view():
+    s = scheduler()
+    s.observe(ready("i1", at_s=10.0), 0)
+    s.observe(ready("i1", state="stopped", at_s=10.5), 0)
+    s.observe_node("n0", [ready("i1", at_s=10.2)], as_of_s=10.2, now_s=1)  # stale view read from Redis
+    assert s.ready_instances("m") == []
+    s.observe_node("n0", [ready("i1", at_s=11.0)], as_of_s=11.0, now_s=2)  # a newer view: it is back
+    assert s.ready_instances("m") == ["i1"]
+
+
 def test_draining_instance_keeps_its_requests_but_takes_no_new_ones():
     s = scheduler(b=4)
     s.observe(ready("i1", at_s=1), 0)

@@ -17,6 +17,7 @@ from shared.schemas import LoadSample
 QUEUE_FULL_RETRY_S = 1.0  # Retry-After of a 429 (the queue drains at engine speed)
 DEADLINE_RETRY_S = 5.0  # Retry-After of a 503 (the model is still warming up)
 INSTANCE_STATES = ("starting", "ready", "draining")  # "stopped" removes the instance
+TOMBSTONE_S = 60.0  # how long a removed instance ignores older observations (a stale view in Redis)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Scheduler:
         self._instances: dict[str, _Instance] = {}
         self._requests: dict[str, _Request] = {}
         self._models: dict[str, _Model] = {}
+        self._gone: dict[str, float] = {}  # removed instance -> as_of_s of the observation that removed it
 
     # ------------------------------------------------------------ requests
 
@@ -151,24 +153,15 @@ class Scheduler:
         effects: list[Effect] = []
         for model, m in self._models.items():
             while m.queue and self._requests[m.queue[0]].deadline_s <= now_s:
-                request_id = m.queue.popleft()
-                self.load.change(model, -1, now_s)
-                del self._requests[request_id]
-                effects.append(Refuse(request_id, 503, f"no instance of {model} became free within "
-                                                       f"{self.policy.queue_deadline_s:g} s", DEADLINE_RETRY_S))
+                effects.append(self._refuse_head(model, f"no instance of {model} became free within "
+                                                        f"{self.policy.queue_deadline_s:g} s", DEADLINE_RETRY_S, now_s))
             effects += self._maybe_ask(model, now_s)
         return effects
 
     def refuse_waiting(self, reason: str, now_s: float) -> list[Effect]:
         """Refuse every held request (503), e.g. when the gateway shuts down."""
-        effects: list[Effect] = []
-        for model, m in self._models.items():
-            while m.queue:
-                request_id = m.queue.popleft()
-                del self._requests[request_id]
-                self.load.change(model, -1, now_s)
-                effects.append(Refuse(request_id, 503, reason, QUEUE_FULL_RETRY_S))
-        return effects
+        return [self._refuse_head(model, reason, QUEUE_FULL_RETRY_S, now_s)
+                for model, m in self._models.items() for _ in range(len(m.queue))]
 
     def next_deadline_s(self) -> float | None:
         heads = [self._requests[m.queue[0]].deadline_s for m in self._models.values() if m.queue]
@@ -190,11 +183,13 @@ class Scheduler:
         """An event or placer answer about one instance (ignored if older than what we know)."""
         known = self._instances.get(seen.instance_id)
         if known is not None and known.as_of_s > seen.as_of_s:
-            return []
+            return []  # older than what we know
+        if seen.as_of_s <= self._gone.get(seen.instance_id, -math.inf):
+            return []  # made before the observation that removed the instance
         if seen.state not in INSTANCE_STATES:
-            return self._remove(seen.instance_id, now_s)
+            return self._remove(seen.instance_id, seen.as_of_s, now_s)
         if known is None or known.model != seen.model:
-            effects = self._remove(seen.instance_id, now_s)
+            effects = self._remove(seen.instance_id, -math.inf, now_s)
             self._instances[seen.instance_id] = _Instance(seen.model, seen.node, seen.state, seen.as_of_s)
             self._model(seen.model).instances.add(seen.instance_id)
         else:
@@ -208,7 +203,8 @@ class Scheduler:
         effects: list[Effect] = []
         for instance_id, instance in list(self._instances.items()):
             if instance.node == node and instance_id not in listed and instance.as_of_s <= as_of_s:
-                effects += self._remove(instance_id, now_s)
+                effects += self._remove(instance_id, as_of_s, now_s)
+        self._gone = {i: gone_s for i, gone_s in self._gone.items() if gone_s > as_of_s - TOMBSTONE_S}
         for seen in instances:
             effects += self.observe(seen, now_s)
         return effects
@@ -218,7 +214,7 @@ class Scheduler:
         effects: list[Effect] = []
         for instance_id, instance in list(self._instances.items()):
             if instance.node not in alive and instance.as_of_s < stale_before_s:
-                effects += self._remove(instance_id, now_s)
+                effects += self._remove(instance_id, stale_before_s, now_s)
         return effects
 
     def placer_answered(self, model: str, ok: bool, instances: list[InstanceSeen], now_s: float) -> list[Effect]:
@@ -282,7 +278,16 @@ class Scheduler:
             return [AskPlacer(model, len(m.queue))]
         return []
 
-    def _remove(self, instance_id: str, now_s: float) -> list[Effect]:
+    def _refuse_head(self, model: str, reason: str, retry_after_s: float, now_s: float) -> Refuse:
+        request_id = self._models[model].queue.popleft()
+        del self._requests[request_id]
+        self.load.change(model, -1, now_s)
+        return Refuse(request_id, 503, reason, retry_after_s)
+
+    def _remove(self, instance_id: str, gone_as_of_s: float, now_s: float) -> list[Effect]:
+        """Forget an instance; observations up to `gone_as_of_s` can no longer bring it back."""
+        if gone_as_of_s > -math.inf:
+            self._gone[instance_id] = max(gone_as_of_s, self._gone.get(instance_id, -math.inf))
         instance = self._instances.pop(instance_id, None)
         if instance is None:
             return []
