@@ -24,8 +24,8 @@ from shared.settings import Settings
 from shared.state import State, StateError
 
 log = get_logger("gateway")
-INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready",
-                   "instance_draining": "draining", "instance_stopped": "stopped"}
+INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready", "instance_draining": "draining",
+                   "instance_stopped": "stopped", "instance_failed": "stopped"}
 CLIENT_LEFT = object()  # mailbox marker: the HTTP client disconnected
 
 
