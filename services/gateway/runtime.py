@@ -73,6 +73,13 @@ class Generation:
             else:
                 return self._accept(item)
 
+    async def first_token(self) -> InferChunk:
+        """The first chunk with text (or the last chunk): empty progress chunks do not count as TTFT."""
+        chunk = await self.next_chunk()
+        while not chunk.text and not self.finished:
+            chunk = await self.next_chunk()
+        return chunk
+
     def client_left(self) -> None:
         self.mailbox.put_nowait(CLIENT_LEFT)
 

@@ -76,7 +76,7 @@ class Completion:
             generation = self.runtime.submit(request, arrived_s)
             record.request_id = generation.request.request_id
             watcher = watch_client(http, generation)
-            first = await generation.next_chunk()
+            first = await generation.first_token()
             self._first_token(record, generation, first)
             if request.stream:  # from here on the streaming response owns the generation
                 watcher.cancel()  # and watches the client itself
