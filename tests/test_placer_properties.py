@@ -39,7 +39,7 @@ def clusters(draw) -> Snapshot:
 steps = st.lists(st.tuples(st.sampled_from(["tick", "allocate"]), st.integers(0, 5), st.floats(0, 150),
                            st.integers(0, 40)), min_size=1, max_size=8)
 configs = st.builds(Config, placement=st.sampled_from(["evict_aware", "paper", "round_robin"]),
-                    prewarm=st.booleans(), kv_prewarm=st.booleans())
+                    prewarm=st.booleans(), kv_prewarm=st.booleans(), allocation=st.sampled_from(["paper", "hit_first"]))
 
 
 def occupants(snap: Snapshot):

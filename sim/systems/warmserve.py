@@ -30,6 +30,7 @@ class Variant:
     name: str
     forecast: str = "csp"  # forecaster method: csp | ours | seasonal_naive
     placement: str = "paper"  # placer core placement: paper | evict_aware | round_robin
+    allocation: str = "paper"  # placer core allocation: paper | hit_first
     prewarm: bool = True
     kv_prewarm: bool = True
     window_s: float = 300.0
@@ -37,7 +38,7 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
-    Variant("ours", forecast="ours", placement="evict_aware"),
+    Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first"),
     Variant("paper-no-prewarm", prewarm=False),
     Variant("paper-round-robin", placement="round_robin"),
     Variant("paper-no-kv-prewarm", kv_prewarm=False),
@@ -55,7 +56,8 @@ class WarmServe:
         v, cfg = self.variant, ctx.config
         self.ctx = ctx
         self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
-                             prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm)
+                             prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
+                             allocation=v.allocation)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)

@@ -2,6 +2,8 @@
 ready copy on idle GPUs (evicting others only as far as the KV cache needs), else a loading copy,
 else cold-load on the aligned group with the fewest overlapping copies, evicting all of them; with
 no idle group, displace (demote) other models' idle or surplus instances, the least load first.
+"hit_first" allocation also displaces idle instances for a ready copy before any cold start, and
+a cold start there evicts copies only as far as it needs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from services.placer.core import effects as fx
-from services.placer.core.cluster import Cluster, NodeState, Occupant
+from services.placer.core.cluster import Cluster, NodeState, Occupant, laminar_ok
 from services.placer.core.scores import copy_pages, instance_pages
 from services.placer.core.snapshot import Instance
 
@@ -36,35 +38,45 @@ def allocate_in(cluster: Cluster, model: str, now_s: float, trigger: str) -> All
     (scale_up or instance_needed) says why the instance is wanted."""
     if model not in cluster.models:
         return Allocation(NONE, fx.NO_CAPACITY)
-    found = _allocate_idle(cluster, model, now_s, trigger)
-    if found.kind != NONE:
-        return found
-    displaced = _displace(cluster, model, now_s)
+    if cluster.config.allocation == "hit_first":
+        found = _allocate_idle(cluster, model, now_s, trigger, (HIT,))
+        if not found.effects:
+            found = _displaced(cluster, model, now_s, trigger, for_hit=True)
+        if not found.effects:
+            found = _allocate_idle(cluster, model, now_s, trigger, (IN_PROGRESS, MISS))
+    else:
+        found = _allocate_idle(cluster, model, now_s, trigger, (HIT, IN_PROGRESS, MISS))
+    return found if found.effects else _displaced(cluster, model, now_s, trigger, for_hit=False)
+
+
+def _displaced(cluster: Cluster, model: str, now_s: float, trigger: str, for_hit: bool) -> Allocation:
+    displaced = _displace(cluster, model, now_s, for_hit)
     if not displaced:
-        return found
-    found = _allocate_idle(cluster, model, now_s, trigger)  # lands on the GPUs just freed
-    return dataclasses.replace(found, effects=tuple(displaced) + found.effects)
+        return Allocation(NONE, fx.NO_CAPACITY)
+    found = _allocate_idle(cluster, model, now_s, trigger, (HIT,) if for_hit else (HIT, IN_PROGRESS, MISS))
+    return dataclasses.replace(found, effects=tuple(displaced) + found.effects)  # on the GPUs just freed
 
 
-def _allocate_idle(cluster: Cluster, model: str, now_s: float, trigger: str) -> Allocation:
+def _allocate_idle(cluster: Cluster, model: str, now_s: float, trigger: str, kinds: tuple[str, ...]) -> Allocation:
     kv = instance_pages(cluster.models[model])
     for ready, kind, reason in ((True, HIT, fx.PREWARM_HIT), (False, IN_PROGRESS, fx.PREWARM_IN_PROGRESS)):
-        found = _promotable(cluster, model, ready, kv)
+        found = _promotable(cluster, model, ready, kv) if kind in kinds else None
         if found is not None:
             copy, evicted = found
             return _start(cluster, model, now_s, trigger, kind, reason, copy.node, copy.devices, evicted, copy)
-    found_miss = _cold_group(cluster, model, kv)
+    found_miss = _cold_group(cluster, model, kv) if MISS in kinds else None
     if found_miss is None:
         return Allocation(NONE, fx.NO_CAPACITY)
     node, group, evicted = found_miss
     return _start(cluster, model, now_s, trigger, MISS, fx.COLD_START, node, group, evicted, None)
 
 
-def _displace(cluster: Cluster, model: str, now_s: float) -> list[fx.Effect]:
+def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list[fx.Effect]:
     """Demote the instances on the aligned group that displaces the least load (requests in flight),
     preferring a group holding a ready copy of `model`, then fewer instances, then less copy score;
-    only groups where `model` fits once everything on them is gone. Copies borrowing a displaced
-    instance's KV space are evicted first, then the instance is demoted (its weights stay a copy)."""
+    only groups where `model` fits once everything on them is gone (`for_hit`: only idle instances
+    over a ready copy). Copies borrowing a displaced instance's KV space are evicted first, then
+    the instance is demoted (its weights stay a copy)."""
     spec = cluster.models[model]
     need = copy_pages(spec) + instance_pages(spec)
     best = None
@@ -76,6 +88,8 @@ def _displace(cluster: Cluster, model: str, now_s: float) -> list[fx.Effect]:
                     or any(cluster.pages_without_occupants(node.name, d) < need for d in group):
                 continue
             hit = any(o.model == model and o.devices == group and o.ready and not o.is_instance for o in overlapped)
+            if for_hit and (not hit or any(v.instance.inflight for v in victims)):
+                continue
             key = (sum(v.instance.inflight for v in victims), not hit, len(victims),
                    sum(o.score for o in overlapped if not o.is_instance), node.order, group[0])
             if best is None or key < best[0]:
@@ -85,10 +99,12 @@ def _displace(cluster: Cluster, model: str, now_s: float) -> list[fx.Effect]:
     effects: list[fx.Effect] = []
     for victim in best[1]:
         inst = victim.instance
-        for lent in [o for o in cluster.overlapped(victim.node, victim.devices) if o.kv_host == inst.instance_id]:
-            cluster.evict(lent)
-            effects.append(fx.Evict(lent.model, lent.node, lent.devices, fx.EVICTED_FOR, for_model=model))
-        cluster.displace(victim)
+        lent = [o for o in cluster.overlapped(victim.node, victim.devices) if o.kv_host == inst.instance_id]
+        for occ in lent:
+            if occ.model != model:
+                cluster.evict(occ)
+                effects.append(fx.Evict(occ.model, occ.node, occ.devices, fx.EVICTED_FOR, for_model=model))
+        cluster.displace(victim, keep=[o for o in lent if o.model == model])
         effects.append(fx.Demote(victim.model, victim.node, victim.devices, inst.instance_id, fx.DISPLACED_FOR,
                                  for_model=model))
     return effects
@@ -141,13 +157,17 @@ def _cold_group(cluster: Cluster, model: str, kv: int) -> tuple[str, tuple[int, 
     of them are evicted. Each node's groups are kept sorted by that key until the node changes."""
     spec = cluster.models[model]
     need = copy_pages(spec) + kv
+    keep = cluster.config.allocation == "hit_first"
     best = None
     for node in cluster.nodes.values():
         for key, group, overlapped in _idle_groups_by_overlap(cluster, node, spec.tp):
             if best is not None and key >= best[0]:
                 break
-            if cluster.evictions_for_room(node.name, group, need, lambda o: False, forced=overlapped) is not None:
-                best = (key, node.name, group, overlapped)
+            forced = [o for o in overlapped if o.model == model or not laminar_ok(frozenset(group), o)] \
+                if keep else overlapped
+            more = cluster.evictions_for_room(node.name, group, need, lambda o: keep, forced=forced)
+            if more is not None:
+                best = (key, node.name, group, forced + more)
                 break
         if best is not None and best[0][0] == 0:
             break  # an empty group that fits: nothing later in scan order is better

@@ -301,10 +301,10 @@ class Cluster:
         self._attach(copy)
         return copy
 
-    def displace(self, occ: Occupant) -> Occupant:
-        """Demote an instance whose GPUs go to another model (no copy may borrow its KV space):
-        its KV and engine memory count as free at once, as the node's later commands wait for
-        its drain."""
+    def displace(self, occ: Occupant, keep: list[Occupant]) -> Occupant:
+        """Demote an instance whose GPUs go to another model: its KV and engine memory count as
+        free at once, as the node's later commands wait for its drain; the copies in `keep`,
+        the only ones left in its KV space, move to pool memory (as agents keep them)."""
         copy = self.demote(occ)
         freed = instance_pages(self.models[occ.model])
         for d in occ.devices:
@@ -312,6 +312,10 @@ class Cluster:
             gpu.free += freed
             if gpu.host is occ:
                 gpu.host, gpu.kv_spare = None, 0
+        for kept in keep:
+            kept.kv_host, kept.kv_devices = "", frozenset()
+            for d in kept.devices:
+                self.nodes[occ.node].gpus[d].free -= kept.pages
         self.nodes[occ.node].changed()
         return copy
 

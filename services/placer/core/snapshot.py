@@ -76,6 +76,8 @@ class Config:
     prewarm: bool = True  # False: the "no prewarm" ablation (no copies planned)
     placement: str = "evict_aware"  # "evict_aware" | "paper" (skip when full) | "round_robin" (first fit)
     kv_prewarm: bool = True  # let prewarmed copies use instances' idle KV space
+    allocation: str = "paper"  # "paper" (DESIGN §3.3) | "hit_first" (displace for a ready copy before a
+    #                            cold start; a cold start evicts copies only as far as it needs)
     scale_window_s: float = 5.0  # autoscaler load window
     protect_s: float = 5.0  # instances younger than this are never scaled down
     scale_up_at: float = 0.8  # scale up when load > scale_up_at * B * n
@@ -84,3 +86,5 @@ class Config:
     def __post_init__(self) -> None:
         if self.placement not in ("evict_aware", "paper", "round_robin"):
             raise ValueError(f"unknown placement {self.placement!r}")
+        if self.allocation not in ("paper", "hit_first"):
+            raise ValueError(f"unknown allocation {self.allocation!r}")
