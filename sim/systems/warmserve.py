@@ -69,6 +69,7 @@ class WarmServe:
         self.forecasts = self._forecast(self.window)
         self.window_meter, self.tick_meter = LoadMeter(ctx.serving), LoadMeter(ctx.serving)
         self.asked = [False] * len(ctx.models)
+        self.loads: dict[str, float] = {}
         ctx.serving.on_waiting = self._waiting
         ctx.loop.at((self.window + 1) * v.window_s, self._window_closed)
         ctx.loop.after(0.0, self._tick)
@@ -103,8 +104,8 @@ class WarmServe:
 
     def _tick(self) -> None:
         ctx = self.ctx
-        loads = {name: avg for name, (avg, _, _) in zip(ctx.models, self.tick_meter.take())}
-        snapshot = self.shell.snapshot(self.forecasts, loads)
+        self.loads = {name: avg for name, (avg, _, _) in zip(ctx.models, self.tick_meter.take())}
+        snapshot = self.shell.snapshot(self.forecasts, self.loads)
         self.shell.execute(tick(snapshot, ctx.loop.now, self.config), ctx.loop.now)
         if ctx.loop.now < ctx.replay_end_s:
             ctx.loop.after(self.config.scale_window_s, self._tick)
@@ -122,7 +123,7 @@ class WarmServe:
         if not ctx.serving.queues[m]:
             return
         self.asked[m] = True
-        snapshot = self.shell.snapshot(self.forecasts, {})
+        snapshot = self.shell.snapshot(self.forecasts, self.loads)  # the last tick's loads, as the live placer keeps them
         allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config)
         self.shell.execute(allocation.effects, ctx.loop.now)
         if not allocation.effects:

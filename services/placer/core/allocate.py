@@ -73,12 +73,17 @@ def _allocate_idle(cluster: Cluster, model: str, now_s: float, trigger: str, kin
 
 def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list[fx.Effect]:
     """Demote the instances on the aligned group that displaces the least load (requests in flight),
-    preferring a group holding a ready copy of `model`, then fewer instances, then less copy score;
+    preferring a group holding a ready copy of `model`, then the least windowed load per displaced
+    instance, then fewer instances, then less copy score;
     only groups where `model` fits once everything on them is gone (`for_hit`: only idle instances
     over a ready copy). Copies borrowing a displaced instance's KV space are evicted first, then
     the instance is demoted (its weights stay a copy)."""
     spec = cluster.models[model]
     need = copy_pages(spec) + instance_pages(spec)
+
+    def per_instance_load(victim: Occupant) -> float:
+        return cluster.loads.get(victim.model, 0.0) / len(cluster.serving(victim.model))
+
     best = None
     for node in cluster.nodes.values():
         for group in cluster.groups(node, spec.tp):
@@ -90,7 +95,7 @@ def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list
             hit = any(o.model == model and o.devices == group and o.ready and not o.is_instance for o in overlapped)
             if for_hit and (not hit or any(v.instance.inflight for v in victims)):
                 continue
-            key = (sum(v.instance.inflight for v in victims), not hit, len(victims),
+            key = (sum(v.instance.inflight for v in victims), not hit, sum(map(per_instance_load, victims)), len(victims),
                    sum(o.score for o in overlapped if not o.is_instance), node.order, group[0])
             if best is None or key < best[0]:
                 best = (key, victims)
