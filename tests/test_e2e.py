@@ -78,3 +78,25 @@ async def test_bad_input_gets_clear_answers(stack):
     too_long = await stack.post("/v1/completions", json={"model": "demo-small-a", "prompt": "word " * 3000,
                                                            "max_tokens": 4})
     assert too_long.status_code == 400, too_long.text
+
+
+async def test_official_openai_client_against_real_vllm(stack):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=str(stack.base_url).rstrip("/") + "/v1", api_key="unused")
+    stream = await client.chat.completions.create(
+        model="demo-small-b", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    parts, usage = [], None
+    async for chunk in stream:
+        parts += [c.delta.content or "" for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) and usage.completion_tokens <= 6
+    plain = await client.completions.create(model="demo-small-b", prompt="def main(", max_tokens=12, temperature=0)
+    text = plain.choices[0].text
+    assert len(text) > 1
+    stop = text[len(text) // 2:][:2]  # a stop sequence taken from the greedy output itself
+    stopped = await client.completions.create(model="demo-small-b", prompt="def main(", max_tokens=12, temperature=0,
+                                              stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+    await client.close()
