@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Callable
+from typing import Awaitable, Callable
 
 from shared.bus import Bus
 from shared.logs import configure_logging, get_logger
@@ -40,6 +40,25 @@ class Service:
 
     def is_ready(self) -> bool:
         return True
+
+
+async def pause(stopping: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, returning early when the service is stopping."""
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+async def every(seconds: float, stopping: asyncio.Event, step: Callable[[], Awaitable[None]], log,
+                failure_event: str) -> None:
+    """Run `step` every `seconds` until stopping; a failing step is logged, never fatal."""
+    while not stopping.is_set():
+        try:
+            await step()
+        except Exception:
+            log.exception(failure_event)
+        await pause(stopping, seconds)
 
 
 class HealthServer:

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 from scipy.special import gamma as gamma_fn
 
-from shared.traces import (AZURE_DIR, LAW_GAMMA, LAW_NONE, LAW_WEIBULL, SERVEGEN_DIR, SERVEGEN_WINDOW_S,
+from shared.traces import (AZURE_DIR, LAW_NONE, LAW_WEIBULL, SERVEGEN_DIR, SERVEGEN_WINDOW_S,
                            ClientTrace, RequestLengths, load_azure_lengths, load_servegen)
 
 DAY_S = 86400.0

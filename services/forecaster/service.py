@@ -16,7 +16,7 @@ from typing import Callable
 from services.forecaster.core.online import OnlineForecaster
 from services.forecaster.core.windows import (PartialWindows, WindowStats, add_sample, close_window,
                                               sample_problem, window_index)
-from shared.runner import Service
+from shared.runner import Service, pause
 from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
 from shared.settings import Settings
 
@@ -69,10 +69,7 @@ class ForecasterService(Service):
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self.close_due_windows()
-            try:
-                await asyncio.wait_for(stopping.wait(), self.tick_s)
-            except asyncio.TimeoutError:
-                pass
+            await pause(stopping, self.tick_s)
 
     # ------------------------------------------------------------ handlers
 

@@ -18,6 +18,7 @@ from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, Effect,
 from services.gateway.metrics import GatewayMetrics
 from shared.bus import Bus, BusError
 from shared.logs import get_logger
+from shared.runner import pause
 from shared.schemas import (CancelInference, Event, InferChunk, InferRequest, InstanceAnswer, InstanceNeed,
                             ModelInfo, NodeView)
 from shared.settings import Settings
@@ -138,10 +139,7 @@ class GatewayRuntime:
         """Every sample interval: publish load samples, re-read the cluster from Redis, retry asks."""
         interval_s = self.settings.sample_interval_s
         while not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), interval_s)
-            except TimeoutError:
-                pass
+            await pause(stopping, interval_s)
             for sample in self.scheduler.sample(self.now(), time.time()):
                 await self.bus.publish(self.subjects.load_samples(), sample)
                 self.metrics.outstanding.labels(sample.model).set(self.scheduler.outstanding(sample.model))

@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from services.gpuagent.core.ledger import DeviceLedger, Refused, instance_kv_bytes, page_bytes
 from shared.bus import Bus, BusError
-from shared.runner import Service
+from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
                             DeviceOp, DeviceView, Event, InstanceState, InstanceView, ModelInfo, NodeView)
 from shared.settings import env_name
@@ -112,16 +112,11 @@ class AgentService(Service):
         self.log.info("device_workers_ready", devices=len(self.processes))
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                await self._refresh_inflight()
-                await self._publish_view()
-            except Exception:
-                self.log.exception("heartbeat_failed")
-            try:
-                await asyncio.wait_for(stopping.wait(), self.settings.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
+        await every(self.settings.heartbeat_s, stopping, self._heartbeat, self.log, "heartbeat_failed")
+
+    async def _heartbeat(self) -> None:
+        await self._refresh_inflight()
+        await self._publish_view()
 
     async def stop(self) -> None:
         self._ready = False

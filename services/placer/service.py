@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from services.placer import adapter
 from services.placer.core import LoadPoint, Snapshot, allocate, apply_effects, plan_tick, windowed_load
 from services.placer.dispatch import Dispatcher
-from shared.runner import Service
+from shared.runner import Service, every
 from shared.schemas import (Event, Forecast, InstanceAnswer, InstanceNeed, InstanceRoute, LoadSample, ModelInfo,
                             NodeView, Plan)
 
@@ -49,15 +49,8 @@ class PlacerService(Service):
             self.log.info("kv_prewarm_disabled", reason="agents cannot lend KV space yet")
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                await self.tick()
-            except Exception:  # one bad tick (Redis hiccup, bad data) must not end the loop
-                self.log.exception("tick_failed")
-            try:
-                await asyncio.wait_for(stopping.wait(), self.settings.placer_tick_s)
-            except asyncio.TimeoutError:
-                pass
+        # one bad tick (Redis hiccup, bad data) must not end the loop
+        await every(self.settings.placer_tick_s, stopping, self.tick, self.log, "tick_failed")
 
     async def stop(self) -> None:
         await self.dispatcher.drain()
