@@ -175,4 +175,7 @@ def settings_from_argv(argv: Sequence[str] | None, description: str) -> Settings
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return load_settings({k: v for k, v in vars(args).items() if v is not None})
+    try:
+        return load_settings({k: v for k, v in vars(args).items() if v is not None})
+    except SettingsError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")  # every error at once, no traceback

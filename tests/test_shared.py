@@ -112,3 +112,16 @@ async def test_state_node_views_expire_with_heartbeat(settings):
     assert await state.node_views() == {}
     assert set(await state.node_views(alive_only=False)) == {"n0"}
     await state.close()
+
+
+def test_service_start_with_bad_settings_lists_every_error_and_exits_2():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "warmserve.cli", "service", "placer", "--gateway-port", "99999",
+                             "--nats-url", "http://x"], capture_output=True, text=True, timeout=60,
+                            env={"WARMSERVE_DEVICES": "0", "PATH": ""})
+    assert result.returncode == 2
+    for needle in ("--gateway-port=99999", "--nats-url='http://x'", "WARMSERVE_DEVICES=0"):
+        assert needle in result.stderr
+    assert "Traceback" not in result.stderr
