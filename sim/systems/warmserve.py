@@ -31,6 +31,8 @@ class Variant:
     forecast: str = "csp"  # forecaster method: csp | ours | seasonal_naive
     placement: str = "paper"  # placer core placement: paper | evict_aware | round_robin
     allocation: str = "paper"  # placer core allocation: paper | hit_first
+    scale_up_at: float = 0.8  # autoscaler thresholds, fractions of B per instance (DESIGN §3.3: 0.8 / 0.5)
+    scale_down_at: float = 0.5
     prewarm: bool = True
     kv_prewarm: bool = True
     window_s: float = 300.0
@@ -57,7 +59,7 @@ class WarmServe:
         self.ctx = ctx
         self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
                              prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
-                             allocation=v.allocation)
+                             allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)
