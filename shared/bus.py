@@ -27,6 +27,7 @@ from shared.subjects import Subjects
 T = TypeVar("T", bound=BaseModel)
 ERROR_HEADER = "Warmserve-Error"
 EVENT_RETENTION_S = 7 * 24 * 3600
+DRAIN_TIMEOUT_S = 2.0  # per subscription: a drain that the server never confirms must not block shutdown
 
 log = get_logger("bus")
 
@@ -195,8 +196,8 @@ class Bus:
         """Stop taking new messages, then wait for the handlers already running."""
         for sub in self._subscriptions:
             try:
-                await sub.drain()
-            except nats.errors.Error:
+                await asyncio.wait_for(sub.drain(), DRAIN_TIMEOUT_S)
+            except (nats.errors.Error, asyncio.TimeoutError):
                 pass
         self._subscriptions.clear()
         if self._tasks:

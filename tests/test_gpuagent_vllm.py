@@ -76,3 +76,43 @@ async def test_memory_pressure_oversize_refusal_and_restart(vllm_agent):
     view = (await state.node_views())[node]
     assert view.copies == [] and view.instances == []
     await restarted.shutdown()
+
+
+def test_device_workers_die_with_a_killed_agent(settings):
+    """No orphans: SIGKILL the agent process; its vLLM device workers exit on their own."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from shared.settings import env_name
+
+    env = dict(os.environ, **{env_name(k): str(v) for k, v in (
+        ("nats_url", settings.nats_url), ("redis_url", settings.redis_url), ("namespace", settings.namespace),
+        ("devices", 2), ("engine", "vllm"))})
+    agent = subprocess.Popen([sys.executable, "-m", "services.gpuagent"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and b"gpuagent.worker" in (entry / "cmdline").read_bytes() and \
+                        f"WARMSERVE_NAMESPACE={settings.namespace}".encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 60
+    while len(workers()) < 2:
+        assert time.monotonic() < deadline and agent.poll() is None
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGKILL)  # while the workers may still be importing vLLM
+    agent.wait()
+    deadline = time.monotonic() + 20
+    while workers():
+        assert time.monotonic() < deadline, f"orphaned device workers: {workers()}"
+        time.sleep(0.2)

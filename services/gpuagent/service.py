@@ -96,7 +96,8 @@ class AgentService(Service):
             if s.device_kind == "cuda":
                 env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0
             self.processes.append(subprocess.Popen(  # worker logs (and vLLM's) go to our stderr
-                [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i)], env=env,
+                [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i),
+                 "--parent-pid", str(os.getpid())], env=env,
                 stdout=sys.stderr, start_new_session=True))  # we stop workers ourselves, after draining
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         for i, proc in enumerate(self.processes):

@@ -139,7 +139,17 @@ class DeviceWorker:
             await send(error=f"{type(exc).__name__}: {exc}", error_code=500)
 
 
-async def _run_process(settings: Settings, index: int) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM when the agent dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # elsewhere the parent-pid watch below still ends us within a second
+
+
+async def _run_process(settings: Settings, index: int, parent: int) -> None:
     from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
 
     device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
@@ -155,7 +165,6 @@ async def _run_process(settings: Settings, index: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
     while not stop.is_set():  # leave with the agent, even if it was killed without a word
         if os.getppid() != parent:
             break
@@ -168,14 +177,19 @@ async def _run_process(settings: Settings, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    _die_with_parent()
     parser = argparse.ArgumentParser(description="WarmServe device worker (started by the gpuagent)")
     parser.add_argument("--device-index", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     index = args.pop("device_index")
+    parent = args.pop("parent_pid") or os.getppid()
+    if os.getppid() != parent:  # the agent died before the death signal was armed
+        sys.exit(1)
     settings = load_settings({k: v for k, v in args.items() if v is not None})
     configure_logging(settings.log_level, settings.log_json)
-    asyncio.run(_run_process(settings, index))
+    asyncio.run(_run_process(settings, index, parent))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # vLLM leaves non-daemon threads behind; nothing is left to flush, so do not wait for them
