@@ -50,10 +50,11 @@ class AgentService(Service):
 
     async def start(self) -> None:
         s = self.settings
-        self.ledgers = [DeviceLedger(i, self._device_budget(i)) for i in range(self._device_count())]
         await self.bus.ensure_event_stream()
-        await self._publish_view()  # overwrite whatever a previous boot left: we hold nothing yet
-        await self._start_workers()
+        await self.state.drop_node(self.node)  # whatever a previous boot left: we hold nothing yet
+        budgets = await self._start_workers(self._device_count())
+        self.ledgers = [DeviceLedger(i, budget) for i, budget in enumerate(budgets)]
+        await self._publish_view()
         await self.bus.subscribe(self.bus.subjects.agent_command(self.node), AgentCommand, self.on_command)
         self._ready = True
         await self._event("agent_started", detail={"devices": len(self.ledgers), "engine": s.engine,
@@ -69,30 +70,24 @@ class AgentService(Service):
             return torch.cuda.device_count()
         return self.settings.devices
 
-    def _device_budget(self, index: int) -> int:
-        if self.settings.device_kind == "cuda":
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(index)
-            return int(free * 0.9)
-        return self.settings.device_memory_bytes
-
-    async def _start_workers(self) -> None:
+    async def _start_workers(self, count: int) -> list[int]:
+        """Start one worker per device; return each device's memory budget (as its worker reports it)."""
         s = self.settings
         if s.engine == "fake":
             from services.gpuagent.engine_fake import FakeHost
             from services.gpuagent.worker import DeviceWorker
 
-            for i in range(len(self.ledgers)):  # own connection each, as a worker process would have
+            for i in range(count):  # own connection each, as a worker process would have
                 bus = await Bus.connect(s, f"gpuagent-{self.node}-dev{i}")
-                worker = DeviceWorker(bus, s, i, FakeHost(s.fake_load_bytes_s, s.fake_token_s))
+                worker = DeviceWorker(bus, s, i, FakeHost(s.fake_load_bytes_s, s.fake_token_s),
+                                      s.device_memory_bytes)
                 await worker.start()
                 self.workers.append(worker)
-            return
+            return [s.device_memory_bytes] * count
         env = dict(os.environ)
         for field in dataclasses.fields(s):
             env[env_name(field.name)] = str(getattr(s, field.name))
-        for i in range(len(self.ledgers)):
+        for i in range(count):
             if s.device_kind == "cuda":
                 env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0
             self.processes.append(subprocess.Popen(  # worker logs (and vLLM's) go to our stderr
@@ -100,17 +95,20 @@ class AgentService(Service):
                  "--parent-pid", str(os.getpid())], env=env,
                 stdout=sys.stderr, start_new_session=True))  # we stop workers ourselves, after draining
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        budgets = []
         for i, proc in enumerate(self.processes):
             while True:  # wait until the worker answers (vLLM imported, device initialised)
                 if proc.poll() is not None:
                     raise RuntimeError(f"device worker {i} exited with code {proc.returncode}")
                 try:
-                    await self._call(i, DeviceCall(op=DeviceOp.status), timeout_s=1.0)
+                    status = await self._call(i, DeviceCall(op=DeviceOp.status), timeout_s=1.0)
+                    budgets.append(status.detail["memory_bytes"])
                     break
                 except BusError:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"device worker {i} did not start within {WORKER_START_TIMEOUT_S} s")
-        self.log.info("device_workers_ready", devices=len(self.processes))
+        self.log.info("device_workers_ready", devices=len(self.processes), budgets=budgets)
+        return budgets
 
     async def run(self, stopping: asyncio.Event) -> None:
         await every(self.settings.heartbeat_s, stopping, self._heartbeat, self.log, "heartbeat_failed")

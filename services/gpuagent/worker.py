@@ -23,11 +23,13 @@ from shared.schemas import (CancelInference, CommandResult, DeviceCall, DeviceOp
 from shared.settings import Settings, add_arguments, load_settings
 
 log = get_logger("gpuagent.worker")
+CUDA_MEMORY_SHARE = 0.9  # of the GPU memory free at start: the rest is the CUDA context and allocator slack
 
 
 class DeviceWorker:
-    def __init__(self, bus: Bus, settings: Settings, index: int, host: EngineHost):
+    def __init__(self, bus: Bus, settings: Settings, index: int, host: EngineHost, memory_bytes: int):
         self.bus, self.settings, self.index, self.host = bus, settings, index, host
+        self.memory_bytes = memory_bytes  # the budget this device offers its agent
         self.node = settings.node
         self._instance_subs: dict[str, list] = {}
         self._generations: dict[str, asyncio.Task] = {}
@@ -51,7 +53,8 @@ class DeviceWorker:
 
     async def _execute(self, call: DeviceCall) -> dict | None:
         if call.op == DeviceOp.status:
-            return {"pid": os.getpid(), "inflight": {i: self.host.inflight(i) for i in self._instance_subs}}
+            return {"pid": os.getpid(), "memory_bytes": self.memory_bytes,
+                    "inflight": {i: self.host.inflight(i) for i in self._instance_subs}}
         if call.op == DeviceOp.load_copy:
             return await self.host.load_copy(call.model, self._progress_reporter(call.model.name))
         if call.op == DeviceOp.drop_copy:
@@ -153,12 +156,14 @@ async def _run_process(settings: Settings, index: int, parent: int) -> None:
     from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
 
     device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
+    memory_bytes = settings.device_memory_bytes
     if device != "cpu":
         import torch
 
         torch.zeros(1, device=device)  # initialise the CUDA context now, not on the first request
+        memory_bytes = int(torch.cuda.mem_get_info()[0] * CUDA_MEMORY_SHARE)
     bus = await Bus.connect(settings, f"gpuagent-{settings.node}-dev{index}")
-    worker = DeviceWorker(bus, settings, index, VllmHost(device, settings.kv_cache_bytes))
+    worker = DeviceWorker(bus, settings, index, VllmHost(device, settings.kv_cache_bytes), memory_bytes)
     await worker.start()
     log.info("device_worker_ready", device=index, pid=os.getpid())
     stop = asyncio.Event()
