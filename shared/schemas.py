@@ -78,8 +78,9 @@ class InstanceState(str, Enum):
 class DeviceView(Message):
     index: int = Field(ge=0)  # device index on the node
     budget_bytes: int = Field(ge=0)  # memory the agent may use on this device
-    free_bytes: int = Field(ge=0)  # budget minus copies, engines and KV caches
+    free_bytes: int = Field(ge=0)  # budget minus copies and the serving engine (idle warm engines count as free)
     kind: str = "cpu"  # "cpu" (logical device) or "cuda"
+    idle_engine_bytes: int = Field(default=0, ge=0)  # warm engines kept for fast promotion, dropped on demand
 
 
 class CopyView(Message):
@@ -143,7 +144,8 @@ class DeviceOp(str, Enum):
     load_copy = "load_copy"  # read a checkpoint into the device's weight pool
     drop_copy = "drop_copy"  # free a pool copy
     start_instance = "start_instance"  # serve a model (from the pool copy, else from disk)
-    stop_instance = "stop_instance"  # drain, then stop serving (the pool copy stays)
+    stop_instance = "stop_instance"  # drain, then stop serving (the pool copy and the engine stay)
+    drop_engine = "drop_engine"  # free the idle warm engine of `model.arch`
     status = "status"  # in-flight counts and resident copies
 
 

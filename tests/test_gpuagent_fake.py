@@ -99,3 +99,20 @@ async def test_observed_state_in_redis_and_restart_shows_nothing_stale(agent, se
     assert fresh.copies == [] and fresh.instances == [] and fresh.boot_id != view.boot_id
     await restarted.shutdown()
     assert await state.node_views() == {}
+
+
+async def test_idle_warm_engine_is_counted_and_dropped_when_room_is_needed(agent):
+    running, bus, state, s = agent
+    await state.register_model(fake_model("other-arch", 50 * MiB, arch="a2"))
+    assert (await command(bus, s.node, CommandKind.cold_start, "m1", instance_id="i1")).ok
+    assert (await command(bus, s.node, CommandKind.demote, instance_id="i1")).ok
+    device = running.service.view().devices[0]
+    engine_bytes = 8 * MiB + 2 * MiB  # weights + KV (one page-rounded context)
+    assert device.idle_engine_bytes == engine_bytes
+    assert device.free_bytes == 64 * MiB - 8 * MiB  # the idle engine counts as free for planning
+    # 50 MiB copy + 8 MiB copy of m1 + 10 MiB engine > 64 MiB: the idle engine goes, the copy stays
+    assert (await command(bus, s.node, CommandKind.prewarm, "other-arch")).ok
+    device = running.service.view().devices[0]
+    assert device.idle_engine_bytes == 0 and {c.model for c in running.service.view().copies} == {"m1", "other-arch"}
+    again = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i2")
+    assert again.ok and again.detail["path"] == "new_engine"

@@ -1,10 +1,12 @@
-"""The agent's memory ledger: page accounting, refusal reasons, eviction only as far as needed."""
+"""The agent's memory ledger: page accounting, refusal reasons, eviction only as far as needed,
+warm engines kept after a demote and dropped first when room is needed."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.gpuagent.core.ledger import PAGE_BYTES, DeviceLedger, Refused, instance_kv_bytes, page_bytes, pages
+from services.gpuagent.core.ledger import (PAGE_BYTES, DeviceLedger, Refused, Room, instance_kv_bytes, page_bytes,
+                                           pages)
 from shared.schemas import CopyState
 
 MiB = 1 << 20
@@ -26,7 +28,7 @@ def test_copies_are_charged_in_pages_and_freed_at_once():
 
 def test_repeated_prewarm_is_idempotent_and_other_checkpoint_refused():
     d = DeviceLedger(0, 100 * MiB)
-    assert d.reserve_copy("a", "h1", MiB, 0) is not None
+    assert d.reserve_copy("a", "h1", MiB, 0) == []
     assert d.reserve_copy("a", "h1", MiB, 0) is None
     with pytest.raises(Refused, match="another checkpoint"):
         d.reserve_copy("a", "h2", MiB, 0)
@@ -46,8 +48,8 @@ def test_instance_evicts_least_recently_used_copies_only_as_needed():
     d.reserve_copy("m", "h", 4 * MiB, 4)
     d.copy_ready("m")
     # 4 MiB free; instance needs 4 (engine) + 4 (kv) = 8: one eviction is enough
-    assert d.room_for_instance("m", 4 * MiB, 4 * MiB) == ["old"]
-    d.start_instance("i", "m", 4 * MiB, 4 * MiB, now_s=5)
+    assert d.room_for_instance("m", "arch", 4 * MiB, 4 * MiB) == Room([], ["old"])
+    d.start_instance("i", "m", "arch", 4 * MiB, 4 * MiB, now_s=5)
     assert set(d.copies) == {"mid", "new", "m"} and d.free_bytes == 0
 
 
@@ -57,21 +59,61 @@ def test_loading_copies_and_the_model_itself_are_never_evicted():
     d.copy_ready("m")
     d.reserve_copy("loading", "h", 4 * MiB, 0)
     with pytest.raises(Refused, match="short by"):
-        d.room_for_instance("m", 4 * MiB, 4 * MiB)
+        d.room_for_instance("m", "arch", 4 * MiB, 4 * MiB)
 
 
 def test_one_instance_per_device_and_serving_copy_cannot_be_dropped():
     d = DeviceLedger(0, 100 * MiB)
     d.reserve_copy("m", "h", MiB, 0)
     d.copy_ready("m")
-    d.start_instance("i1", "m", MiB, MiB, 0)
+    d.start_instance("i1", "m", "arch", MiB, MiB, 0)
     with pytest.raises(Refused, match="already serves m"):
-        d.room_for_instance("x", MiB, MiB)
+        d.room_for_instance("x", "arch", MiB, MiB)
     with pytest.raises(Refused, match="demote it first"):
         d.drop_copy("m")
-    assert d.end_instance("i1").model == "m" and d.instance is None
+    assert d.end_instance("i1", 1).model == "m" and d.instance is None
 
 
 def test_kv_reservation_never_below_one_context():
     assert instance_kv_bytes(1000, 2048, 0) == page_bytes(2_304_000)
     assert instance_kv_bytes(1000, 2048, 64 * MiB) == 64 * MiB
+
+
+def test_demoted_engine_stays_warm_and_is_reused_without_new_room():
+    d = DeviceLedger(0, 20 * MiB)
+    d.start_instance("i1", "a", "arch", 4 * MiB, 4 * MiB, now_s=0)
+    d.end_instance("i1", now_s=1)
+    assert d.engines["arch"].bytes == 8 * MiB and d.idle_engine_bytes == 8 * MiB
+    assert d.free_bytes == 12 * MiB and d.reclaimable_free_bytes == 20 * MiB  # the placer may plan with it
+    assert d.room_for_instance("b", "arch", 4 * MiB, 4 * MiB) == Room([], [])  # same architecture: reuse
+
+
+def test_idle_engines_are_dropped_before_copies_and_serving_engine_never():
+    d = DeviceLedger(0, 24 * MiB)
+    d.start_instance("i1", "a", "arch1", 4 * MiB, 4 * MiB, now_s=0)
+    d.end_instance("i1", now_s=1)
+    d.reserve_copy("c", "h", 8 * MiB, 2)
+    d.copy_ready("c")
+    # 8 free; other arch needs 8 + 4 = 12: drop the idle arch1 engine (8), keep the copy
+    assert d.room_for_instance("b", "arch2", 8 * MiB, 4 * MiB) == Room(["arch1"], [])
+    d.start_instance("i2", "b", "arch2", 8 * MiB, 4 * MiB, now_s=3)
+    assert set(d.engines) == {"arch2"} and "c" in d.copies
+    assert d._idle_engines_to_drop(100 * MiB) == []  # the serving engine is not idle
+
+
+def test_prewarm_drops_idle_engines_only_as_needed():
+    d = DeviceLedger(0, 16 * MiB)
+    d.start_instance("i1", "a", "arch1", 4 * MiB, 4 * MiB, now_s=0)
+    d.end_instance("i1", now_s=1)
+    assert d.reserve_copy("small", "h", 8 * MiB, 2) == []
+    assert d.reserve_copy("big", "h", 8 * MiB, 3) == ["arch1"]
+    assert d.engines == {} and d.free_bytes == 0
+    with pytest.raises(Refused, match="not enough memory"):
+        d.reserve_copy("more", "h", MiB, 4)
+
+
+def test_failed_start_forgets_the_engine():
+    d = DeviceLedger(0, 16 * MiB)
+    d.start_instance("i1", "a", "arch", 4 * MiB, 4 * MiB, now_s=0)
+    d.end_instance("i1", now_s=1, keep_engine=False)
+    assert d.engines == {} and d.free_bytes == 16 * MiB

@@ -56,6 +56,9 @@ class FakeHost:
         self.instances.pop(instance_id, None)
         self.streams.pop(instance_id, None)
 
+    async def drop_engine(self, arch: str) -> None:
+        self.archs.discard(arch)
+
     def inflight(self, instance_id: str) -> int:
         return len(self.streams.get(instance_id, ()))
 

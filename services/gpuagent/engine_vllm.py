@@ -10,6 +10,7 @@ asyncio callers talk to it through a command queue. Imports vLLM once, at worker
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import queue
 import threading
@@ -118,6 +119,21 @@ class VllmHost:
             "weights_iterator": iter(tensors.items()), "is_checkpoint_format": True})
         slot.engine.reset_prefix_cache()
 
+    async def drop_engine(self, arch: str) -> None:
+        """Free an idle warm engine: its thread ends and its weights and KV cache are released."""
+        async with self._engine_lock:
+            slot = self.slots.get(arch)
+            if slot is None or slot.serving:
+                return
+            del self.slots[arch]
+            slot.commands.put(("stop", ""))
+            slot.wake.set()
+            await asyncio.to_thread(slot.thread.join, 10)
+            del slot
+            gc.collect()
+            if self.device != "cpu":
+                torch.cuda.empty_cache()
+
     def inflight(self, instance_id: str) -> int:
         entry = self.instances.get(instance_id)
         return len(entry[0].streams) if entry else 0
@@ -171,6 +187,8 @@ class VllmHost:
         while True:
             while not slot.commands.empty():
                 op, request_id, *rest = slot.commands.get()
+                if op == "stop":
+                    return
                 if op == "add":
                     try:
                         engine.add_request(request_id, rest[0], rest[1])

@@ -208,9 +208,11 @@ class AgentService(Service):
         key = (ledger.index, info.name)
         if key in self._loads:  # same copy already loading: wait for that load
             return await asyncio.shield(self._loads[key])
-        record = ledger.reserve_copy(info.name, info.content_hash, info.size_bytes // info.tp, time.time())
-        if record is None:
+        engines = ledger.reserve_copy(info.name, info.content_hash, info.size_bytes // info.tp, time.time())
+        if engines is None:
             return {"device": ledger.index, "already": True}
+        for arch in engines:
+            await self._drop_engine(ledger, arch, f"room_for_copy:{info.name}")
         future = asyncio.ensure_future(self._load(ledger, info, reason))
         self._loads[key] = future
         try:
@@ -248,14 +250,18 @@ class AgentService(Service):
                           detail={"freed_bytes": record.bytes})
         return {"device": ledger.index, "freed_bytes": record.bytes}
 
+    async def _drop_engine(self, ledger: DeviceLedger, arch: str, reason: str) -> None:
+        """Free an idle warm engine on the worker (the ledger has already released it)."""
+        await self._call(ledger.index, DeviceCall(op=DeviceOp.drop_engine, model=ModelInfo(
+            name="", path="", size_bytes=0, content_hash="", arch=arch)))
+        await self._event("engine_dropped", devices=[ledger.index], reason=reason, detail={"arch": arch})
+
     # ------------------------------------------------------------ instances
 
     async def _cold_start(self, ledger: DeviceLedger, info: ModelInfo, instance_id: str, kv: int, reason: str) -> dict:
         started = time.perf_counter()
-        if info.name not in ledger.copies:
-            need = page_bytes(info.size_bytes) * 2 + instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len,
-                                                                         kv or self.settings.kv_cache_bytes)
-            for victim in self._victims(ledger, info.name, need):
+        if info.name not in ledger.copies:  # room for the copy now; the instance frees more if it must
+            for victim in self._victims(ledger, info.name, page_bytes(info.size_bytes // info.tp)):
                 await self._evict(ledger, victim, f"evicted_for:{info.name}")
             await self._prewarm(ledger, info, reason)
         detail = await self._start_instance(ledger, info, instance_id, kv, reason)
@@ -265,7 +271,7 @@ class AgentService(Service):
     def _victims(ledger: DeviceLedger, model: str, need: int) -> list[str]:
         idle = sorted((c for c in ledger.copies.values() if c.model != model and c.state == CopyState.ready),
                       key=lambda c: c.last_used_s)
-        victims, free = [], ledger.free_bytes
+        victims, free = [], ledger.reclaimable_free_bytes
         for copy in idle:
             if free >= need:
                 break
@@ -280,16 +286,21 @@ class AgentService(Service):
             await asyncio.shield(load)
         kv_bytes = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, kv or self.settings.kv_cache_bytes)
         engine_bytes = info.size_bytes // info.tp
-        for victim in ledger.room_for_instance(info.name, engine_bytes, kv_bytes):
+        room = ledger.room_for_instance(info.name, info.arch, engine_bytes, kv_bytes)
+        for arch in room.engines:
+            ledger.engines.pop(arch)
+            await self._drop_engine(ledger, arch, f"room_for_instance:{info.name}")
+        for victim in room.copies:
             await self._evict(ledger, victim, f"evicted_for:{info.name}")
-        ledger.start_instance(instance_id, info.name, engine_bytes, kv_bytes, time.time())
+        ledger.start_instance(instance_id, info.name, info.arch, engine_bytes, kv_bytes, time.time())
         await self._event("instance_starting", model=info.name, devices=[ledger.index], instance_id=instance_id,
                           reason=reason)
         started = time.perf_counter()
         result = await self._call(ledger.index, DeviceCall(op=DeviceOp.start_instance, model=info,
                                                            instance_id=instance_id, kv_bytes=kv_bytes))
-        if not result.ok:
-            ledger.end_instance(instance_id)
+        if not result.ok:  # the engine's state is unknown: drop it on both sides
+            ledger.end_instance(instance_id, time.time(), keep_engine=False)
+            await self._drop_engine(ledger, info.arch, "instance_failed")
             await self._event("instance_failed", model=info.name, devices=[ledger.index], instance_id=instance_id,
                               reason=result.reason)
             raise Refused(result.reason)
@@ -308,7 +319,7 @@ class AgentService(Service):
         started = time.perf_counter()
         await self._call(ledger.index, DeviceCall(op=DeviceOp.stop_instance, instance_id=instance_id,
                                                   drain_timeout_s=self.settings.demote_timeout_s))
-        ledger.end_instance(instance_id)
+        ledger.end_instance(instance_id, time.time())
         if model in ledger.copies:
             ledger.copies[model].last_used_s = time.time()
         await self._event("instance_stopped", model=model, devices=[ledger.index], instance_id=instance_id,
@@ -332,7 +343,8 @@ class AgentService(Service):
     def view(self) -> NodeView:
         devices, copies, instances = [], [], []
         for d in self.ledgers:
-            devices.append(DeviceView(index=d.index, budget_bytes=d.budget_bytes, free_bytes=d.free_bytes,
+            devices.append(DeviceView(index=d.index, budget_bytes=d.budget_bytes, free_bytes=d.reclaimable_free_bytes,
+                                      idle_engine_bytes=d.idle_engine_bytes,
                                       kind=self.settings.device_kind))
             copies += [CopyView(model=c.model, content_hash=c.content_hash, devices=[d.index], state=c.state,
                                 bytes=c.bytes, progress=c.progress) for c in d.copies.values()]
@@ -340,7 +352,7 @@ class AgentService(Service):
                 i = d.instance
                 instances.append(InstanceView(instance_id=i.instance_id, model=i.model, devices=[d.index],
                                               state=i.state, inflight=self.inflight.get(i.instance_id, 0),
-                                              started_at_s=i.started_at_s, kv_bytes=i.kv_bytes))
+                                              started_at_s=i.started_at_s, kv_bytes=d.engines[i.arch].kv_bytes))
         return NodeView(node=self.node, at_s=time.time(), devices=devices, copies=copies, instances=instances,
                         boot_id=self.boot_id)
 

@@ -1,9 +1,10 @@
 """Per-device memory ledger and copy/instance state machine of the GPU agent (pure, no I/O).
 
 Memory is counted in 2 MiB pages. A device holds prewarmed weight copies (loading / ready /
-evicting) and at most one serving instance (TP groups address several devices, one instance
-each). The ledger says whether a command fits and which copies to evict so an instance gets
-just the room it needs; the shell applies the answer.
+evicting), warm engines (one per architecture: weights + KV cache, kept after a demote so the next
+promotion only swaps weights) and at most one serving instance, which runs in the engine of its
+architecture. Idle engines are a cache: they are dropped before anything else when room is
+needed. The ledger says what fits and what to free; the shell applies the answer.
 """
 
 from __future__ import annotations
@@ -48,10 +49,25 @@ class CopyRecord:
 class InstanceRecord:
     instance_id: str
     model: str
-    engine_bytes: int  # page-rounded weights held by the serving engine
-    kv_bytes: int  # page-rounded KV cache
+    arch: str  # the warm engine it runs in
     state: InstanceState = InstanceState.starting
     started_at_s: float = 0.0
+
+
+@dataclass
+class EngineRecord:
+    arch: str
+    bytes: int  # page-rounded engine weights + KV cache
+    kv_bytes: int  # page-rounded KV cache (part of `bytes`)
+    last_used_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Room:
+    """What to free, in order, before an instance can start: idle engines first, then copies."""
+
+    engines: list[str]
+    copies: list[str]
 
 
 @dataclass
@@ -59,33 +75,59 @@ class DeviceLedger:
     index: int
     budget_bytes: int
     copies: dict[str, CopyRecord] = field(default_factory=dict)  # by model name
+    engines: dict[str, EngineRecord] = field(default_factory=dict)  # by architecture
     instance: InstanceRecord | None = None
 
     @property
     def used_bytes(self) -> int:
-        inst = self.instance
-        return sum(c.bytes for c in self.copies.values()) + (inst.engine_bytes + inst.kv_bytes if inst else 0)
+        return sum(c.bytes for c in self.copies.values()) + sum(e.bytes for e in self.engines.values())
 
     @property
     def free_bytes(self) -> int:
         return max(self.budget_bytes - self.used_bytes, 0)
 
+    @property
+    def idle_engine_bytes(self) -> int:
+        return sum(e.bytes for a, e in self.engines.items() if not self._serving(a))
+
+    @property
+    def reclaimable_free_bytes(self) -> int:
+        """Free memory counting idle engines as free: what the placer may plan with."""
+        return min(self.free_bytes + self.idle_engine_bytes, self.budget_bytes)
+
+    def _serving(self, arch: str) -> bool:
+        return self.instance is not None and self.instance.arch == arch
+
+    def _idle_engines_to_drop(self, need: int, keep: str = "") -> list[str]:
+        """Least recently used idle engines (not `keep`) whose bytes cover `need`; [] if need <= 0."""
+        victims = []
+        for engine in sorted(self.engines.values(), key=lambda e: (e.last_used_s, e.arch)):
+            if need <= 0:
+                break
+            if engine.arch != keep and not self._serving(engine.arch):
+                victims.append(engine.arch)
+                need -= engine.bytes
+        return victims
+
     # ------------------------------------------------------------ copies
 
-    def reserve_copy(self, model: str, content_hash: str, nbytes: int, now_s: float) -> CopyRecord | None:
-        """Start a prewarm; None if an identical copy is already here (idempotent)."""
+    def reserve_copy(self, model: str, content_hash: str, nbytes: int, now_s: float) -> list[str] | None:
+        """Start a prewarm: returns the idle engines to drop first ([] usually); None if an
+        identical copy is already here (idempotent)."""
         existing = self.copies.get(model)
         if existing and existing.content_hash == content_hash and existing.state != CopyState.evicting:
             return None
         if existing:
             raise Refused(f"device {self.index} holds another checkpoint of {model} ({existing.state.value})")
         need = page_bytes(nbytes)
-        if need > self.free_bytes:
+        if need > self.reclaimable_free_bytes:
             raise Refused(f"not enough memory on device {self.index}: need {need} bytes, "
-                          f"free {self.free_bytes} of {self.budget_bytes}")
-        record = CopyRecord(model, content_hash, need, last_used_s=now_s)
-        self.copies[model] = record
-        return record
+                          f"free {self.reclaimable_free_bytes} of {self.budget_bytes}")
+        engines = self._idle_engines_to_drop(need - self.free_bytes)
+        for arch in engines:
+            self.engines.pop(arch)
+        self.copies[model] = CopyRecord(model, content_hash, need, last_used_s=now_s)
+        return engines
 
     def copy_ready(self, model: str) -> None:
         record = self.copies[model]
@@ -101,43 +143,58 @@ class DeviceLedger:
 
     # ------------------------------------------------------------ instances
 
-    def room_for_instance(self, model: str, engine_bytes: int, kv_bytes: int) -> list[str]:
-        """Copies to evict (least recently used first) so the instance fits; only as many as needed.
-
-        The model's own copy and copies still loading are never chosen.
-        """
+    def room_for_instance(self, model: str, arch: str, engine_bytes: int, kv_bytes: int) -> Room:
+        """What to free so the instance fits, only as much as needed: idle engines of other
+        architectures first, then idle copies, least recently used first. The model's own copy and
+        copies still loading are never chosen; an existing engine of `arch` needs no room."""
         if self.instance is not None:
             raise Refused(f"device {self.index} already serves {self.instance.model} "
                           f"({self.instance.instance_id})")
-        need = page_bytes(engine_bytes) + page_bytes(kv_bytes) - self.free_bytes
-        victims: list[str] = []
-        candidates = sorted((c for c in self.copies.values() if c.model != model and c.state == CopyState.ready),
-                            key=lambda c: (c.last_used_s, c.model))
-        for copy in candidates:
+        need = 0 if arch in self.engines else page_bytes(engine_bytes) + page_bytes(kv_bytes)
+        need -= self.free_bytes
+        engines = self._idle_engines_to_drop(need, keep=arch)
+        need -= sum(self.engines[a].bytes for a in engines)
+        copies: list[str] = []
+        for copy in sorted((c for c in self.copies.values() if c.model != model and c.state == CopyState.ready),
+                           key=lambda c: (c.last_used_s, c.model)):
             if need <= 0:
                 break
-            victims.append(copy.model)
+            copies.append(copy.model)
             need -= copy.bytes
         if need > 0:
             raise Refused(f"not enough memory on device {self.index} for an instance of {model}: "
-                          f"short by {need} bytes after evicting every idle copy")
-        return victims
+                          f"short by {need} bytes after freeing every idle engine and copy")
+        return Room(engines, copies)
 
-    def start_instance(self, instance_id: str, model: str, engine_bytes: int, kv_bytes: int, now_s: float) -> None:
-        for victim in self.room_for_instance(model, engine_bytes, kv_bytes):
-            self.copies.pop(victim)
-        self.instance = InstanceRecord(instance_id, model, page_bytes(engine_bytes), page_bytes(kv_bytes),
-                                       started_at_s=now_s)
+    def start_instance(self, instance_id: str, model: str, arch: str, engine_bytes: int, kv_bytes: int,
+                       now_s: float) -> Room:
+        """Free what `room_for_instance` says and book the instance (and its engine if new)."""
+        room = self.room_for_instance(model, arch, engine_bytes, kv_bytes)
+        for a in room.engines:
+            self.engines.pop(a)
+        for m in room.copies:
+            self.copies.pop(m)
+        if arch not in self.engines:
+            self.engines[arch] = EngineRecord(arch, page_bytes(engine_bytes) + page_bytes(kv_bytes),
+                                              page_bytes(kv_bytes))
+        self.engines[arch].last_used_s = now_s
+        self.instance = InstanceRecord(instance_id, model, arch, started_at_s=now_s)
         if model in self.copies:
             self.copies[model].last_used_s = now_s
+        return room
 
     def set_instance_state(self, instance_id: str, state: InstanceState) -> None:
         if self.instance and self.instance.instance_id == instance_id:
             self.instance.state = state
 
-    def end_instance(self, instance_id: str) -> InstanceRecord | None:
+    def end_instance(self, instance_id: str, now_s: float, keep_engine: bool = True) -> InstanceRecord | None:
+        """The instance stops; its engine stays warm (idle) unless it failed to start."""
         inst = self.instance
         if inst and inst.instance_id == instance_id:
             self.instance = None
+            if keep_engine:
+                self.engines[inst.arch].last_used_s = now_s
+            else:
+                self.engines.pop(inst.arch, None)
             return inst
         return None
