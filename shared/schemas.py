@@ -145,7 +145,7 @@ class DeviceOp(str, Enum):
     drop_copy = "drop_copy"  # free a pool copy
     start_instance = "start_instance"  # serve a model (from the pool copy, else from disk)
     stop_instance = "stop_instance"  # drain, then stop serving (the pool copy and the engine stay)
-    drop_engine = "drop_engine"  # free the idle warm engine of `model.arch`
+    drop_engine = "drop_engine"  # free the idle warm engine of `arch`
     status = "status"  # in-flight counts and resident copies
 
 
@@ -157,6 +157,7 @@ class DeviceCall(Message):
     instance_id: str = ""
     kv_bytes: int = Field(default=0, ge=0)
     drain_timeout_s: float = 30.0
+    arch: str = ""  # drop_engine: the architecture whose warm engine to free
 
 
 # ---------------------------------------------------------------- placement requests

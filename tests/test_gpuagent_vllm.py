@@ -1,6 +1,7 @@
 """GPU agent with real vLLM (CPU build) on the demo models: prewarm -> promote -> stream ->
 demote -> promote again, a weight swap between two checkpoints of one architecture, eviction
-under memory pressure, refusal of an oversized prewarm, restart reconciliation."""
+(idle engines first) under memory pressure, refusal of an oversized prewarm, restart
+reconciliation, no orphaned workers."""
 
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ async def test_promote_swaps_weights_and_serves_real_tokens(vllm_agent):
 async def test_memory_pressure_oversize_refusal_and_restart(vllm_agent):
     running, bus, state, s = vllm_agent
     node = s.node
+    assert (await command(bus, node, CommandKind.cold_start, "demo-small-a", instance_id="s")).ok
+    assert (await command(bus, node, CommandKind.demote, instance_id="s")).ok
+    assert running.service.view().devices[0].idle_engine_bytes > 0  # the small engine stays warm
     too_big = await command(bus, node, CommandKind.prewarm, "demo-large", devices=(0,))
-    assert (await command(bus, node, CommandKind.prewarm, "demo-small-a")).ok
     assert (await command(bus, node, CommandKind.prewarm, "demo-small-b")).ok
     # 700 MiB: the large model (274 MB) fits as a copy, but not beside both small copies + an instance
     started = await command(bus, node, CommandKind.cold_start, "demo-large", instance_id="L")
@@ -64,6 +67,7 @@ async def test_memory_pressure_oversize_refusal_and_restart(vllm_agent):
     view = running.service.view()
     kept = {c.model for c in view.copies}
     assert "demo-large" in kept and len(kept) < 3  # evicted only as far as needed
+    assert view.devices[0].idle_engine_bytes == 0  # the idle small engine went first
     text_of(await infer(bus, "L", prompt="hello", max_tokens=4))
     oversized = await command(bus, node, CommandKind.prewarm, "demo-small-b" if "demo-small-b" not in kept
                               else "demo-small-a")

@@ -252,8 +252,7 @@ class AgentService(Service):
 
     async def _drop_engine(self, ledger: DeviceLedger, arch: str, reason: str) -> None:
         """Free an idle warm engine on the worker (the ledger has already released it)."""
-        await self._call(ledger.index, DeviceCall(op=DeviceOp.drop_engine, model=ModelInfo(
-            name="", path="", size_bytes=0, content_hash="", arch=arch)))
+        await self._call(ledger.index, DeviceCall(op=DeviceOp.drop_engine, arch=arch))
         await self._event("engine_dropped", devices=[ledger.index], reason=reason, detail={"arch": arch})
 
     # ------------------------------------------------------------ instances

@@ -64,7 +64,7 @@ class DeviceWorker:
             await self._serve_instance(call.instance_id)
             return detail
         if call.op == DeviceOp.drop_engine:
-            return await self.host.drop_engine(call.model.arch)
+            return await self.host.drop_engine(call.arch)
         if call.op == DeviceOp.stop_instance:
             await self._drain_instance(call.instance_id, call.drain_timeout_s)
             return await self.host.stop_instance(call.instance_id)
