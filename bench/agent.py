@@ -169,7 +169,8 @@ async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoS
     redis = infra.start_redis(data, infra.free_port())
     settings = load_settings({"nats_url": nats.url, "redis_url": redis.url, "namespace": "benchagent",
                               "engine": "vllm", "device_kind": device_kind, "devices": 2,
-                              "device_memory_bytes": 8 << 30, "kv_cache_bytes": 128 << 20}, env={})
+                              "device_memory_bytes": 8 << 30, "kv_cache_bytes": 128 << 20,
+                              "warm_engines": False}, env={})  # (a) must find no engine at all
     try:
         state = await State.connect(settings)
         for name in (n for pair in pairs for n in pair):

@@ -146,6 +146,7 @@ class DeviceOp(str, Enum):
     start_instance = "start_instance"  # serve a model (from the pool copy, else from disk)
     stop_instance = "stop_instance"  # drain, then stop serving (the pool copy and the engine stay)
     drop_engine = "drop_engine"  # free the idle warm engine of `arch`
+    warm_engine = "warm_engine"  # initialise an idle engine for `model`'s architecture (no weights served)
     status = "status"  # in-flight counts and resident copies
 
 

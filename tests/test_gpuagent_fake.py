@@ -17,7 +17,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 async def agent(settings):
-    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001,
+    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001, warm_engines=False,
                                 fake_load_bytes_s=1e9, heartbeat_s=0.2, kv_cache_bytes=2 * MiB)
     models = [fake_model(name, size) for name, size in (("m1", 8 * MiB), ("m2", 8 * MiB), ("huge", 100 * MiB))]
     async with running_agent(s, models) as (running, bus, state):
@@ -116,3 +116,19 @@ async def test_idle_warm_engine_is_counted_and_dropped_when_room_is_needed(agent
     assert device.idle_engine_bytes == 0 and {c.model for c in running.service.view().copies} == {"m1", "other-arch"}
     again = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i2")
     assert again.ok and again.detail["path"] == "new_engine"
+
+
+async def test_device_prewarming_warms_one_engine_per_architecture_where_it_fits(settings):
+    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=100 * MiB, kv_cache_bytes=2 * MiB,
+                                warm_engines=True)
+    models = [fake_model("x1", 8 * MiB, arch="small"), fake_model("x2", 8 * MiB, arch="small"),
+              fake_model("big", 40 * MiB, arch="large"), fake_model("giant", 60 * MiB, arch="giant")]
+    async with running_agent(s, models) as (running, bus, state):
+        await asyncio.wait_for(running.service._warming, 10)
+        for ledger in running.service.ledgers:  # giant (60 + 2 MiB) does not fit beside the other two
+            assert {a: e.bytes for a, e in ledger.engines.items()} == {"small": 10 * MiB, "large": 42 * MiB}
+        promoted = await command(bus, s.node, CommandKind.cold_start, "x2", instance_id="i")
+        assert promoted.ok and promoted.detail["path"] == "warm_engine"  # no engine init on the request path
+        copy = await command(bus, s.node, CommandKind.prewarm, "giant", devices=(1,))
+        assert copy.ok, copy.reason  # idle engines are a cache: dropped to make room for the copy
+        assert running.service.ledgers[1].engines == {}

@@ -19,7 +19,7 @@ MiB = 1 << 20
 @pytest.fixture
 async def vllm_agent(settings, demo_models):
     s = settings.with_overrides(engine="vllm", devices=1, device_memory_bytes=700 * MiB, heartbeat_s=0.5,
-                                kv_cache_bytes=32 * MiB)
+                                kv_cache_bytes=32 * MiB, warm_engines=False)  # engines appear when the test says
     async with running_agent(s, list(demo_models.values())) as (running, bus, state):
         yield running, bus, state, s
 

@@ -56,6 +56,12 @@ class FakeHost:
         self.instances.pop(instance_id, None)
         self.streams.pop(instance_id, None)
 
+    async def warm_engine(self, info: ModelInfo, kv_bytes: int) -> dict:
+        if info.arch not in self.archs:
+            await asyncio.sleep(ENGINE_INIT_S)
+            self.archs.add(info.arch)
+        return {}
+
     async def drop_engine(self, arch: str) -> None:
         self.archs.discard(arch)
 

@@ -101,6 +101,15 @@ class VllmHost:
         detail["path"] = "new_engine" if "engine_init_ms" in detail else "warm_engine"
         return detail
 
+    async def warm_engine(self, info: ModelInfo, kv_bytes: int) -> dict:
+        """Initialise an idle engine for the architecture (dummy weights) so promotions skip it."""
+        async with self._engine_lock:
+            if info.arch in self.slots:
+                return {}
+            started = time.perf_counter()
+            await asyncio.to_thread(self._new_slot, info, kv_bytes or self.kv_cache_bytes)
+            return {"engine_init_ms": (time.perf_counter() - started) * 1000}
+
     def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
         args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype="bfloat16",
                           kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",

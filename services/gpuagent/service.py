@@ -45,6 +45,8 @@ class AgentService(Service):
         self._loads: dict[tuple[int, str], asyncio.Future] = {}
         self._prewarm_slots = asyncio.Semaphore(settings.max_parallel_prewarms)
         self._ready = False
+        self._stopping = False
+        self._warming: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -59,6 +61,27 @@ class AgentService(Service):
         self._ready = True
         await self._event("agent_started", detail={"devices": len(self.ledgers), "engine": s.engine,
                                                    "boot_id": self.boot_id})
+        if s.warm_engines:
+            self._warming = asyncio.create_task(self._warm_engines())
+
+    async def _warm_engines(self) -> None:
+        """Device prewarming: one idle engine per registered architecture per device, in the
+        background (commands are served meanwhile); smaller architectures first."""
+        models = sorted((await self.state.models()).values(), key=lambda m: (m.size_bytes, m.name))
+        archs = {m.arch: m for m in reversed(models) if m.tp == 1}
+        for info in sorted(archs.values(), key=lambda m: m.size_bytes):
+            kv = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, self.settings.kv_cache_bytes)
+            for ledger in self.ledgers:
+                if self._stopping or not ledger.reserve_engine(info.arch, info.size_bytes, kv, time.time()):
+                    continue
+                result = await self._call(ledger.index, DeviceCall(op=DeviceOp.warm_engine, model=info, kv_bytes=kv))
+                if not result.ok:
+                    ledger.engines.pop(info.arch, None)
+                    self.log.warning("engine_warm_failed", device=ledger.index, arch=info.arch, reason=result.reason)
+                    continue
+                await self._event("engine_warmed", devices=[ledger.index], model=info.name,
+                                  detail={"arch": info.arch, **result.detail})
+                await self._publish_view()
 
     def is_ready(self) -> bool:
         return self._ready
@@ -119,6 +142,9 @@ class AgentService(Service):
 
     async def stop(self) -> None:
         self._ready = False
+        self._stopping = True
+        if self._warming is not None:
+            await asyncio.gather(self._warming, return_exceptions=True)
         for ledger in self.ledgers:
             if ledger.instance:
                 try:

@@ -63,6 +63,8 @@ class DeviceWorker:
             detail = await self.host.start_instance(call.instance_id, call.model, call.kv_bytes)
             await self._serve_instance(call.instance_id)
             return detail
+        if call.op == DeviceOp.warm_engine:
+            return await self.host.warm_engine(call.model, call.kv_bytes)
         if call.op == DeviceOp.drop_engine:
             return await self.host.drop_engine(call.arch)
         if call.op == DeviceOp.stop_instance:

@@ -109,6 +109,14 @@ class DeviceLedger:
                 need -= engine.bytes
         return victims
 
+    def reserve_engine(self, arch: str, engine_bytes: int, kv_bytes: int, now_s: float) -> bool:
+        """Book an idle warm engine if the architecture has none and it fits in free memory."""
+        need = page_bytes(engine_bytes) + page_bytes(kv_bytes)
+        if arch in self.engines or need > self.free_bytes:
+            return False
+        self.engines[arch] = EngineRecord(arch, need, page_bytes(kv_bytes), last_used_s=now_s)
+        return True
+
     # ------------------------------------------------------------ copies
 
     def reserve_copy(self, model: str, content_hash: str, nbytes: int, now_s: float) -> list[str] | None:
