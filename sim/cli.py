@@ -1,6 +1,7 @@
 """`warmserve sim`: run the configured systems on a trace workload and print their metrics
 (a table, or JSON with --json), writing PNG plots into --out; `warmserve sim sweep` finds each
-system's max request rate with P99 TTFT under --slo-p99-s."""
+system's max request rate with P99 TTFT under --slo-p99-s; `warmserve sim grid` runs every system on
+a regime grid (sim/grid.py) and prints one JSON line per cell and system."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from sim import plots
+from sim import grid, plots
 from sim.run import build, load_config, make_system, run
 from sim.sweep import max_rate
 
@@ -17,8 +18,9 @@ COLUMNS = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "share_ttft_under_100ms", "
            "prewarm_hit_rate", "bytes_loaded", "unfinished")
 
 
-def _parser(sweep: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="warmserve sim" + (" sweep" if sweep else ""))
+def _parser(mode: str) -> argparse.ArgumentParser:
+    sweep = mode == "sweep"
+    p = argparse.ArgumentParser(prog="warmserve sim" + (f" {mode}" if mode else ""))
     p.add_argument("--config", required=True, help="JSON config (see sim/configs/)")
     p.add_argument("--systems", help="comma-separated systems (default: the config's list)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -30,6 +32,12 @@ def _parser(sweep: bool) -> argparse.ArgumentParser:
         p.add_argument("--low-rps", type=float, default=None)
         p.add_argument("--high-rps", type=float, default=None)
         p.add_argument("--steps", type=int, default=5)
+    if mode == "grid":
+        p.add_argument("--models-grid", default="14,28,56", help="model counts (the config's mix, scaled)")
+        p.add_argument("--rates", default="2,5,10", help="total request rates, req/s")
+        p.add_argument("--alpha", type=float, default=0.5, help="alpha of the full grid")
+        p.add_argument("--other-alphas", default="0,1,2", help="alphas run at --point only")
+        p.add_argument("--point", default="14,10", help="MODELS,RATE where the other alphas run")
     return p
 
 
@@ -44,10 +52,21 @@ def _config(args) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    sweep = argv[:1] == ["sweep"]
-    args = _parser(sweep).parse_args(argv[1:] if sweep else argv)
+    mode = argv[0] if argv[:1] in (["sweep"], ["grid"]) else ""
+    args = _parser(mode).parse_args(argv[1:] if mode else argv)
     config = _config(args)
-    return _sweep(config, args) if sweep else _simulate(config, args)
+    if mode == "grid":
+        return _grid(config, args)
+    return _sweep(config, args) if mode else _simulate(config, args)
+
+
+def _grid(config: dict, args) -> int:
+    models, rate = args.point.split(",")
+    for n, r, a in grid.cells([int(x) for x in args.models_grid.split(",")], [float(x) for x in args.rates.split(",")],
+                              args.alpha, [float(x) for x in args.other_alphas.split(",")], (int(models), float(rate))):
+        for row in grid.run_cell(config, n, r, a):
+            print(json.dumps(row), flush=True)
+    return 0
 
 
 def _simulate(config: dict, args) -> int:

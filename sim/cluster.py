@@ -87,6 +87,7 @@ class Cluster:
         self.books = (loop.now, float("inf"))  # GPU-seconds (GPUs holding an instance) count in this window
         self.starts = {"hit": 0, "loading": 0, "miss": 0}
         self.timeline: list[tuple[float, int, int, int]] | None = [] if record_timeline else None
+        self.changed_nodes: set[int] = set()  # nodes whose memory, copies or instances changed (shells clear it)
         self.on_instance_ready: Callable[[Instance], None] = lambda inst: None
         self.on_instance_gone: Callable[[Instance], None] = lambda inst: None
 
@@ -274,6 +275,7 @@ class Cluster:
         return done
 
     def _touch(self, node: int, devices: tuple[int, ...]) -> None:
+        self.changed_nodes.add(node)
         if self.timeline is None:
             return
         for d in devices:

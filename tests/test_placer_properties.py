@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.placer.core import (PAGE_BYTES, Config, Copy, Demote, Evict, Gpu, ModelSpec, Node, Prewarm, Promote, Snapshot, allocate,
+from services.placer.core import (PAGE_BYTES, Config, Copy, Demote, Evict, Gpu, ModelSpec, Node, Prewarm, Promote, Reuse, Snapshot, allocate,
                                   apply_effects, plan_tick)
 from services.placer.core.scores import copy_pages, kv_lendable_pages
 
@@ -112,6 +112,23 @@ def test_invariants_hold_after_any_sequence(snap, sequence, config):
         check_effects_valid(snap, effects)
         snap = apply_effects(snap, effects, now)
         check_invariants(snap, config)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), steps, configs)
+def test_reusing_the_index_decides_the_same(snap, sequence, config):
+    """A Reuse handle carried through every call (as the simulator does) changes no decision: each
+    step decides twice on one snapshot (the second call reuses what the first left untouched)."""
+    reuse, now = Reuse(), 0.0
+    for step in sequence:
+        now += 7.0
+        snap = with_load(snap, step, now)
+        model = snap.models[step[1] % len(snap.models)].name
+        ticked = plan_tick(snap, now, config, reuse)
+        assert ticked == plan_tick(snap, now, config)
+        allocated = allocate(snap, model, now, config, reuse)
+        assert allocated == allocate(snap, model, now, config)
+        snap = apply_effects(snap, ticked.effects if step[0] == "tick" else allocated.effects, now)
 
 
 @settings(max_examples=100, deadline=None)

@@ -32,31 +32,49 @@ class PlacerShell:
         self.refused: list[tuple[float, fx.Effect, str]] = []  # effects the cluster could not carry out
         self.pending: dict[int, deque] = {}  # node -> effects not yet run
         self.blocked: dict[int, Instance] = {}  # node -> the draining instance its queue waits for
+        self._nodes: list[core.Node] = [core.Node(node_name(n), ()) for n in range(cluster.nodes)]  # views, by node
+        self._copies: list[tuple[core.Copy, ...]] = [() for _ in range(cluster.nodes)]
+        self._forecasts: dict | None = None
+        self._models: tuple[core.ModelSpec, ...] = ()
+        self._instances: dict[str, tuple[tuple, core.Instance]] = {}  # id -> (what the view shows, view)
+        cluster.changed_nodes.update(range(cluster.nodes))
         serving.on_kv_short = self.reclaim_for
         cluster.on_instance_gone = self._instance_gone
 
     def snapshot(self, forecasts: dict[str, tuple[float, float]], loads: dict[str, float]) -> core.Snapshot:
-        """The observed cluster with the effects not yet carried out overlaid (as the live placer does)."""
+        """The observed cluster with the effects not yet carried out overlaid (as the live placer does).
+        Views of nodes the cluster has not touched since the last snapshot are kept (same objects)."""
         cl = self.cluster
-        nodes = tuple(core.Node(node_name(n), tuple(core.Gpu(g.device, g.free_bytes) for g in row))
-                      for n, row in enumerate(cl.gpus))
-        models = tuple(core.ModelSpec(name, cl.profile(name).size_bytes, cl.profile(name).tp,
-                                      *forecasts.get(name, (0.0, 0.0)), kv_bytes=self.kv_bytes_per_gpu[name])
-                       for name in self.serving.names)
-        copies = tuple(core.Copy(c.model, node_name(c.node), c.devices, c.state == "ready",
-                                 c.kv_host.instance_id if c.kv_host else "")
-                       for row in cl.gpus for g in row for c in g.copies if c.devices[0] == g.device)
+        for n in sorted(cl.changed_nodes):
+            row = cl.gpus[n]
+            self._nodes[n] = core.Node(node_name(n), tuple(core.Gpu(g.device, g.free_bytes) for g in row))
+            self._copies[n] = tuple(core.Copy(c.model, node_name(c.node), c.devices, c.state == "ready",
+                                              c.kv_host.instance_id if c.kv_host else "")
+                                    for g in row for c in g.copies if c.devices[0] == g.device)
+        cl.changed_nodes.clear()
+        if forecasts != self._forecasts:
+            self._forecasts = dict(forecasts)
+            self._models = tuple(core.ModelSpec(name, cl.profile(name).size_bytes, cl.profile(name).tp,
+                                                *forecasts.get(name, (0.0, 0.0)), kv_bytes=self.kv_bytes_per_gpu[name])
+                                 for name in self.serving.names)
+        copies = tuple(c for row in self._copies for c in row)
         instances = tuple(self._instance_view(i) for i in cl.instances.values())
-        observed = core.Snapshot(nodes, models, copies, instances, loads)
+        observed = core.Snapshot(tuple(self._nodes), self._models, copies, instances, loads)
         pending = [e for node in sorted(self.pending) for e in self.pending[node]]
         return apply_effects(observed, pending, cl.loop.now) if pending else observed
 
     def _instance_view(self, inst: Instance) -> core.Instance:
+        key = (inst.inflight, inst.kv_tokens_used, inst.state)
+        cached = self._instances.get(inst.instance_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         prof = self.cluster.profile(inst.model)
-        return core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
+        view = core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
                              inst.inflight, inst.kv_bytes_per_gpu,
                              inst.kv_tokens_used * prof.kv_bytes_per_token // prof.tp,
                              inst.state != "starting", inst.state == "draining")
+        self._instances[inst.instance_id] = (key, view)
+        return view
 
     def execute(self, effects, now_s: float) -> None:
         """Queue effects per node; like an agent, a node runs its commands in order and a demote
@@ -77,6 +95,7 @@ class PlacerShell:
                 self.refused.append((self.cluster.loop.now, effect, str(exc)))
 
     def _instance_gone(self, inst: Instance) -> None:
+        self._instances.pop(inst.instance_id, None)
         if self.blocked.get(inst.node) is inst:
             del self.blocked[inst.node]
             self._pump(inst.node)

@@ -7,6 +7,7 @@ whose requests wait asks the core for an instance once per waiting episode (as t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,8 +16,10 @@ import numpy as np
 from services.forecaster.core.online import OnlineForecaster
 from services.forecaster.core.windows import trace_windows
 from services.placer.core.planner import allocate, tick
+from services.placer.core.cluster import Reuse
 from services.placer.core.snapshot import Config
 from shared.workload import DAY_S
+from sim.cache import cached
 from sim.serving import LoadMeter
 from sim.systems.base import Context
 from sim.systems.placer_shell import PlacerShell
@@ -63,6 +66,7 @@ class WarmServe:
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)
+        self.reuse = Reuse()  # the core's index carries over between ticks and asks (same decisions)
         self.forecaster = OnlineForecaster(v.forecast, v.window_s, cfg.get("csp_days", 3), cfg.get("csp_errors", 10))
         for name in ctx.models:
             self.forecaster.add_model(name)
@@ -82,6 +86,18 @@ class WarmServe:
         first = max(math.floor((ctx.loop.now - days * DAY_S) / w), 0)
         if first >= self.window:
             return
+        cfg = ctx.config
+        key = {"what": "history", "models": len(ctx.models), "alpha": cfg["alpha"], "rate": cfg["total_rate_rps"],
+               "seed": cfg["seed"], "window_s": w, "first": first, "last": self.window, "batch": HISTORY_BATCH,
+               "profiles": [dataclasses.asdict(ctx.cluster.profile(name)) for name in ctx.models]}
+        history = cached(cfg.get("cache_dir"), key, lambda: self._history_windows(first))
+        for t in range(first, self.window):
+            self.forecaster.observe_rows(t, history["avg"][:, t - first], history["peak"][:, t - first])
+
+    def _history_windows(self, first: int) -> dict[str, np.ndarray]:
+        """[model, window] average and peak outstanding requests, each request outstanding for its
+        prefill + decode time at batch HISTORY_BATCH."""
+        ctx, w = self.ctx, self.variant.window_s
         avg = np.zeros((len(ctx.models), self.window))
         peak = np.zeros_like(avg)
         for m, name in enumerate(ctx.models):
@@ -90,8 +106,7 @@ class WarmServe:
             duration = (prof.prefill_overhead_s + arrivals.prompt_tokens * prof.prefill_s_per_token
                         + arrivals.output_tokens * prof.decode_step_s(HISTORY_BATCH))
             avg[m], peak[m] = trace_windows(arrivals.time_s, duration, w, self.window)
-        for t in range(first, self.window):
-            self.forecaster.observe_rows(t, avg[:, t], peak[:, t])
+        return {"avg": avg[:, first:], "peak": peak[:, first:]}
 
     def _forecast(self, t: int) -> dict[str, tuple[float, float]]:
         return {name: (p.avg, p.peak) for name, p in self.forecaster.forecast(t).items()}
@@ -108,7 +123,7 @@ class WarmServe:
         ctx = self.ctx
         self.loads = {name: avg for name, (avg, _, _) in zip(ctx.models, self.tick_meter.take())}
         snapshot = self.shell.snapshot(self.forecasts, self.loads)
-        self.shell.execute(tick(snapshot, ctx.loop.now, self.config), ctx.loop.now)
+        self.shell.execute(tick(snapshot, ctx.loop.now, self.config, self.reuse), ctx.loop.now)
         if ctx.loop.now < ctx.replay_end_s:
             ctx.loop.after(self.config.scale_window_s, self._tick)
 
@@ -126,7 +141,7 @@ class WarmServe:
             return
         self.asked[m] = True
         snapshot = self.shell.snapshot(self.forecasts, self.loads)  # the last tick's loads, as the live placer keeps them
-        allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config)
+        allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config, self.reuse)
         self.shell.execute(allocation.effects, ctx.loop.now)
         if not allocation.effects:
             ctx.loop.after(ASK_RETRY_S, self._ask, m)

@@ -9,6 +9,7 @@ a snapshot as if agents executed them. No asyncio, NATS, Redis, environment or c
 """
 
 from services.placer.core.allocate import Allocation
+from services.placer.core.cluster import Reuse
 from services.placer.core.effects import ColdStart, Demote, Effect, Evict, Promote, Prewarm
 from services.placer.core.overlay import apply_effects
 from services.placer.core.planner import DesiredCopy, TickPlan, allocate, plan_tick, tick
@@ -17,6 +18,6 @@ from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Gpu, Instanc
 
 __all__ = [
     "Allocation", "ColdStart", "Config", "Copy", "Demote", "DesiredCopy", "Effect", "Evict", "Gpu",
-    "Instance", "LoadPoint", "ModelSpec", "Node", "PAGE_BYTES", "Prewarm", "Promote", "Snapshot",
+    "Instance", "LoadPoint", "ModelSpec", "Node", "PAGE_BYTES", "Prewarm", "Promote", "Reuse", "Snapshot",
     "TickPlan", "allocate", "apply_effects", "kv_reserve_bytes", "plan_tick", "tick", "windowed_load",
 ]

@@ -1,7 +1,9 @@
 """The core's working index of one snapshot: per node, per GPU, free pages and occupants.
 
 Policies read candidates from it and apply their effects to it, so later decisions in the same
-tick see earlier ones (incremental free memory). Built fresh from each snapshot; never shared.
+tick see earlier ones (incremental free memory). Built from each snapshot; a `Reuse` handle lets the
+next build take over the previous one's nodes whose inputs are unchanged and that it left untouched
+(the same index a fresh build gives, for callers that ask thousands of times, like the simulator).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class NodeState:
     gpus: dict[int, GpuState]
     version: int = 0  # bumped on every change: caches keyed by it stay valid until then
     _summary: tuple[int, int, float] | None = None  # cache of the three below, dropped on change
+    inputs: tuple = ()  # what it was built from (see Cluster._node_inputs): reusable while equal
+    built: tuple[list[Occupant], list[Occupant], int] = ([], [], 0)  # its instances, copies, version once built
 
     def _summarise(self) -> tuple[int, int, float]:
         if self._summary is None:
@@ -97,41 +101,122 @@ def laminar_ok(group: frozenset[int], other: Occupant) -> bool:
     return group <= other.device_set
 
 
+@dataclass
+class Reuse:
+    """Handle for reusing the index across builds: holds the last Cluster built with it, which the
+    next build with the same handle takes apart (do not use that cluster afterwards)."""
+
+    last: Cluster | None = None
+
+
 class Cluster:
-    def __init__(self, snapshot: Snapshot, config: Config):
+    def __init__(self, snapshot: Snapshot, config: Config, reuse: Reuse | None = None):
         self.config = config
         self.models: dict[str, ModelSpec] = {m.name: m for m in snapshot.models}
-        self.nodes: dict[str, NodeState] = {
-            n.name: NodeState(n.name, i, {g.index: GpuState(g.index, pages_floor(g.free_bytes)) for g in n.gpus})
-            for i, n in enumerate(snapshot.nodes)}
         self.copies: dict[str, list[Occupant]] = {}
-        self._groups: dict[tuple[str, int], list[tuple[int, ...]]] = {}
+        self._groups: dict[str, dict[int, list[tuple[int, ...]]]] = {}  # node -> size -> aligned groups
         self.cache: dict[tuple, tuple[int, object]] = {}  # policies' per-node caches: key -> (node version, value)
         self.instances: dict[str, list[Occupant]] = {}
         self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
-        for inst in snapshot.instances:
-            if inst.node in self.nodes and inst.model in self.models:
-                self._attach(Occupant(inst.model, inst.node, inst.devices, copy_pages(self.models[inst.model]),
-                                      instance=inst, ready=inst.ready))
-        hosts = {o.instance.instance_id: o for group in self.instances.values() for o in group}
-        for occ in hosts.values():
-            self._lend_kv(occ)
-        for c in snapshot.copies:
-            if c.node in self.nodes and c.model in self.models:
-                occ = self._copy_occupant(c, hosts.get(c.kv_host))
-                self._attach(occ)
-                for d in occ.kv_devices:  # observed free memory already counts pool copies, not lent KV
-                    self.nodes[c.node].gpus[d].kv_spare -= occ.pages
+        previous = self._reusable(reuse.last if reuse else None, snapshot)
+        inputs = self._node_inputs(snapshot)
+        self.nodes: dict[str, NodeState] = {}
+        for i, n in enumerate(snapshot.nodes):
+            old = previous.nodes.get(n.name) if previous else None
+            new = inputs[n.name]
+            if old is not None and tuple(old.gpus) == tuple(g.index for g in n.gpus) and n.name in previous._groups:
+                self._groups[n.name] = previous._groups[n.name]  # the same devices: the same aligned groups
+            if old is not None and old.order == i and old.version == old.built[2] and old.inputs[0] == new[0]:
+                self.nodes[n.name] = old
+                if old.inputs[1] != new[1]:
+                    self._refresh_instances(old, new)
+                old._summary = None  # its copies' scores are about to change
+            else:
+                self.nodes[n.name] = self._build_node(i, new)
+        for kind, index in ((0, self.instances), (1, self.copies)):  # snapshot order, as one pass would
+            taken = {name: iter(node.built[kind]) for name, node in self.nodes.items()}
+            for item in (snapshot.instances if kind == 0 else snapshot.copies):
+                if item.node in self.nodes and item.model in self.models:
+                    index.setdefault(item.model, []).append(next(taken[item.node]))
+        if reuse is not None:
+            reuse.last = self
 
-    def _copy_occupant(self, c: Copy, host: Occupant | None) -> Occupant:
-        hosted = host is not None and frozenset(c.devices) <= host.device_set
+    def _reusable(self, previous: Cluster | None, snapshot: Snapshot) -> Cluster | None:
+        """The previous cluster if its nodes can be taken over: same config and model shapes."""
+        if previous is None or previous.config != self.config or previous.models.keys() != self.models.keys():
+            return None
+        same = all((m.size_bytes, m.tp) == (p.size_bytes, p.tp) for m, p in
+                   zip(self.models.values(), previous.models.values()))
+        return previous if same and len(previous.nodes) == len(snapshot.nodes) else None
+
+    def _node_inputs(self, snapshot: Snapshot) -> dict[str, tuple]:
+        """Per node: (its GPUs, its instances' ids, models, devices and the rank of their model's
+        first instance (which orders KV lending), its copies with the instance whose KV space they
+        name) and the instances themselves (their load and KV use change all the time)."""
+        names = {n.name for n in snapshot.nodes}
+        instances = [i for i in snapshot.instances if i.model in self.models and i.node in names]
+        rank: dict[str, int] = {}
+        for inst in instances:
+            rank.setdefault(inst.model, len(rank))
+        by_id = {i.instance_id: i for i in instances}
+        on: dict[str, tuple[list, list]] = {n.name: ([], []) for n in snapshot.nodes}
+        for inst in instances:
+            on[inst.node][0].append((inst, rank[inst.model]))
+        for c in snapshot.copies:
+            if c.node in on and c.model in self.models:
+                on[c.node][1].append((c, by_id.get(c.kv_host)))
+        return {n.name: ((n, tuple((i.instance_id, i.model, i.devices, r) for i, r in on[n.name][0]),
+                          tuple(on[n.name][1])), tuple(i for i, _ in on[n.name][0])) for n in snapshot.nodes}
+
+    def _build_node(self, order: int, inputs: tuple) -> NodeState:
+        (n, ranked, copies), instances = inputs
+        node = NodeState(n.name, order, {g.index: GpuState(g.index, pages_floor(g.free_bytes)) for g in n.gpus})
+        self.nodes[n.name] = node
+        hosts = [self._attach(Occupant(inst.model, inst.node, inst.devices, copy_pages(self.models[inst.model]),
+                                       instance=inst, ready=inst.ready), index=False) for inst in instances]
+        held = [self._attach(self._copy_occupant(c, host), index=False) for c, host in copies]
+        node.built = (hosts, held, node.version)
+        self._lend_node_kv(node, ranked)
+        node.inputs = inputs
+        return node
+
+    def _refresh_instances(self, node: NodeState, inputs: tuple) -> None:
+        """Same occupants, new instance figures (requests, KV use, state): redo the KV lending if
+        what any of them can lend changed."""
+        hosts, _, _ = node.built
+        relend = False
+        for occ, inst in zip(hosts, inputs[1]):
+            if occ.instance is not inst:
+                relend = relend or self._lendable(inst) != self._lendable(occ.instance)
+                occ.instance, occ.ready = inst, inst.ready
+        if relend:
+            for gpu in node.gpus.values():
+                gpu.host, gpu.kv_spare = None, 0
+            self._lend_node_kv(node, inputs[0][1])
+        node.inputs = inputs
+
+    def _lend_node_kv(self, node: NodeState, ranked: tuple) -> None:
+        """Each GPU's host instance (by model rank, then snapshot order) lends its idle KV space,
+        less what the copies already in it take (observed free memory counts pool copies only)."""
+        hosts, held, _ = node.built
+        for _, occ in sorted(zip((r for *_, r in ranked), hosts), key=lambda ro: ro[0]):
+            self._lend_kv(occ)
+        for occ in held:
+            for d in occ.kv_devices:
+                node.gpus[d].kv_spare -= occ.pages
+
+    def _copy_occupant(self, c: Copy, host: Instance | None) -> Occupant:
+        hosted = host is not None and frozenset(c.devices) <= frozenset(host.devices)
         return Occupant(c.model, c.node, c.devices, copy_pages(self.models[c.model]), ready=c.ready,
                         kv_host=c.kv_host if hosted else "", kv_devices=frozenset(c.devices) if hosted else frozenset())
 
+    def _lendable(self, inst: Instance) -> int:
+        if not self.config.kv_prewarm or inst.draining:
+            return 0
+        return kv_lendable_pages(inst.kv_capacity_bytes, inst.inflight, inst.kv_used_bytes, self.config.capacity)
+
     def _lend_kv(self, occ: Occupant) -> None:
-        inst = occ.instance
-        lendable = kv_lendable_pages(inst.kv_capacity_bytes, inst.inflight, inst.kv_used_bytes,
-                                     self.config.capacity) if self.config.kv_prewarm and not inst.draining else 0
+        lendable = self._lendable(occ.instance)
         for d in occ.devices:
             gpu = self.gpu(occ.node, d)
             if gpu and gpu.host is None:
@@ -144,12 +229,11 @@ class Cluster:
 
     def groups(self, node: NodeState, size: int) -> list[tuple[int, ...]]:
         """Aligned TP groups of `size` devices: they start at multiples of `size`."""
-        key = (node.name, size)
-        if key not in self._groups:
+        by_size = self._groups.setdefault(node.name, {})
+        if size not in by_size:
             starts = sorted(i for i in node.gpus if i % size == 0)
-            self._groups[key] = [g for g in (tuple(range(s, s + size)) for s in starts)
-                                 if all(i in node.gpus for i in g)]
-        return self._groups[key]
+            by_size[size] = [g for g in (tuple(range(s, s + size)) for s in starts) if all(i in node.gpus for i in g)]
+        return by_size[size]
 
     def overlapped(self, node: str, devices: tuple[int, ...]) -> list[Occupant]:
         """Copies and instances on any of `devices`, each once (do not mutate the result)."""
@@ -239,19 +323,22 @@ class Cluster:
 
     def rescore(self) -> None:
         """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0."""
+        nodes = self.nodes
         for name, occs in self.copies.items():
-            scores = [s for s, _ in copy_scores(self.models[name], len(self.serving(name)), self.config)]
-            ranked = sorted(occs, key=lambda o: (not o.ready, self.nodes[o.node].order, o.devices))
+            scores = copy_scores(self.models[name], len(self.serving(name)), self.config)
+            ranked = sorted(occs, key=lambda o: (not o.ready, nodes[o.node].order, o.devices)) if len(occs) > 1 else occs
             for rank, occ in enumerate(ranked):
-                occ.score = scores[rank] if rank < len(scores) else 0.0
+                occ.score = scores[rank][0] if rank < len(scores) else 0.0
 
     # ------------------------------------------------------------ changes
 
-    def _attach(self, occ: Occupant) -> None:
+    def _attach(self, occ: Occupant, index: bool = True) -> Occupant:
         self.nodes[occ.node].changed()
         for d in occ.devices:
             self.nodes[occ.node].gpus[d].occupants.append(occ)
-        (self.instances if occ.is_instance else self.copies).setdefault(occ.model, []).append(occ)
+        if index:
+            (self.instances if occ.is_instance else self.copies).setdefault(occ.model, []).append(occ)
+        return occ
 
     def _detach(self, occ: Occupant) -> None:
         self.nodes[occ.node].changed()

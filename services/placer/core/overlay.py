@@ -17,17 +17,26 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
     models = {m.name: m for m in snapshot.models}
     copies = list(snapshot.copies)
     instances = {i.instance_id: i for i in snapshot.instances}
-    free = {(n.name, g.index): g.free_bytes for n in snapshot.nodes for g in n.gpus}
+    by_name = {n.name: n for n in snapshot.nodes}
+    free: dict[tuple[str, int], int] = {}  # the GPUs of the nodes the effects touch (others stay as they are)
+    touched: set[str] = set()
+
+    def known(node: str, device: int) -> bool:
+        if node in by_name and node not in touched:
+            touched.add(node)
+            free.update({(node, g.index): g.free_bytes for g in by_name[node].gpus})
+        return (node, device) in free
 
     def take(node: str, devices: tuple[int, ...], nbytes: int) -> None:
         for d in devices:
+            known(node, d)
             free[(node, d)] -= nbytes
 
     def find_copy(model: str, node: str, devices: tuple[int, ...]) -> Copy | None:
         return next((c for c in copies if (c.model, c.node) == (model, node) and set(c.devices) & set(devices)), None)
 
     for e in effects:
-        if e.model not in models or (e.node, e.devices[0]) not in free:
+        if e.model not in models or not known(e.node, e.devices[0]):
             continue
         weight = copy_pages(models[e.model]) * PAGE_BYTES
         if isinstance(e, fx.Prewarm):
@@ -53,5 +62,6 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
             take(gone.node, gone.devices, lent - instance_pages(models[gone.model]) * PAGE_BYTES)
             copies = [dataclasses.replace(c, kv_host="") if c.kv_host == e.instance_id else c for c in copies]
             copies.append(Copy(gone.model, gone.node, gone.devices, ready=True))
-    nodes = tuple(Node(n.name, tuple(Gpu(g.index, free[(n.name, g.index)]) for g in n.gpus)) for n in snapshot.nodes)
+    nodes = tuple(Node(n.name, tuple(Gpu(g.index, free[(n.name, g.index)]) for g in n.gpus))
+                  if n.name in touched else n for n in snapshot.nodes)
     return dataclasses.replace(snapshot, nodes=nodes, copies=tuple(copies), instances=tuple(instances.values()))

@@ -1,7 +1,7 @@
 """The placer core's entry points: `tick` (one planning round) and `allocate` (one instance now).
 
 Both are pure functions of a Snapshot, the time and a Config; the live service and the simulator
-call exactly these. A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
+call exactly these (a `Reuse` handle only saves work: the result is the same with or without it). A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from services.placer.core import effects as fx
 from services.placer.core.allocate import Allocation, allocate_in
 from services.placer.core.autoscale import autoscale, reclaim_kv
-from services.placer.core.cluster import Cluster
+from services.placer.core.cluster import Cluster, Reuse
 from services.placer.core.placement import plan_prewarms
 from services.placer.core.snapshot import Config, Snapshot
 
@@ -33,8 +33,8 @@ class TickPlan:
     instances: dict[str, int]  # model -> instances that should serve (running or starting)
 
 
-def plan_tick(snapshot: Snapshot, now_s: float, config: Config) -> TickPlan:
-    cluster = Cluster(snapshot, config)
+def plan_tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None = None) -> TickPlan:
+    cluster = Cluster(snapshot, config, reuse)
     cluster.rescore()
     effects = reclaim_kv(cluster)
     effects += autoscale(cluster, snapshot.loads, now_s)
@@ -48,13 +48,13 @@ def plan_tick(snapshot: Snapshot, now_s: float, config: Config) -> TickPlan:
     return TickPlan(tuple(effects), copies, instances)
 
 
-def tick(snapshot: Snapshot, now_s: float, config: Config) -> list[fx.Effect]:
+def tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None = None) -> list[fx.Effect]:
     """One planning round: the effects to execute, each with its reason."""
-    return list(plan_tick(snapshot, now_s, config).effects)
+    return list(plan_tick(snapshot, now_s, config, reuse).effects)
 
 
-def allocate(snapshot: Snapshot, model: str, now_s: float, config: Config) -> Allocation:
+def allocate(snapshot: Snapshot, model: str, now_s: float, config: Config, reuse: Reuse | None = None) -> Allocation:
     """GPUs for one new instance of `model` right now (the gateway is waiting)."""
-    cluster = Cluster(snapshot, config)
+    cluster = Cluster(snapshot, config, reuse)
     cluster.rescore()
     return allocate_in(cluster, model, now_s, fx.INSTANCE_NEEDED)

@@ -5,6 +5,7 @@ Pure functions of numbers; no cluster state here.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -43,7 +44,8 @@ def replica_counts(avg: float, peak: float, current: int, capacity: int) -> tupl
     return foundation, burst
 
 
-def copy_scores(model: ModelSpec, current: int, config: Config) -> list[tuple[float, str]]:
+@functools.lru_cache(maxsize=4096)  # pure; the simulator rescoring every copy on every call repeats it a lot
+def copy_scores(model: ModelSpec, current: int, config: Config) -> tuple[tuple[float, str], ...]:
     """Score and kind (foundation/burst) of the j-th wanted copy, j = 0, 1, ... (descending).
 
     cold-start cost c = size / tp / bandwidth; foundation j: exp(-j/n) * c; burst j:
@@ -56,7 +58,7 @@ def copy_scores(model: ModelSpec, current: int, config: Config) -> list[tuple[fl
     ratio = model.peak / max(model.avg, 1.0)
     out = [(math.exp(-j / total) * cost, "foundation") for j in range(n_f)]
     out += [(math.exp(-(n_f + j) / total) * cost * ratio, "burst") for j in range(n_b)]
-    return out
+    return tuple(out)
 
 
 def windowed_load(points: Iterable[LoadPoint], now_s: float, window_s: float) -> float:
