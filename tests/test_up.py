@@ -71,6 +71,8 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path, demo_models):
     assert len(started) >= 6  # nats, redis, four services (and their helpers)
     assert (tmp_path / "var" / "nats").is_dir() and (tmp_path / "var" / "redis").is_dir()
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not abandon the clean-up
     assert proc.wait(60) == 0
     time.sleep(0.5)
     assert [p for p in started if alive(p)] == []

@@ -108,6 +108,8 @@ class Stack:
             time.sleep(0.25)
 
     def stop(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not abandon the clean-up
+            signal.signal(sig, signal.SIG_IGN)
         for name in reversed(SERVICE_ORDER):
             if name in self.services:
                 proc, _ = self.services[name]
