@@ -176,34 +176,28 @@ class Cluster:
                                        instance=inst, ready=inst.ready), index=False) for inst in instances]
         held = [self._attach(self._copy_occupant(c, host), index=False) for c, host in copies]
         node.built = (hosts, held, node.version)
-        self._lend_node_kv(node, ranked)
+        for _, occ in sorted(zip((r for *_, r in ranked), hosts), key=lambda ro: ro[0]):
+            self._lend_kv(occ)  # each GPU's host: the first instance on it by model rank, then snapshot order
+        for occ in held:
+            for d in occ.kv_devices:  # observed free memory already counts pool copies, not lent KV
+                node.gpus[d].kv_spare -= occ.pages
         node.inputs = inputs
         return node
 
     def _refresh_instances(self, node: NodeState, inputs: tuple) -> None:
-        """Same occupants, new instance figures (requests, KV use, state): redo the KV lending if
-        what any of them can lend changed."""
+        """Same occupants, new instance figures (requests, KV use, state): which instance hosts
+        each GPU stays, what it can lend moves its GPUs' spare KV pages by the difference."""
         hosts, _, _ = node.built
-        relend = False
         for occ, inst in zip(hosts, inputs[1]):
             if occ.instance is not inst:
-                relend = relend or self._lendable(inst) != self._lendable(occ.instance)
+                change = self._lendable(inst) - self._lendable(occ.instance)
                 occ.instance, occ.ready = inst, inst.ready
-        if relend:
-            for gpu in node.gpus.values():
-                gpu.host, gpu.kv_spare = None, 0
-            self._lend_node_kv(node, inputs[0][1])
+                for d in occ.devices if change else ():
+                    gpu = node.gpus.get(d)
+                    if gpu is not None and gpu.host is occ:
+                        gpu.kv_spare += change
         node.inputs = inputs
 
-    def _lend_node_kv(self, node: NodeState, ranked: tuple) -> None:
-        """Each GPU's host instance (by model rank, then snapshot order) lends its idle KV space,
-        less what the copies already in it take (observed free memory counts pool copies only)."""
-        hosts, held, _ = node.built
-        for _, occ in sorted(zip((r for *_, r in ranked), hosts), key=lambda ro: ro[0]):
-            self._lend_kv(occ)
-        for occ in held:
-            for d in occ.kv_devices:
-                node.gpus[d].kv_spare -= occ.pages
 
     def _copy_occupant(self, c: Copy, host: Instance | None) -> Occupant:
         hosted = host is not None and frozenset(c.devices) <= frozenset(host.devices)
