@@ -151,7 +151,8 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     stack = Stack(settings, flags)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # even when started with SIGINT ignored (a background job)
+        signal.signal(sig, _interrupt)
     try:
         if infra.port_in_use(settings.gateway_port):
             raise infra.InfraError(f"port {settings.gateway_port} for the gateway is already in use: "
