@@ -1,7 +1,8 @@
 """Multi-model workloads built from the real traces, for backtests, the simulator and benchmarks.
 
 Model rule: ServeGen clients active in at least `min_active` of their 600 s windows, ranked by mean
-rate (descending, ties by id); model i replays the client ranked i mod K (K such clients), rolled
+rate (descending, ties by id; option order="quiet": by the share of windows where the client is
+(nearly) idle, descending, so the burstiest clients come first); model i replays the client ranked i mod K (K such clients), rolled
 cyclically by i // K whole days, so more models than clients still get distinct realistic series.
 Popularity: model i gets share (i+1)^-alpha / sum of all shares of `total_rate_rps`; each series is
 rescaled to that mean, keeping its shape. Inside each 600 s window arrivals form a renewal process
@@ -57,9 +58,22 @@ class Arrivals:
                         np.concatenate([p.output_tokens for p in parts])[order])
 
 
-def rank_clients(traces: dict[int, ClientTrace], min_active: float = 0.5) -> list[int]:
-    """The workload rule's client order: active in >= min_active of windows, by mean rate desc."""
+QUIET_FRACTION = 0.1  # order="quiet": a window is quiet when its rate is below this fraction of the mean
+
+
+def quiet_share(trace: ClientTrace) -> float:
+    """Share of a client's windows with a rate below QUIET_FRACTION of its mean (idle or nearly)."""
+    return float(np.mean(trace.rate_rps < QUIET_FRACTION * trace.mean_rate_rps))
+
+
+def rank_clients(traces: dict[int, ClientTrace], min_active: float = 0.5, order: str = "rate") -> list[int]:
+    """The workload rule's client order: active in >= min_active of windows, by mean rate desc;
+    order="quiet": by quiet_share desc instead (the clients that most often go quiet, then burst)."""
     eligible = [c for c, t in traces.items() if t.active_fraction >= min_active and t.mean_rate_rps > 0]
+    if order == "quiet":
+        return sorted(eligible, key=lambda c: (-quiet_share(traces[c]), c))
+    if order != "rate":
+        raise ValueError(f"unknown client order {order!r} (rate | quiet)")
     return sorted(eligible, key=lambda c: (-traces[c].mean_rate_rps, c))
 
 
@@ -169,12 +183,14 @@ def renewal_arrivals(rng: np.random.Generator, rate_rps: np.ndarray, law: np.nda
 
 def build_workload(n_models: int, alpha: float, total_rate_rps: float, seed: int,
                    servegen_dir: Path | str = SERVEGEN_DIR, azure_dir: Path | str = AZURE_DIR,
-                   azure_kinds: tuple[str, ...] = ("code", "conv"), min_active: float = 0.5) -> Workload:
-    """N models from ServeGen clients by the module's rule, at `total_rate_rps` in all."""
+                   azure_kinds: tuple[str, ...] = ("code", "conv"), min_active: float = 0.5,
+                   order: str = "rate") -> Workload:
+    """N models from ServeGen clients by the module's rule (`order`: see rank_clients), at
+    `total_rate_rps` in all."""
     if n_models < 1 or total_rate_rps <= 0:
         raise ValueError("n_models must be >= 1 and total_rate_rps > 0")
     traces = load_servegen(servegen_dir)
-    ranked = rank_clients(traces, min_active)
+    ranked = rank_clients(traces, min_active, order)
     if not ranked:
         raise ValueError(f"no ServeGen client in {servegen_dir} is active in {min_active:.0%} of windows")
     n_windows = min(len(t.rate_rps) for t in traces.values()) // WINDOWS_PER_DAY * WINDOWS_PER_DAY

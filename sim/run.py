@@ -27,6 +27,7 @@ DEFAULTS = {
     "learn_days": 7, "replay_day": 7, "replay_start_h": 10.0, "replay_h": 1.0,
     "warmup_s": 900.0, "drain_s": 900.0, "kv_tokens_per_request": 2048,
     "keep_alive_s": 60.0, "history_days": 7, "csp_days": 3, "csp_errors": 10,
+    "client_order": "rate",  # shared.workload's client rule: "rate" | "quiet" (burstiest clients first)
     "cache_dir": None,  # where slow set-up results (learning-day windows) are cached (sim/cache.py)
 }
 
@@ -74,7 +75,8 @@ def model_kinds(mix: dict[str, int]) -> list[str]:
 
 def build(config: dict) -> tuple[Workload, list[str]]:
     kinds = model_kinds(config["models"])
-    workload = build_workload(len(kinds), config["alpha"], config["total_rate_rps"], config["seed"])
+    workload = build_workload(len(kinds), config["alpha"], config["total_rate_rps"], config["seed"],
+                              order=config["client_order"])
     return workload, kinds
 
 

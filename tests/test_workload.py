@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from shared.traces import load_servegen
-from shared.workload import build_workload, popularity_shares, rank_clients, renewal_arrivals
+from shared.workload import build_workload, popularity_shares, quiet_share, rank_clients, renewal_arrivals
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,19 @@ def test_rule_ranks_active_clients_by_mean_rate():
     assert all(traces[c].active_fraction >= 0.5 for c in ranked)
     rates = [traces[c].mean_rate_rps for c in ranked]
     assert rates == sorted(rates, reverse=True)
+
+
+def test_quiet_order_ranks_the_same_clients_by_quiet_share_and_keeps_the_total_rate():
+    traces = load_servegen()
+    quiet = rank_clients(traces, order="quiet")
+    assert sorted(quiet) == sorted(rank_clients(traces))
+    shares = [quiet_share(traces[c]) for c in quiet]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 0.5
+    bursty = build_workload(n_models=4, alpha=0.5, total_rate_rps=2.0, seed=7, order="quiet")
+    assert bursty.clients == quiet[:4]
+    assert bursty.rate_rps.sum(axis=0).mean() == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        rank_clients(traces, order="loud")
 
 
 def test_popularity_and_total_rate(workload):
