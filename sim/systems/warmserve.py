@@ -36,6 +36,7 @@ class Variant:
     allocation: str = "paper"  # placer core allocation: paper | hit_first
     scale_up_at: float = 0.8  # autoscaler thresholds, fractions of B per instance (DESIGN §3.3: 0.8 / 0.5)
     scale_down_at: float = 0.5
+    keep_s: float = 0.0  # placer core Config.keep_s: scale-downs spare younger instances
     prewarm: bool = True
     kv_prewarm: bool = True
     window_s: float = 300.0
@@ -62,7 +63,8 @@ class WarmServe:
         self.ctx = ctx
         self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
                              prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
-                             allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at)
+                             allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at,
+                             keep_s=v.keep_s)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)

@@ -1,6 +1,7 @@
 """Autoscaler (DESIGN §3.3) and KV-space reclaim (§3.4). Scale up above 0.8*B*n, down below
 0.5*B*n to the count that keeps load under the scale-up line (zero without load), never touching
-instances younger than `protect_s`; a scale-down demotes (drain, the weights stay as a copy).
+instances younger than `protect_s` (nor, for scale-downs, `keep_s`); a scale-down demotes (drain,
+the weights stay as a copy).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> lis
                     break
                 effects += allocation.effects
         elif n and load < config.scale_down_at * config.capacity * n:
-            removable = sorted((o for o in serving if o.instance.ready
-                                and now_s - o.instance.started_at_s >= config.protect_s),
+            keep = max(config.protect_s, config.keep_s)
+            removable = sorted((o for o in serving if o.instance.ready and now_s - o.instance.started_at_s >= keep),
                                key=lambda o: (o.instance.inflight, -o.instance.started_at_s, o.instance.instance_id))
             for occ in removable[:n - target]:
                 cluster.demote(occ)

@@ -119,6 +119,7 @@ class Cluster:
         self.instances: dict[str, list[Occupant]] = {}
         self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
         previous = self._reusable(reuse.last if reuse else None, snapshot)
+        self._scored: dict[str, tuple] = previous._scored if previous else {}  # model -> what its scores are from
         inputs = self._node_inputs(snapshot)
         self.nodes: dict[str, NodeState] = {}
         for i, n in enumerate(snapshot.nodes):
@@ -316,10 +317,16 @@ class Cluster:
         return gpu.free + held + sum(instance_pages(self.models[o.model]) for o in gpu.occupants if o.is_instance)
 
     def rescore(self) -> None:
-        """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0."""
+        """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0.
+        A model whose spec, instance count and copies (the same occupants) are those of its last
+        rescore keeps its scores."""
         nodes = self.nodes
         for name, occs in self.copies.items():
-            scores = copy_scores(self.models[name], len(self.serving(name)), self.config)
+            key = (self.models[name], len(self.serving(name)), tuple(occs))
+            if self._scored.get(name) == key:
+                continue
+            self._scored[name] = key
+            scores = copy_scores(key[0], key[1], self.config)
             ranked = sorted(occs, key=lambda o: (not o.ready, nodes[o.node].order, o.devices)) if len(occs) > 1 else occs
             for rank, occ in enumerate(ranked):
                 occ.score = scores[rank][0] if rank < len(scores) else 0.0

@@ -82,6 +82,7 @@ class Config:
     protect_s: float = 5.0  # instances younger than this are never scaled down
     scale_up_at: float = 0.8  # scale up when load > scale_up_at * B * n
     scale_down_at: float = 0.5  # scale down when load < scale_down_at * B * n
+    keep_s: float = 0.0  # scale-downs also spare instances younger than this (0: protect_s alone, the paper)
 
     def __post_init__(self) -> None:
         if self.placement not in ("evict_aware", "paper", "round_robin"):
