@@ -88,6 +88,8 @@ class Settings:
     placement: str = _setting("evict_aware", "copy placement", _one_of("evict_aware", "paper", "round_robin"))
     kv_prewarm: bool = _setting(True, "let prewarmed copies use idle KV space")
     scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
+    scale_down_keep_s: float = _setting(0.0, "scale-downs spare instances younger than this (0: the paper's rule)",
+                                        _non_negative)
 
     # gpuagent
     node: str = _setting("node0", "this agent's node name",

@@ -274,6 +274,22 @@ def test_autoscaler_thresholds_and_protection(load, n, started, ups, downs):
     assert len(demotes) == downs and all(e.reason == fx.SCALE_DOWN for e in demotes)
 
 
+@pytest.mark.parametrize("keep_s,started,downs", [(0.0, 90, 3), (30.0, 90, 0), (30.0, 60, 3)])
+def test_keep_s_spares_young_instances_from_scale_down(keep_s, started, downs):
+    snap = Snapshot(nodes((20,) * 8), (model("a"),), (), instances(3, started), {"a": 0.0})
+    effects = tick(snap, 100, Config(prewarm=False, keep_s=keep_s))
+    assert len([e for e in effects if isinstance(e, Demote)]) == downs
+
+
+def test_the_live_placer_exposes_keep_s():
+    from services.placer.adapter import core_config
+    from shared.settings import SettingsError, load_settings
+    assert core_config(load_settings({}, env={})).keep_s == 0.0  # the paper's rule by default
+    assert core_config(load_settings({"scale_down_keep_s": 30.0}, env={})).keep_s == 30.0
+    with pytest.raises(SettingsError):
+        load_settings({"scale_down_keep_s": -1.0}, env={})
+
+
 def test_scale_down_demotes_the_least_busy_and_keeps_the_weights():
     insts = (Instance("busy", "a", "n0", (0,), inflight=9), Instance("idle", "a", "n0", (1,), inflight=0))
     snap = Snapshot(nodes((20, 20)), (model("a", avg=1),), (), insts, {"a": 10.0})
