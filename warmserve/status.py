@@ -29,7 +29,8 @@ async def snapshot(settings) -> dict:
                 if dev.index in inst.devices:
                     cells[inst.model] = "serving" if inst.state.value == "ready" else inst.state.value
             devices.append({"node": node, "device": dev.index, "free_bytes": dev.free_bytes,
-                            "budget_bytes": dev.budget_bytes, "models": cells})
+                            "budget_bytes": dev.budget_bytes, "idle_engine_bytes": dev.idle_engine_bytes,
+                            "models": cells})
     instances = [{"node": node, **i.model_dump(mode="json")} for node, v in sorted(views.items()) for i in v.instances]
     return {"models": sorted(models), "devices": devices, "instances": instances,
             "plan": plan.model_dump(mode="json") if plan else None}
@@ -38,11 +39,12 @@ async def snapshot(settings) -> dict:
 def render(snap: dict) -> str:
     models = snap["models"]
     lines = ["devices x models (S serving, P prewarmed, L loading, E evicting, s starting, d draining)"]
-    header = f"{'node/dev':<12} {'free MiB':>9}  " + "  ".join(f"{m[:14]:>14}" for m in models)
+    header = f"{'node/dev':<12} {'free MiB':>9} {'warm eng MiB':>12}  " + "  ".join(f"{m[:14]:>14}" for m in models)
     lines.append(header)
     for d in snap["devices"]:
         cells = "  ".join(f"{MARKS.get(d['models'].get(m, ''), '.'):>14}" for m in models)
-        lines.append(f"{d['node'] + '/' + str(d['device']):<12} {d['free_bytes'] / 2**20:>9.0f}  {cells}")
+        lines.append(f"{d['node'] + '/' + str(d['device']):<12} {d['free_bytes'] / 2**20:>9.0f} "
+                     f"{d['idle_engine_bytes'] / 2**20:>12.0f}  {cells}")
     if not snap["devices"]:
         lines.append("(no live agents)")
     lines += ["", f"{'instance':<28} {'model':<16} {'node/dev':<12} {'state':<9} inflight"]
