@@ -45,6 +45,10 @@ class Variant:
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
     Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first"),
+    # ours trading GPU-seconds for the tail: scale up early (0.25*B per instance), down late (0.1*B),
+    # and keep a new instance for 30 s (fewer demote/promote round trips for sporadic models)
+    Variant("ours-lowlat", forecast="ours", placement="evict_aware", allocation="hit_first",
+            scale_up_at=0.25, scale_down_at=0.1, keep_s=30.0),
     Variant("paper-no-prewarm", prewarm=False),
     Variant("paper-round-robin", placement="round_robin"),
     Variant("paper-no-kv-prewarm", kv_prewarm=False),
