@@ -7,8 +7,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.placer.core import (PAGE_BYTES, Config, Copy, Demote, Evict, Gpu, ModelSpec, Node, Prewarm, Promote, Reuse, Snapshot, allocate,
-                                  apply_effects, plan_tick)
+from services.placer.core import (PAGE_BYTES, Config, Copy, Demote, Evict, Gpu, ModelSpec, Node, Prewarm, Promote,
+                                  Reuse, Snapshot, allocate, apply_effects, plan_tick)
 from services.placer.core.scores import copy_pages, kv_lendable_pages
 
 GIB = 1 << 30

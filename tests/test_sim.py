@@ -186,3 +186,31 @@ def test_no_prewarm_ablation_plans_no_copies():
     run(SMALL, system)
     kinds = {type(effect).__name__ for _, effect in system.shell.decisions}
     assert "Prewarm" not in kinds and "ColdStart" in kinds
+
+
+# ---------------------------------------------------------------- grid and set-up cache
+
+
+def test_grid_scales_the_mix_and_lists_the_cells():
+    from sim.grid import cells, scale_mix
+    mix = {"llama2-7b": 8, "llama2-13b": 4, "llama2-70b": 2}
+    assert scale_mix(mix, 28) == {"llama2-7b": 16, "llama2-13b": 8, "llama2-70b": 4}
+    assert sum(scale_mix(mix, 15).values()) == 15
+    got = cells([14, 28], [2.0, 5.0], 0.5, [0.0, 0.5, 2.0], (14, 5.0))
+    assert got[:4] == [(14, 2.0, 0.5), (14, 5.0, 0.5), (28, 2.0, 0.5), (28, 5.0, 0.5)]
+    assert got[4:] == [(14, 5.0, 0.0), (14, 5.0, 2.0)]
+
+
+def test_setup_cache_computes_once_per_key(tmp_path):
+    from sim.cache import cached
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"avg": np.arange(3.0)}
+
+    first = cached(str(tmp_path), {"what": "history", "k": 1}, compute)
+    again = cached(str(tmp_path), {"what": "history", "k": 1}, compute)
+    cached(str(tmp_path), {"what": "history", "k": 2}, compute)
+    cached(None, {"what": "history", "k": 1}, compute)
+    assert np.array_equal(first["avg"], again["avg"]) and len(calls) == 3

@@ -144,7 +144,8 @@ async def tight_cluster(settings):
     state = await State.connect(s)
     for name in TIGHT_MODELS:
         await state.register_model(fake_info(name))
-    agents = [await Running.start(AgentService(s.with_overrides(node=node)), with_health=False) for node in ("n0", "n1")]
+    agents = [await Running.start(AgentService(s.with_overrides(node=node)), with_health=False)
+              for node in ("n0", "n1")]
     yield s, state
     for running in agents:
         await running.shutdown()

@@ -94,7 +94,8 @@ class WarmServe:
             return
         cfg = ctx.config
         key = {"what": "history", "models": len(ctx.models), "alpha": cfg["alpha"], "rate": cfg["total_rate_rps"],
-               "seed": cfg["seed"], "order": cfg.get("client_order", "rate"), "window_s": w, "first": first, "last": self.window, "batch": HISTORY_BATCH,
+               "seed": cfg["seed"], "order": cfg.get("client_order", "rate"), "window_s": w, "first": first,
+               "last": self.window, "batch": HISTORY_BATCH,
                "profiles": [dataclasses.asdict(ctx.cluster.profile(name)) for name in ctx.models]}
         history = cached(cfg.get("cache_dir"), key, lambda: self._history_windows(first))
         for t in range(first, self.window):

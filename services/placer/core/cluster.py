@@ -199,7 +199,6 @@ class Cluster:
                         gpu.kv_spare += change
         node.inputs = inputs
 
-
     def _copy_occupant(self, c: Copy, host: Instance | None) -> Occupant:
         hosted = host is not None and frozenset(c.devices) <= frozenset(host.devices)
         return Occupant(c.model, c.node, c.devices, copy_pages(self.models[c.model]), ready=c.ready,
@@ -327,7 +326,8 @@ class Cluster:
                 continue
             self._scored[name] = key
             scores = copy_scores(key[0], key[1], self.config)
-            ranked = sorted(occs, key=lambda o: (not o.ready, nodes[o.node].order, o.devices)) if len(occs) > 1 else occs
+            ranked = occs if len(occs) == 1 else \
+                sorted(occs, key=lambda o: (not o.ready, nodes[o.node].order, o.devices))
             for rank, occ in enumerate(ranked):
                 occ.score = scores[rank][0] if rank < len(scores) else 0.0
 

@@ -1,7 +1,8 @@
 """The placer core's entry points: `tick` (one planning round) and `allocate` (one instance now).
 
 Both are pure functions of a Snapshot, the time and a Config; the live service and the simulator
-call exactly these (a `Reuse` handle only saves work: the result is the same with or without it). A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
+call exactly these (a `Reuse` handle only saves work: the result is the same with or without it).
+A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
 """
 
 from __future__ import annotations
