@@ -286,23 +286,12 @@ class AgentService(Service):
     async def _cold_start(self, ledger: DeviceLedger, info: ModelInfo, instance_id: str, kv: int, reason: str) -> dict:
         started = time.perf_counter()
         if info.name not in ledger.copies:  # room for the copy now; the instance frees more if it must
-            for victim in self._victims(ledger, info.name, page_bytes(info.size_bytes // info.tp)):
+            need = page_bytes(info.size_bytes // info.tp) - ledger.reclaimable_free_bytes
+            for victim in ledger.idle_copies_to_free(info.name, need):
                 await self._evict(ledger, victim, f"evicted_for:{info.name}")
             await self._prewarm(ledger, info, reason)
         detail = await self._start_instance(ledger, info, instance_id, kv, reason)
         return {**detail, "cold_start_ms": (time.perf_counter() - started) * 1000}
-
-    @staticmethod
-    def _victims(ledger: DeviceLedger, model: str, need: int) -> list[str]:
-        idle = sorted((c for c in ledger.copies.values() if c.model != model and c.state == CopyState.ready),
-                      key=lambda c: c.last_used_s)
-        victims, free = [], ledger.reclaimable_free_bytes
-        for copy in idle:
-            if free >= need:
-                break
-            victims.append(copy.model)
-            free += copy.bytes
-        return victims
 
     async def _start_instance(self, ledger: DeviceLedger, info: ModelInfo, instance_id: str, kv: int,
                               reason: str) -> dict:

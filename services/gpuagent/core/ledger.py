@@ -137,6 +137,18 @@ class DeviceLedger:
         self.copies[model] = CopyRecord(model, content_hash, need, last_used_s=now_s)
         return engines
 
+    def idle_copies_to_free(self, model: str, need: int) -> list[str]:
+        """Ready copies of other models, least recently used first, whose bytes cover `need`
+        (all of them if they cannot); [] if need <= 0."""
+        victims = []
+        for copy in sorted((c for c in self.copies.values() if c.model != model and c.state == CopyState.ready),
+                           key=lambda c: (c.last_used_s, c.model)):
+            if need <= 0:
+                break
+            victims.append(copy.model)
+            need -= copy.bytes
+        return victims
+
     def copy_ready(self, model: str) -> None:
         record = self.copies[model]
         record.state, record.progress = CopyState.ready, 1.0
@@ -162,13 +174,8 @@ class DeviceLedger:
         need -= self.free_bytes
         engines = self._idle_engines_to_drop(need, keep=arch)
         need -= sum(self.engines[a].bytes for a in engines)
-        copies: list[str] = []
-        for copy in sorted((c for c in self.copies.values() if c.model != model and c.state == CopyState.ready),
-                           key=lambda c: (c.last_used_s, c.model)):
-            if need <= 0:
-                break
-            copies.append(copy.model)
-            need -= copy.bytes
+        copies = self.idle_copies_to_free(model, need)
+        need -= sum(self.copies[m].bytes for m in copies)
         if need > 0:
             raise Refused(f"not enough memory on device {self.index} for an instance of {model}: "
                           f"short by {need} bytes after freeing every idle engine and copy")
