@@ -116,6 +116,10 @@ class Settings:
     def with_overrides(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
+    def as_env(self) -> dict[str, str]:
+        """Every setting as its WARMSERVE_* variable: how a parent hands its settings to a child process."""
+        return {env_name(f.name): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
 
 class SettingsError(ValueError):
     def __init__(self, errors: list[str]):
@@ -146,7 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Merge defaults < environment < flags, convert and validate; raise SettingsError listing all errors."""
+    """Merge defaults < environment < flags, convert and validate; raise SettingsError listing all errors.
+    Flags set to None (argparse's default) and keys that are not settings are ignored."""
     env = os.environ if env is None else env
     flags = flags or {}
     values: dict[str, Any] = {}
@@ -180,6 +185,6 @@ def settings_from_argv(argv: Sequence[str] | None, description: str) -> Settings
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return load_settings({k: v for k, v in vars(args).items() if v is not None})
+        return load_settings(vars(args))
     except SettingsError as exc:
         parser.exit(2, f"{parser.prog}: {exc}\n")  # every error at once, no traceback

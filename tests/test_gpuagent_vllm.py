@@ -91,11 +91,7 @@ def test_device_workers_die_with_a_killed_agent(settings):
     import time
     from pathlib import Path
 
-    from shared.settings import env_name
-
-    env = dict(os.environ, **{env_name(k): str(v) for k, v in (
-        ("nats_url", settings.nats_url), ("redis_url", settings.redis_url), ("namespace", settings.namespace),
-        ("devices", 2), ("engine", "vllm"))})
+    env = dict(os.environ, **settings.with_overrides(devices=2, engine="vllm").as_env())
     agent = subprocess.Popen([sys.executable, "-m", "services.gpuagent"], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
 

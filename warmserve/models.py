@@ -158,8 +158,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    settings = load_settings({k: v for k, v in vars(args).items() if v is not None and k not in
-                              ("action", "no_register", "json")})
+    settings = load_settings(vars(args))
     if args.action == "build-demo":
         infos = build_demo(Path(settings.models_dir).resolve(), log=lambda s: print(s, file=sys.stderr))
         if not args.no_register:

@@ -60,6 +60,6 @@ def main(argv: list[str]) -> int:
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     as_json = args.pop("as_json")
-    snap = asyncio.run(snapshot(load_settings({k: v for k, v in args.items() if v is not None})))
+    snap = asyncio.run(snapshot(load_settings(args)))
     print(json.dumps(snap, indent=1) if as_json else render(snap))
     return 0

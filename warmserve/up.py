@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import signal
 import subprocess
@@ -81,9 +80,7 @@ class Stack:
         asyncio.run(register(self.settings, infos))
 
     def start_services(self) -> None:
-        base_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for field in dataclasses.fields(self.settings):
-            base_env[env_name(field.name)] = str(getattr(self.settings, field.name))
+        base_env = dict(os.environ, PYTHONUNBUFFERED="1", **self.settings.as_env())
         for name in SERVICE_ORDER:
             port = self.settings.gateway_port if name == "gateway" else infra.free_port()
             env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0)})

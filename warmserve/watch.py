@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     own = {k: args.pop(k) for k in ("watch_model", "as_json", "since_s")}
-    settings = load_settings({k: v for k, v in args.items() if v is not None})
+    settings = load_settings(args)
     try:
         asyncio.run(watch(settings, own["watch_model"], own["as_json"], own["since_s"]))
     except KeyboardInterrupt:

@@ -9,7 +9,6 @@ written to Redis with a TTL'd liveness key each heartbeat (a restart starts from
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from shared.bus import Bus, BusError
 from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
                             DeviceOp, DeviceView, Event, InstanceState, InstanceView, ModelInfo, NodeView)
-from shared.settings import env_name
+
 
 REMEMBERED_COMMANDS = 10_000
 WORKER_START_TIMEOUT_S = 300.0
@@ -107,9 +106,7 @@ class AgentService(Service):
                 await worker.start()
                 self.workers.append(worker)
             return [s.device_memory_bytes] * count
-        env = dict(os.environ)
-        for field in dataclasses.fields(s):
-            env[env_name(field.name)] = str(getattr(s, field.name))
+        env = dict(os.environ, **s.as_env())
         for i in range(count):
             if s.device_kind == "cuda":
                 env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0

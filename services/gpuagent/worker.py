@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parent = args.pop("parent_pid") or os.getppid()
     if os.getppid() != parent:  # the agent died before the death signal was armed
         sys.exit(1)
-    settings = load_settings({k: v for k, v in args.items() if v is not None})
+    settings = load_settings(args)
     configure_logging(settings.log_level, settings.log_json)
     asyncio.run(_run_process(settings, index, parent))
     sys.stdout.flush()
