@@ -106,15 +106,25 @@ class State:
 
     async def node_views(self, alive_only: bool = True) -> dict[str, NodeView]:
         """Views of every node; with alive_only, nodes whose heartbeat expired are left out."""
-        views: dict[str, NodeView] = {}
-        async for key in self.client.scan_iter(match=self.keys.node_views_pattern(), count=100):
-            view = await self.get(key.decode(), NodeView)
-            if view is None:
-                continue
-            if alive_only and not await self.client.exists(self.keys.node_alive(view.node)):
-                continue
-            views[view.node] = view
+        views = await self._all_node_views()
+        if alive_only:
+            alive = await self.alive_nodes(list(views))
+            views = {node: view for node, view in views.items() if node in alive}
         return views
+
+    async def _all_node_views(self) -> dict[str, NodeView]:
+        keys = [key async for key in self.client.scan_iter(match=self.keys.node_views_pattern(), count=100)]
+        raws = await self.client.mget(keys) if keys else []
+        views = (self._decode(key.decode(), NodeView, raw) for key, raw in zip(keys, raws) if raw is not None)
+        return {view.node: view for view in views if view is not None}
+
+    async def alive_nodes(self, nodes: list[str]) -> set[str]:
+        """The nodes among `nodes` whose heartbeat key has not expired (one round trip)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.exists(self.keys.node_alive(node))
+            found = await pipe.execute()
+        return {node for node, exists in zip(nodes, found) if exists}
 
     async def drop_node(self, node: str) -> None:
         await self.delete(self.keys.node_view(node), self.keys.node_alive(node))

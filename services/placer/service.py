@@ -66,7 +66,8 @@ class PlacerService(Service):
     async def observe(self) -> Observation:
         at_s = time.time()
         every = await self.state.node_views(alive_only=False)
-        views = await self.state.node_views(alive_only=True)
+        alive = await self.state.alive_nodes(list(every))
+        views = {node: view for node, view in every.items() if node in alive}
         for node in sorted(set(every) - set(views)):  # heartbeat expired: the agent is gone
             await self.state.drop_node(node)
             await self.bus.publish_event("placer", Event(name="node_lost", at_s=time.time(), node=node,
