@@ -87,6 +87,10 @@ class Settings:
     prewarm: bool = _setting(True, "plan prewarmed copies from forecasts")
     placement: str = _setting("evict_aware", "copy placement", _one_of("evict_aware", "paper", "round_robin"))
     kv_prewarm: bool = _setting(True, "let prewarmed copies use idle KV space")
+    allocation: str = _setting("hit_first", "request-time allocation: hit_first (displace idle instances for a ready "
+                                            "copy before any cold start) or paper", _one_of("hit_first", "paper"))
+    promotable_copies: bool = _setting(True, "copies under another model's instance do not count as wanted copies; "
+                                             "an allocation replaces the copies it blocks at once")
     scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
     scale_down_keep_s: float = _setting(0.0, "scale-downs spare instances younger than this (0: the paper's rule)",
                                         _non_negative)

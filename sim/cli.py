@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from sim import grid, plots
-from sim.run import build, load_config, make_system, run
+from sim.demand import gpu_demand
+from sim.run import build, load_config, make_system, replay_window, run, timing_for
 from sim.sweep import max_rate
 
 COLUMNS = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "share_ttft_under_100ms", "gpu_seconds",
@@ -76,7 +77,10 @@ def _simulate(config: dict, args) -> int:
         print(f"simulating {name} ...", file=sys.stderr)
         results.append(run(config, make_system(name, config), progress=True, timeline=not args.no_plots,
                            prepared=prepared))
-    report = {"config": Path(args.config).name, "systems": {r.system: r.summary for r in results}}
+    demand = gpu_demand(*prepared, timing_for(config), *replay_window(config),
+                        config["nodes"] * config["gpus_per_node"])
+    report = {"config": Path(args.config).name, "workload_demand": demand,
+              "systems": {r.system: r.summary for r in results}}
     if not args.no_plots:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +89,7 @@ def _simulate(config: dict, args) -> int:
         files += [plots.gpu_timeline(r, config["nodes"], config["gpus_per_node"], out / f"{stem}-gpus-{r.system}.png")
                   for r in results]
         report["plots"] = [str(f) for f in files]
-    print(json.dumps(report, indent=2) if args.json else _table(report["systems"]))
+    print(json.dumps(report, indent=2) if args.json else _demand_line(demand) + "\n" + _table(report["systems"]))
     return 0
 
 
@@ -106,6 +110,12 @@ def _sweep(config: dict, args) -> int:
         for name, found in report["systems"].items():
             print(f"  {name:<22} {found['max_rate_rps']:>8} req/s")
     return 0
+
+
+def _demand_line(demand: dict) -> str:
+    return (f"workload: one instance per model with requests needs {demand['mean_gpus_needed']} GPUs on average "
+            f"(P95 {demand['p95_gpus_needed']:g}) of {demand['gpus']}; more than the cluster "
+            f"{demand['share_over_capacity']:.0%} of the time")
 
 
 def _table(systems: dict) -> str:

@@ -80,6 +80,12 @@ def build(config: dict) -> tuple[Workload, list[str]]:
     return workload, kinds
 
 
+def replay_window(config: dict) -> tuple[float, float]:
+    """[start, end) of the measured replay, seconds since midnight of trace day 0."""
+    start = config["replay_day"] * DAY_S + config["replay_start_h"] * 3600.0
+    return start, start + config["replay_h"] * 3600.0
+
+
 @dataclass
 class RunResult:
     system: str
@@ -94,8 +100,7 @@ def run(config: dict, system, progress: bool = False, timeline: bool = False,
         prepared: tuple[Workload, list[str]] | None = None) -> RunResult:
     workload, kinds = prepared or build(config)
     timing = timing_for(config)
-    start = config["replay_day"] * DAY_S + config["replay_start_h"] * 3600.0
-    end = start + config["replay_h"] * 3600.0
+    start, end = replay_window(config)
     sim_start = start - config["warmup_s"]
     arrivals = workload.arrivals(sim_start, end)
     requests = Requests(arrivals.time_s, arrivals.model, arrivals.prompt_tokens, arrivals.output_tokens)

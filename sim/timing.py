@@ -14,6 +14,7 @@ from pathlib import Path
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILE_DIR / "h100_llama2.json"
 PAGE_BYTES = 2 << 20  # pool memory is counted in 2 MiB pages (DESIGN.md 3.2)
+STEADY_BATCH = 8  # the decode batch that times a request's stay in flight outside the event loop
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class ModelProfile:
 
     def decode_step_s(self, batch: int) -> float:
         return self.decode_s_per_token * (1.0 + self.decode_batch_slowdown * max(batch - 1, 0))
+
+    def service_s(self, prompt_tokens, output_tokens, batch: int):
+        """How long requests stay in flight at a steady decode batch (scalars or arrays)."""
+        return self.prefill_overhead_s + prompt_tokens * self.prefill_s_per_token + output_tokens * self.decode_step_s(batch)
 
     def kv_bytes_per_gpu(self, tokens: int) -> int:
         return pages(tokens * self.kv_bytes_per_token // self.tp)

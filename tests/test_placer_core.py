@@ -410,3 +410,39 @@ def test_displacement_reason_reaches_the_agent_command():
     from services.placer.adapter import command_for
     got = allocate(displacement_case((inst("b1", "b", 0), inst("c1", "c", 1))), "a", 100, Config())
     assert command_for(got.effects[0], "id").reason == "displaced_for:a"
+
+
+# ------------------------------------------------------------------ promotable copies (ours)
+
+PROMOTABLE = Config(promotable_copies=True)
+BUSY_B = {"b": 5.0}  # b's instance stays (no scale-down)
+
+
+def test_a_copy_under_another_instance_does_not_count_when_copies_must_be_promotable():
+    # 'a' wants one copy; its only copy shares GPU0 with b's instance, GPU1 is idle
+    snap = Snapshot(nodes((5, 10)), (model("a", avg=1), model("b")), (Copy("a", "n0", (0,)),), (inst("b1", "b", 0),), BUSY_B)
+    assert prewarms(tick(snap, 100, Config())) == []  # the paper: the copy counts
+    assert prewarms(tick(snap, 100, PROMOTABLE)) == [("a", "n0", (1,))]
+
+
+def test_promotable_copies_go_to_gpus_without_instances_only():
+    snap = Snapshot(nodes((10,)), (model("a", avg=1), model("b")), (), (inst("b1", "b", 0),), BUSY_B)
+    assert prewarms(tick(snap, 100, Config())) == [("a", "n0", (0,))]
+    assert prewarms(tick(snap, 100, PROMOTABLE)) == []
+
+
+def test_blocked_copies_rank_last_and_score_zero_beyond_the_wanted_count():
+    snap = Snapshot(nodes((5, 10)), (model("a", avg=1), model("b")), (Copy("a", "n0", (0,)), Copy("a", "n0", (1,))),
+                    (inst("b1", "b", 0),), BUSY_B)
+    scores = {c.devices: c.score for c in plan_tick(snap, 100, PROMOTABLE).copies}
+    assert scores[(1,)] > 0 and scores[(0,)] == 0
+
+
+def test_an_allocation_replaces_the_copies_its_instance_blocks_at_once():
+    # a's instance takes GPU0, where c's only copy sits: with promotable copies c gets a new copy on GPU1
+    snap = Snapshot(nodes((20, 20)), (model("a"), model("c", avg=1)), (Copy("a", "n0", (0,)), Copy("c", "n0", (0,))))
+    plain = allocate(snap, "a", 0, Config())
+    assert [type(e) for e in plain.effects] == [Promote]
+    got = allocate(snap, "a", 0, PROMOTABLE)
+    assert [type(e) for e in got.effects] == [Promote, Prewarm]
+    assert prewarms(got.effects) == [("c", "n0", (1,))]

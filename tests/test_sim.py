@@ -214,3 +214,25 @@ def test_setup_cache_computes_once_per_key(tmp_path):
     cached(str(tmp_path), {"what": "history", "k": 2}, compute)
     cached(None, {"what": "history", "k": 1}, compute)
     assert np.array_equal(first["avg"], again["avg"]) and len(calls) == 3
+
+
+# ---------------------------------------------------------------- workload demand
+
+
+class _TwoRequests:
+    """A workload stand-in: model 0 (TP1) gets a request at t=10, model 1 (TP4) one at t=12."""
+
+    def model_arrivals(self, model, start_s, end_s):
+        from shared.workload import Arrivals
+        at = np.array([10.0 + 2 * model])
+        return Arrivals(at, np.array([model]), np.array([0]), np.array([0]))
+
+
+def test_gpu_demand_counts_each_active_model_once_with_its_tp():
+    import dataclasses
+    from sim.demand import gpu_demand
+    fixed = {k: dataclasses.replace(m, prefill_overhead_s=1.0, decode_s_per_token=0.0) for k, m in PROFILE.models.items()}
+    timing = dataclasses.replace(PROFILE, models=fixed)  # every request in flight 1 s, + 5 s of grace
+    got = gpu_demand(_TwoRequests(), ["llama2-7b", "llama2-70b"], timing, 0.0, 20.0, gpus=4)
+    assert got["mean_gpus_needed"] == pytest.approx((6 * 1 + 6 * 4) / 20)
+    assert got["share_over_capacity"] == pytest.approx(4 / 20)  # t in [12, 16): 1 + 4 GPUs > 4

@@ -156,6 +156,8 @@ async def test_evictions_and_a_displacement_decide_the_same(tight_cluster):
     s, state = tight_cluster
     live = normalised(await live_decisions(s, state, TIGHT_STEPS, TIGHT["scale_window_s"]))
     simulated = normalised(sim_decisions(s, TIGHT_STEPS, TIGHT["scale_window_s"], TIGHT_MODELS))
+    needs = [step for (what, _), step in zip(TIGHT_STEPS, live) if what == "need"]
+    assert any(type(e).__name__ == "Prewarm" for step in needs for e in step), live  # copies re-placed at once
     reasons = {(type(e).__name__, e.reason) for step in live for e in step}
     assert {("Evict", "evicted_for"), ("Demote", "displaced_for")} <= reasons, live
     assert live == simulated

@@ -23,9 +23,9 @@ from sim.cache import cached
 from sim.serving import LoadMeter
 from sim.systems.base import Context
 from sim.systems.placer_shell import PlacerShell
+from sim.timing import STEADY_BATCH
 
 ASK_RETRY_S = 1.0  # the gateway's wait before asking the placer again after "no capacity"
-HISTORY_BATCH = 8  # the batch size whose decode step times the offline history's requests
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Variant:
     scale_up_at: float = 0.8  # autoscaler thresholds, fractions of B per instance (DESIGN §3.3: 0.8 / 0.5)
     scale_down_at: float = 0.5
     keep_s: float = 0.0  # placer core Config.keep_s: scale-downs spare younger instances
+    promotable_copies: bool = False  # placer core Config.promotable_copies
     prewarm: bool = True
     kv_prewarm: bool = True
     window_s: float = 300.0
@@ -44,11 +45,12 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
-    Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first"),
+    Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True),
     # ours trading GPU-seconds for the tail: scale up early (0.25*B per instance), down late (0.1*B),
     # and keep a new instance for 30 s (fewer demote/promote round trips for sporadic models)
-    Variant("ours-lowlat", forecast="ours", placement="evict_aware", allocation="hit_first",
+    Variant("ours-lowlat", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True,
             scale_up_at=0.25, scale_down_at=0.1, keep_s=30.0),
+    Variant("ours-no-promotable", forecast="ours", placement="evict_aware", allocation="hit_first"),
     Variant("paper-no-prewarm", prewarm=False),
     Variant("paper-round-robin", placement="round_robin"),
     Variant("paper-no-kv-prewarm", kv_prewarm=False),
@@ -68,7 +70,7 @@ class WarmServe:
         self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
                              prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
                              allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at,
-                             keep_s=v.keep_s)
+                             keep_s=v.keep_s, promotable_copies=v.promotable_copies)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)
@@ -95,7 +97,7 @@ class WarmServe:
         cfg = ctx.config
         key = {"what": "history", "models": len(ctx.models), "alpha": cfg["alpha"], "rate": cfg["total_rate_rps"],
                "seed": cfg["seed"], "order": cfg.get("client_order", "rate"), "window_s": w, "first": first,
-               "last": self.window, "batch": HISTORY_BATCH,
+               "last": self.window, "batch": STEADY_BATCH,
                "profiles": [dataclasses.asdict(ctx.cluster.profile(name)) for name in ctx.models]}
         history = cached(cfg.get("cache_dir"), key, lambda: self._history_windows(first))
         for t in range(first, self.window):
@@ -103,15 +105,14 @@ class WarmServe:
 
     def _history_windows(self, first: int) -> dict[str, np.ndarray]:
         """[model, window] average and peak outstanding requests, each request outstanding for its
-        prefill + decode time at batch HISTORY_BATCH."""
+        prefill + decode time at batch STEADY_BATCH."""
         ctx, w = self.ctx, self.variant.window_s
         avg = np.zeros((len(ctx.models), self.window))
         peak = np.zeros_like(avg)
         for m, name in enumerate(ctx.models):
             arrivals = ctx.workload.model_arrivals(m, first * w, self.window * w)
             prof = ctx.cluster.profile(name)
-            duration = (prof.prefill_overhead_s + arrivals.prompt_tokens * prof.prefill_s_per_token
-                        + arrivals.output_tokens * prof.decode_step_s(HISTORY_BATCH))
+            duration = prof.service_s(arrivals.prompt_tokens, arrivals.output_tokens, STEADY_BATCH)
             avg[m], peak[m] = trace_windows(arrivals.time_s, duration, w, self.window)
         return {"avg": avg[:, first:], "peak": peak[:, first:]}
 

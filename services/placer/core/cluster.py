@@ -309,6 +309,10 @@ class Cluster:
                 return cost
         return math.inf
 
+    def blocked(self, copy: Occupant) -> bool:
+        """A copy that cannot be promoted now: it shares a GPU with an instance (or its KV space)."""
+        return bool(copy.kv_host) or any(o.is_instance for o in self.overlapped(copy.node, copy.devices))
+
     def pages_without_occupants(self, node: str, index: int) -> int:
         """Free pages GPU `index` would have with every copy and instance on it gone."""
         gpu = self.nodes[node].gpus[index]
@@ -316,18 +320,22 @@ class Cluster:
         return gpu.free + held + sum(instance_pages(self.models[o.model]) for o in gpu.occupants if o.is_instance)
 
     def rescore(self) -> None:
-        """Existing copies keep the score of their rank (ready first); ranks past n_f + n_b score 0.
+        """Existing copies keep the score of their rank (ready first; with promotable_copies on,
+        blocked copies last); ranks past n_f + n_b score 0.
         A model whose spec, instance count and copies (the same occupants) are those of its last
         rescore keeps its scores."""
         nodes = self.nodes
+        blocked_last = self.config.promotable_copies
         for name, occs in self.copies.items():
-            key = (self.models[name], len(self.serving(name)), tuple(occs))
+            blocked = tuple(self.blocked(o) for o in occs) if blocked_last else ()
+            key = (self.models[name], len(self.serving(name)), tuple(occs), blocked)
             if self._scored.get(name) == key:
                 continue
             self._scored[name] = key
             scores = copy_scores(key[0], key[1], self.config)
             ranked = occs if len(occs) == 1 else \
-                sorted(occs, key=lambda o: (not o.ready, nodes[o.node].order, o.devices))
+                [o for _, o in sorted(zip(blocked or [False] * len(occs), occs),
+                                      key=lambda bo: (bo[0], not bo[1].ready, nodes[bo[1].node].order, bo[1].devices))]
             for rank, occ in enumerate(ranked):
                 occ.score = scores[rank][0] if rank < len(scores) else 0.0
 

@@ -19,7 +19,8 @@ def wanted_copies(cluster: Cluster) -> list[Want]:
     wants: list[Want] = []
     for name, model in cluster.models.items():
         scores = copy_scores(model, len(cluster.serving(name)), cluster.config)
-        have = len(cluster.copies.get(name, ()))
+        copies = cluster.copies.get(name, ())
+        have = sum(not cluster.blocked(o) for o in copies) if cluster.config.promotable_copies else len(copies)
         wants += [(score, name, kind) for score, kind in scores[have:]]
     wants.sort(key=lambda w: (-w[0], w[1]))
     return wants
@@ -92,13 +93,20 @@ def _place_best(cluster: Cluster, model: str, score: float, reason: str, failure
 
 
 def _fitting(cluster: Cluster, tp: int, need: int) -> Iterator[tuple[NodeState, tuple[int, ...], Occupant | bool]]:
-    """Aligned groups with `need` pages of room (see Cluster.room), skipping nodes without any."""
+    """Aligned groups with `need` pages of room (see Cluster.room), skipping nodes without any;
+    with promotable_copies on, only free pool pages on GPUs without instances."""
+    idle_only = cluster.config.promotable_copies
     for node in cluster.nodes.values():
         if need <= node.most_room():
             for group in cluster.groups(node, tp):
                 room = cluster.room(node.name, group, need)
-                if room is not False:
-                    yield node, group, room
+                if room is False or (idle_only and (room is not True or _hosts_instance(cluster, node.name, group))):
+                    continue
+                yield node, group, room
+
+
+def _hosts_instance(cluster: Cluster, node: str, group: tuple[int, ...]) -> bool:
+    return any(o.is_instance for o in cluster.overlapped(node, group))
 
 
 def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, need: int,
@@ -119,6 +127,8 @@ def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, nee
             overlapped = cluster.overlapped(node.name, group)
             if any(o.model == model for o in overlapped):
                 skipped.add((node.name, group[0]))
+                continue
+            if cluster.config.promotable_copies and _hosts_instance(cluster, node.name, group):
                 continue
             group_set = frozenset(group)
             blocking = [o for o in overlapped if not (aligned and o.aligned) and not laminar_ok(group_set, o)]

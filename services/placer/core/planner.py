@@ -7,6 +7,7 @@ A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from services.placer.core import effects as fx
@@ -55,7 +56,12 @@ def tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None =
 
 
 def allocate(snapshot: Snapshot, model: str, now_s: float, config: Config, reuse: Reuse | None = None) -> Allocation:
-    """GPUs for one new instance of `model` right now (the gateway is waiting)."""
+    """GPUs for one new instance of `model` right now (the gateway is waiting); with
+    promotable_copies, followed by the prewarms that replace the copies it blocks."""
     cluster = Cluster(snapshot, config, reuse)
     cluster.rescore()
-    return allocate_in(cluster, model, now_s, fx.INSTANCE_NEEDED)
+    allocation = allocate_in(cluster, model, now_s, fx.INSTANCE_NEEDED)
+    if allocation.effects and config.prewarm and config.promotable_copies:
+        cluster.rescore()  # the new instance blocks the copies on its GPUs: replace them now, not next tick
+        allocation = dataclasses.replace(allocation, effects=allocation.effects + tuple(plan_prewarms(cluster)))
+    return allocation

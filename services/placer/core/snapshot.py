@@ -83,6 +83,10 @@ class Config:
     scale_up_at: float = 0.8  # scale up when load > scale_up_at * B * n
     scale_down_at: float = 0.5  # scale down when load < scale_down_at * B * n
     keep_s: float = 0.0  # scale-downs also spare instances younger than this (0: protect_s alone, the paper)
+    promotable_copies: bool = False  # True: keep the wanted copies promotable: a copy on GPUs another
+    #   instance holds (not promotable until it leaves) ranks last and does not count as a wanted copy, new copies
+    #   go only to GPUs without instances, and each allocation re-plans copies at once (the paper: every copy
+    #   counts, copies are planned each tick)
 
     def __post_init__(self) -> None:
         if self.placement not in ("evict_aware", "paper", "round_robin"):
