@@ -8,12 +8,17 @@ reclaiming KV space lent to prewarmed copies when a request of the hosting insta
 from __future__ import annotations
 
 from collections import deque
+from itertools import chain
+from operator import attrgetter
 
 from services.placer.core import effects as fx
 from services.placer.core import snapshot as core
 from services.placer.core.overlay import apply_effects
 from sim.cluster import Cluster, Copy, Instance, OverCommit
 from sim.serving import Serving
+
+
+VIEW_KEY = attrgetter("instance_id", "created_at", "inflight", "kv_tokens_used", "state")  # all a view shows that changes
 
 
 class Refused(RuntimeError):
@@ -36,7 +41,7 @@ class PlacerShell:
         self._copies: list[tuple[core.Copy, ...]] = [() for _ in range(cluster.nodes)]
         self._forecasts: dict | None = None
         self._models: tuple[core.ModelSpec, ...] = ()
-        self._instances: dict[str, tuple[tuple, core.Instance]] = {}  # id -> (what the view shows, view)
+        self._views: dict[tuple, core.Instance] = {}  # the last snapshot's instance views by VIEW_KEY
         cluster.changed_nodes.update(range(cluster.nodes))
         serving.on_kv_short = self.reclaim_for
         cluster.on_instance_gone = self._instance_gone
@@ -57,24 +62,25 @@ class PlacerShell:
             self._models = tuple(core.ModelSpec(name, cl.profile(name).size_bytes, cl.profile(name).tp,
                                                 *forecasts.get(name, (0.0, 0.0)), kv_bytes=self.kv_bytes_per_gpu[name])
                                  for name in self.serving.names)
-        copies = tuple(c for row in self._copies for c in row)
-        instances = tuple(self._instance_view(i) for i in cl.instances.values())
-        observed = core.Snapshot(tuple(self._nodes), self._models, copies, instances, loads)
+        copies = tuple(chain.from_iterable(self._copies))
+        observed = core.Snapshot(tuple(self._nodes), self._models, copies, self._instance_views(), loads)
         pending = [e for node in sorted(self.pending) for e in self.pending[node]]
         return apply_effects(observed, pending, cl.loop.now) if pending else observed
 
-    def _instance_view(self, inst: Instance) -> core.Instance:
-        key = (inst.inflight, inst.kv_tokens_used, inst.state)
-        cached = self._instances.get(inst.instance_id)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        prof = self.cluster.profile(inst.model)
-        view = core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
-                             inst.inflight, inst.kv_bytes_per_gpu,
-                             inst.kv_tokens_used * prof.kv_bytes_per_token // prof.tp,
-                             inst.state != "starting", inst.state == "draining")
-        self._instances[inst.instance_id] = (key, view)
-        return view
+    def _instance_views(self) -> tuple[core.Instance, ...]:
+        """Views of the cluster's instances; those whose figures are unchanged are the last snapshot's."""
+        instances = list(self.cluster.instances.values())
+        keys = list(map(VIEW_KEY, instances))
+        views = list(map(self._views.get, keys))
+        for k in [k for k, view in enumerate(views) if view is None]:
+            inst = instances[k]
+            prof = self.cluster.profile(inst.model)
+            views[k] = core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
+                                     inst.inflight, inst.kv_bytes_per_gpu,
+                                     inst.kv_tokens_used * prof.kv_bytes_per_token // prof.tp,
+                                     inst.state != "starting", inst.state == "draining")
+        self._views = dict(zip(keys, views))
+        return tuple(views)
 
     def execute(self, effects, now_s: float) -> None:
         """Queue effects per node; like an agent, a node runs its commands in order and a demote
@@ -95,7 +101,6 @@ class PlacerShell:
                 self.refused.append((self.cluster.loop.now, effect, str(exc)))
 
     def _instance_gone(self, inst: Instance) -> None:
-        self._instances.pop(inst.instance_id, None)
         if self.blocked.get(inst.node) is inst:
             del self.blocked[inst.node]
             self._pump(inst.node)

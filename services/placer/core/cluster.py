@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from services.placer.core.node_inputs import NODE, NodeInputs, group_by_node
 from services.placer.core.scores import copy_pages, copy_scores, instance_pages, kv_lendable_pages
 from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
 
@@ -29,6 +30,7 @@ class Occupant:
     score: float = 0.0  # copies only: their current score
     kv_host: str = ""  # copies only: instance whose KV space holds them
     kv_devices: frozenset[int] = frozenset()  # devices where the copy's pages are KV space
+    lendable: int = 0  # instances in a built index: the KV pages they could lend when last looked at
     device_set: frozenset[int] = field(init=False)
     aligned: bool = field(init=False)  # a power-of-two group starting at a multiple of its size
 
@@ -57,7 +59,7 @@ class NodeState:
     gpus: dict[int, GpuState]
     version: int = 0  # bumped on every change: caches keyed by it stay valid until then
     _summary: tuple[int, int, float] | None = None  # cache of the three below, dropped on change
-    inputs: tuple = ()  # what it was built from (see Cluster._node_inputs): reusable while equal
+    inputs: NodeInputs | None = None  # what it was built from: reusable while of the same layout
     built: tuple[list[Occupant], list[Occupant], int] = ([], [], 0)  # its instances, copies, version once built
 
     def _summarise(self) -> tuple[int, int, float]:
@@ -112,95 +114,86 @@ class Reuse:
 class Cluster:
     def __init__(self, snapshot: Snapshot, config: Config, reuse: Reuse | None = None):
         self.config = config
-        self.models: dict[str, ModelSpec] = {m.name: m for m in snapshot.models}
+        last = reuse.last if reuse else None
+        same_specs = last is not None and last.specs is snapshot.models
+        self.specs = snapshot.models
+        self.models: dict[str, ModelSpec] = last.models if same_specs else {m.name: m for m in snapshot.models}
         self.copies: dict[str, list[Occupant]] = {}
         self._groups: dict[str, dict[int, list[tuple[int, ...]]]] = {}  # node -> size -> aligned groups
         self.cache: dict[tuple, tuple[int, object]] = {}  # policies' per-node caches: key -> (node version, value)
         self.instances: dict[str, list[Occupant]] = {}
         self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
-        previous = self._reusable(reuse.last if reuse else None, snapshot)
+        previous = self._reusable(last, snapshot)
         self._scored: dict[str, tuple] = previous._scored if previous else {}  # model -> what its scores are from
-        inputs = self._node_inputs(snapshot)
+        inputs, instances, copies = group_by_node(snapshot, self.models)
         self.nodes: dict[str, NodeState] = {}
         for i, n in enumerate(snapshot.nodes):
             old = previous.nodes.get(n.name) if previous else None
             new = inputs[n.name]
-            if old is not None and tuple(old.gpus) == tuple(g.index for g in n.gpus) and n.name in previous._groups:
+            if old is not None and n.name in previous._groups and \
+                    (old.inputs.node is n or tuple(old.gpus) == tuple(g.index for g in n.gpus)):
                 self._groups[n.name] = previous._groups[n.name]  # the same devices: the same aligned groups
-            if old is not None and old.order == i and old.version == old.built[2] and old.inputs[0] == new[0]:
+            if old is not None and old.order == i and old.version == old.built[2] and old.inputs.same_layout(new):
                 self.nodes[n.name] = old
-                if old.inputs[1] != new[1]:
+                if not new.same_instances(old.inputs):
                     self._refresh_instances(old, new)
+                old.inputs = new
                 old._summary = None  # its copies' scores are about to change
             else:
                 self.nodes[n.name] = self._build_node(i, new)
-        for kind, index in ((0, self.instances), (1, self.copies)):  # snapshot order, as one pass would
-            taken = {name: iter(node.built[kind]) for name, node in self.nodes.items()}
-            for item in (snapshot.instances if kind == 0 else snapshot.copies):
-                if item.node in self.nodes and item.model in self.models:
-                    index.setdefault(item.model, []).append(next(taken[item.node]))
+        for kind, index, items in ((0, self.instances, instances), (1, self.copies, copies)):  # snapshot order
+            taken = {name: iter(self.nodes[name].built[kind]) for name in set(map(NODE, items))}
+            for occ in map(next, map(taken.__getitem__, map(NODE, items))):  # a node's k-th item: its k-th built
+                of_model = index.get(occ.model)
+                if of_model is None:
+                    index[occ.model] = [occ]
+                else:
+                    of_model.append(occ)
         if reuse is not None:
             reuse.last = self
 
     def _reusable(self, previous: Cluster | None, snapshot: Snapshot) -> Cluster | None:
         """The previous cluster if its nodes can be taken over: same config and model shapes."""
-        if previous is None or previous.config != self.config or previous.models.keys() != self.models.keys():
+        if previous is None or len(previous.nodes) != len(snapshot.nodes) or \
+                not (previous.config is self.config or previous.config == self.config):
             return None
-        same = all((m.size_bytes, m.tp) == (p.size_bytes, p.tp) for m, p in
-                   zip(self.models.values(), previous.models.values()))
-        return previous if same and len(previous.nodes) == len(snapshot.nodes) else None
+        if previous.models is self.models:
+            return previous
+        same = previous.models.keys() == self.models.keys() and \
+            all((m.size_bytes, m.tp) == (p.size_bytes, p.tp) for m, p in zip(self.models.values(), previous.models.values()))
+        return previous if same else None
 
-    def _node_inputs(self, snapshot: Snapshot) -> dict[str, tuple]:
-        """Per node: (its GPUs, its instances' ids, models, devices and the rank of their model's
-        first instance (which orders KV lending), its copies with the instance whose KV space they
-        name) and the instances themselves (their load and KV use change all the time)."""
-        names = {n.name for n in snapshot.nodes}
-        instances = [i for i in snapshot.instances if i.model in self.models and i.node in names]
-        rank: dict[str, int] = {}
-        for inst in instances:
-            rank.setdefault(inst.model, len(rank))
-        by_id = {i.instance_id: i for i in instances}
-        on: dict[str, tuple[list, list]] = {n.name: ([], []) for n in snapshot.nodes}
-        for inst in instances:
-            on[inst.node][0].append((inst, rank[inst.model]))
-        for c in snapshot.copies:
-            if c.node in on and c.model in self.models:
-                on[c.node][1].append((c, by_id.get(c.kv_host)))
-        return {n.name: ((n, tuple((i.instance_id, i.model, i.devices, r) for i, r in on[n.name][0]),
-                          tuple(on[n.name][1])), tuple(i for i, _ in on[n.name][0])) for n in snapshot.nodes}
-
-    def _build_node(self, order: int, inputs: tuple) -> NodeState:
-        (n, ranked, copies), instances = inputs
+    def _build_node(self, order: int, inputs: NodeInputs) -> NodeState:
+        n = inputs.node
         node = NodeState(n.name, order, {g.index: GpuState(g.index, pages_floor(g.free_bytes)) for g in n.gpus})
         self.nodes[n.name] = node
         hosts = [self._attach(Occupant(inst.model, inst.node, inst.devices, copy_pages(self.models[inst.model]),
-                                       instance=inst, ready=inst.ready), index=False) for inst in instances]
-        held = [self._attach(self._copy_occupant(c, host), index=False) for c, host in copies]
+                                       instance=inst, ready=inst.ready), index=False) for inst in inputs.instances]
+        held = [self._attach(self._copy_occupant(c, inputs.is_hosted(k)), index=False) for k, c in enumerate(inputs.copies)]
         node.built = (hosts, held, node.version)
-        for _, occ in sorted(zip((r for *_, r in ranked), hosts), key=lambda ro: ro[0]):
-            self._lend_kv(occ)  # each GPU's host: the first instance on it by model rank, then snapshot order
+        for k in inputs.lending_order():
+            self._lend_kv(hosts[k])  # each GPU's host: the first instance on it by model rank, then snapshot order
         for occ in held:
             for d in occ.kv_devices:  # observed free memory already counts pool copies, not lent KV
                 node.gpus[d].kv_spare -= occ.pages
         node.inputs = inputs
         return node
 
-    def _refresh_instances(self, node: NodeState, inputs: tuple) -> None:
+    def _refresh_instances(self, node: NodeState, inputs: NodeInputs) -> None:
         """Same occupants, new instance figures (requests, KV use, state): which instance hosts
         each GPU stays, what it can lend moves its GPUs' spare KV pages by the difference."""
         hosts, _, _ = node.built
-        for occ, inst in zip(hosts, inputs[1]):
+        for occ, inst in zip(hosts, inputs.instances):
             if occ.instance is not inst:
-                change = self._lendable(inst) - self._lendable(occ.instance)
+                lendable = self._lendable(inst)
+                change, occ.lendable = lendable - occ.lendable, lendable
                 occ.instance, occ.ready = inst, inst.ready
                 for d in occ.devices if change else ():
                     gpu = node.gpus.get(d)
                     if gpu is not None and gpu.host is occ:
                         gpu.kv_spare += change
-        node.inputs = inputs
 
-    def _copy_occupant(self, c: Copy, host: Instance | None) -> Occupant:
-        hosted = host is not None and frozenset(c.devices) <= frozenset(host.devices)
+    def _copy_occupant(self, c: Copy, hosted: bool) -> Occupant:
         return Occupant(c.model, c.node, c.devices, copy_pages(self.models[c.model]), ready=c.ready,
                         kv_host=c.kv_host if hosted else "", kv_devices=frozenset(c.devices) if hosted else frozenset())
 
@@ -210,7 +203,7 @@ class Cluster:
         return kv_lendable_pages(inst.kv_capacity_bytes, inst.inflight, inst.kv_used_bytes, self.config.capacity)
 
     def _lend_kv(self, occ: Occupant) -> None:
-        lendable = self._lendable(occ.instance)
+        lendable = occ.lendable = self._lendable(occ.instance)
         for d in occ.devices:
             gpu = self.gpu(occ.node, d)
             if gpu and gpu.host is None:
@@ -241,7 +234,8 @@ class Cluster:
 
     def serving(self, model: str) -> list[Occupant]:
         """Instances of `model` that count as capacity (running or starting, not draining)."""
-        return [o for o in self.instances.get(model, []) if not o.instance.draining]
+        occupants = self.instances.get(model)
+        return [o for o in occupants if not o.instance.draining] if occupants else []
 
     def room(self, node: str, devices: tuple[int, ...], need: int) -> Occupant | bool:
         """Where `need` pages per device fit: True (free pool), the instance whose idle KV space

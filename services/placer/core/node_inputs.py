@@ -1,0 +1,79 @@
+"""What each node of the core's index is built from, grouped from a snapshot: its GPUs, its
+instances and copies (snapshot order), which copies lie inside the devices of the instance whose
+KV space they name, and the order in which its instances claim GPUs to lend KV space (by their
+model's rank: the position of its first instance in the snapshot). Two inputs with the same layout
+build the same node up to the instances' figures (requests, KV use, state). The grouping runs
+mostly in C (sorts and maps), as the simulator groups thousands of snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter, is_
+from typing import Sequence, TypeVar
+
+from services.placer.core.snapshot import Copy, Instance, Node, Snapshot
+
+NODE, MODEL, KV_HOST, INSTANCE_ID, DEVICES = (attrgetter(a) for a in ("node", "model", "kv_host", "instance_id", "devices"))
+SHAPE = attrgetter("instance_id", "model", "devices")  # what of an instance its node's layout holds
+Item = TypeVar("Item", Instance, Copy)
+
+
+@dataclass(eq=False, slots=True)
+class NodeInputs:
+    node: Node
+    instances: list[Instance] = field(default_factory=list)
+    copies: list[Copy] = field(default_factory=list)
+    hosted: tuple[bool, ...] = ()  # per copy: inside its named KV host's devices (empty: none names one)
+    lending: tuple[int, ...] = ()  # positions in `instances` in KV lending order (where two share a GPU)
+
+    def lending_order(self) -> tuple[int, ...] | range:
+        return self.lending or range(len(self.instances))
+
+    def is_hosted(self, k: int) -> bool:
+        return bool(self.hosted) and self.hosted[k]
+
+    def same_layout(self, other: NodeInputs) -> bool:
+        """The same GPUs, copies, lending order and instances (ids, models, devices)."""
+        return ((self.node is other.node or self.node == other.node) and self.copies == other.copies
+                and self.hosted == other.hosted and self.lending == other.lending
+                and (all(map(is_, self.instances, other.instances)) and len(self.instances) == len(other.instances)
+                     or list(map(SHAPE, self.instances)) == list(map(SHAPE, other.instances))))
+
+    def same_instances(self, other: NodeInputs) -> bool:
+        """The very same instance objects (no figure to refresh)."""
+        return len(self.instances) == len(other.instances) and all(map(is_, self.instances, other.instances))
+
+
+def known(items: Sequence[Item], models: dict, nodes: dict) -> Sequence[Item]:
+    """The items of known models on known nodes, in order."""
+    if models.keys() >= set(map(MODEL, items)) and nodes.keys() >= set(map(NODE, items)):
+        return items
+    return [i for i in items if i.model in models and i.node in nodes]
+
+
+def group_by_node(snapshot: Snapshot, models: dict) -> tuple[dict[str, NodeInputs], Sequence[Instance], Sequence[Copy]]:
+    """Per node its inputs; and the instances and copies on known nodes of known models (snapshot order)."""
+    inputs = {n.name: NodeInputs(n) for n in snapshot.nodes}
+    instances, copies = known(snapshot.instances, models, inputs), known(snapshot.copies, models, inputs)
+    for name, on_node in groupby(sorted(instances, key=NODE), NODE):  # stable: snapshot order per node
+        inputs[name].instances = list(on_node)
+    for name, on_node in groupby(sorted(copies, key=NODE), NODE):
+        inputs[name].copies = list(on_node)
+    by_id = dict(zip(map(INSTANCE_ID, instances), instances)) if any(map(KV_HOST, copies)) else {}
+    rank: dict[str, int] = {}
+    for on in inputs.values():
+        if by_id and any(map(KV_HOST, on.copies)):
+            hosts = map(by_id.get, map(KV_HOST, on.copies))
+            on.hosted = tuple(host is not None and frozenset(c.devices) <= frozenset(host.devices)
+                              for c, host in zip(on.copies, hosts))
+        if len(on.instances) > 1 and _shared_gpu(on.instances):  # else each GPU has one host in any order
+            rank = rank or {m: r for r, m in enumerate(dict.fromkeys(map(MODEL, instances)))}
+            on.lending = tuple(sorted(range(len(on.instances)), key=lambda k: rank[on.instances[k].model]))
+    return inputs, instances, copies
+
+
+def _shared_gpu(instances: list[Instance]) -> bool:
+    devices = list(map(DEVICES, instances))
+    return len(set().union(*devices)) < sum(map(len, devices))

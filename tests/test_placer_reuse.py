@@ -1,0 +1,56 @@
+"""The core's index built with a Reuse handle equals a fresh build: a node whose layout is kept
+still follows a change of the lending order (model ranks decided on another node) and new instance
+figures; the simulator's shell keeps the views of instances whose figures did not change."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.placer.core import Config, Gpu, Instance, ModelSpec, Node, Snapshot
+from services.placer.core.cluster import Cluster, Reuse
+from sim.cluster import Cluster as SimCluster
+from sim.engine import EventLoop
+from sim.serving import Requests, Serving
+from sim.systems.placer_shell import PlacerShell
+from sim.timing import load_profile
+
+GIB = 1 << 30
+MODELS = (ModelSpec("a", 2 * GIB, 1, kv_bytes=8 * GIB), ModelSpec("b", 2 * GIB, 1, kv_bytes=4 * GIB))
+NODES = tuple(Node(f"n{i}", (Gpu(0, 40 * GIB), Gpu(1, 40 * GIB))) for i in range(2))
+
+
+def instance(iid: str, model: str, node: str, inflight: int = 0) -> Instance:
+    kv = next(m.kv_bytes for m in MODELS if m.name == model)
+    return Instance(iid, model, node, (0,), inflight=inflight, kv_capacity_bytes=kv)
+
+
+def hosts(cluster: Cluster) -> list[tuple[str, int, str, int]]:
+    return [(n.name, g.index, g.host.instance.instance_id if g.host else "", g.kv_spare)
+            for n in cluster.nodes.values() for g in n.gpus.values()]
+
+
+def test_reuse_follows_the_lending_order_and_figures():
+    """n0 holds instances of a and b on one GPU; which lends its KV space depends on whose model
+    comes first in the snapshot, here decided by an instance of b on n1 that then goes away."""
+    config = Config(capacity=4)
+    first = Snapshot(NODES, MODELS, instances=(instance("b1", "b", "n1"), instance("a0", "a", "n0"),
+                                               instance("b0", "b", "n0")))
+    second = Snapshot(NODES, MODELS, instances=(instance("a0", "a", "n0", inflight=2), instance("b0", "b", "n0")))
+    reuse = Reuse()
+    Cluster(first, config, reuse)
+    for snapshot in (second, first, second):
+        assert hosts(Cluster(snapshot, config, reuse)) == hosts(Cluster(snapshot, config))
+
+
+def test_shell_keeps_the_views_of_unchanged_instances():
+    loop, none = EventLoop(), np.zeros(0)
+    sim = SimCluster(loop, load_profile(), 1, 4, {"a": "llama2-7b", "b": "llama2-7b"})
+    shell = PlacerShell(sim, Serving(loop, sim, Requests(none, none, none, none), ["a", "b"]), 32,
+                        {"a": GIB, "b": GIB})
+    busy = sim.cold_start("a", 0, (0,), "a#1", GIB, 32)
+    sim.cold_start("b", 0, (1,), "b#1", GIB, 32)
+    before = shell.snapshot({}, {}).instances
+    busy.inflight += 1
+    after = shell.snapshot({}, {}).instances
+    assert after[1] is before[1] and after[0] is not before[0]
+    assert (after[0].inflight, after[0].instance_id, after[0].devices) == (1, "a#1", (0,))
