@@ -26,6 +26,8 @@ class GpuProfile:
     host_cache_bytes_per_node: int  # host memory that caches checkpoints
     engine_start_s: float  # cold engine start, on top of loading the weights
     promote_s: float  # turn a prewarmed copy into a serving instance
+    worker_start_s: float  # start an instance in an engine process already running on its GPUs (universal
+    #                        GPU workers / warm engines), on top of loading the weights
     demote_s: float  # stop serving, keep the weights as a prewarmed copy
 
     @property

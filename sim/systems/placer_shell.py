@@ -30,8 +30,10 @@ def node_name(node: int) -> str:
 
 
 class PlacerShell:
-    def __init__(self, cluster: Cluster, serving: Serving, capacity: int, kv_bytes_per_gpu: dict[str, int]):
+    def __init__(self, cluster: Cluster, serving: Serving, capacity: int, kv_bytes_per_gpu: dict[str, int],
+                 universal_workers: bool = False):
         self.cluster, self.serving, self.capacity = cluster, serving, capacity
+        self.universal_workers = universal_workers  # cold starts load into an engine already running on the GPUs
         self.kv_bytes_per_gpu = kv_bytes_per_gpu  # model -> KV per device a new instance gets
         self.decisions: list[tuple[float, fx.Effect]] = []  # every executed effect, in order
         self.refused: list[tuple[float, fx.Effect, str]] = []  # effects the cluster could not carry out
@@ -115,7 +117,8 @@ class PlacerShell:
         elif isinstance(effect, fx.Promote):
             cluster.promote(self._copy(effect, node), effect.instance_id, effect.kv_bytes, self.capacity)
         elif isinstance(effect, fx.ColdStart):
-            cluster.cold_start(effect.model, node, effect.devices, effect.instance_id, effect.kv_bytes, self.capacity)
+            cluster.cold_start(effect.model, node, effect.devices, effect.instance_id, effect.kv_bytes, self.capacity,
+                               in_worker=self.universal_workers)
         elif isinstance(effect, fx.Demote):
             inst = cluster.instances.get(effect.instance_id)
             if inst is None:

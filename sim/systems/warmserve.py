@@ -38,6 +38,7 @@ class Variant:
     scale_down_at: float = 0.5
     keep_s: float = 0.0  # placer core Config.keep_s: scale-downs spare younger instances
     promotable_copies: bool = False  # placer core Config.promotable_copies
+    universal_workers: bool = True  # an engine process runs ahead on every GPU: a cold start skips the engine start
     prewarm: bool = True
     kv_prewarm: bool = True
     window_s: float = 300.0
@@ -52,6 +53,7 @@ VARIANTS = {v.name: v for v in (
             scale_up_at=0.25, scale_down_at=0.1, keep_s=30.0),
     Variant("ours-no-promotable", forecast="ours", placement="evict_aware", allocation="hit_first"),
     Variant("paper-no-prewarm", prewarm=False),
+    Variant("paper-fresh-engines", universal_workers=False),  # every cold start also starts an engine
     Variant("paper-round-robin", placement="round_robin"),
     Variant("paper-no-kv-prewarm", kv_prewarm=False),
     Variant("paper-window-3min", window_s=180.0),
@@ -73,7 +75,7 @@ class WarmServe:
                              keep_s=v.keep_s, promotable_copies=v.promotable_copies)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
-        self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv)
+        self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv, v.universal_workers)
         self.reuse = Reuse()  # the core's index carries over between ticks and asks (same decisions)
         self.forecaster = OnlineForecaster(v.forecast, v.window_s, cfg.get("csp_days", 3), cfg.get("csp_errors", 10))
         for name in ctx.models:
