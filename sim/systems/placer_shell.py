@@ -42,6 +42,8 @@ class PlacerShell:
         self._forecasts: dict | None = None
         self._models: tuple[core.ModelSpec, ...] = ()
         self._views: dict[tuple, core.Instance] = {}  # the last snapshot's instance views by VIEW_KEY
+        self._kv_scale = {name: (cluster.profile(name).kv_bytes_per_token, cluster.profile(name).tp)
+                          for name in serving.names}  # model -> what turns its KV tokens into bytes per device
         cluster.changed_nodes.update(range(cluster.nodes))
         serving.on_kv_short = self.reclaim_for
         cluster.on_instance_gone = self._instance_gone
@@ -74,10 +76,10 @@ class PlacerShell:
         views = list(map(self._views.get, keys))
         for k in [k for k, view in enumerate(views) if view is None]:
             inst = instances[k]
-            prof = self.cluster.profile(inst.model)
-            views[k] = core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
-                                     inst.inflight, inst.kv_bytes_per_gpu,
-                                     inst.kv_tokens_used * prof.kv_bytes_per_token // prof.tp,
+            per_token, tp = self._kv_scale[inst.model]
+            views[k] = core.Instance(inst.instance_id, inst.model, self._nodes[inst.node].name, inst.devices,
+                                     inst.created_at, inst.inflight, inst.kv_bytes_per_gpu,
+                                     inst.kv_tokens_used * per_token // tp,
                                      inst.state != "starting", inst.state == "draining")
         self._views = dict(zip(keys, views))
         return tuple(views)

@@ -8,6 +8,7 @@ mostly in C (sorts and maps), as the simulator groups thousands of snapshots.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter, is_
@@ -69,12 +70,12 @@ def group_by_node(snapshot: Snapshot, models: dict) -> tuple[dict[str, NodeInput
             hosts = map(by_id.get, map(KV_HOST, on.copies))
             on.hosted = tuple(host is not None and frozenset(c.devices) <= frozenset(host.devices)
                               for c, host in zip(on.copies, hosts))
-        if len(on.instances) > 1 and _shared_gpu(on.instances):  # else each GPU has one host in any order
+        if len(on.instances) > 1 and _shared_gpu(tuple(map(DEVICES, on.instances))):  # else any order lends alike
             rank = rank or {m: r for r, m in enumerate(dict.fromkeys(map(MODEL, instances)))}
             on.lending = tuple(sorted(range(len(on.instances)), key=lambda k: rank[on.instances[k].model]))
     return inputs, instances, copies
 
 
-def _shared_gpu(instances: list[Instance]) -> bool:
-    devices = list(map(DEVICES, instances))
+@functools.lru_cache(maxsize=4096)  # pure; nodes keep their instances' devices across many snapshots
+def _shared_gpu(devices: tuple[tuple[int, ...], ...]) -> bool:
     return len(set().union(*devices)) < sum(map(len, devices))
