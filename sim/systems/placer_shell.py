@@ -66,7 +66,7 @@ class PlacerShell:
                                  for name in self.serving.names)
         copies = tuple(chain.from_iterable(self._copies))
         observed = core.Snapshot(tuple(self._nodes), self._models, copies, self._instance_views(), loads)
-        pending = [e for node in sorted(self.pending) for e in self.pending[node]]
+        pending = [e for node in sorted(self.blocked) for e in self.pending[node]]  # only held queues keep any
         return apply_effects(observed, pending, cl.loop.now) if pending else observed
 
     def _instance_views(self) -> tuple[core.Instance, ...]:
@@ -87,9 +87,12 @@ class PlacerShell:
     def execute(self, effects, now_s: float) -> None:
         """Queue effects per node; like an agent, a node runs its commands in order and a demote
         holds the node's later commands until the instance has drained."""
+        nodes = set()
         for effect in effects:
-            self.pending.setdefault(int(effect.node.removeprefix("node")), deque()).append(effect)
-        for node in sorted(self.pending):
+            node = int(effect.node.removeprefix("node"))
+            self.pending.setdefault(node, deque()).append(effect)
+            nodes.add(node)
+        for node in sorted(nodes):  # the other queues are empty or held by a drain
             self._pump(node)
 
     def _pump(self, node: int) -> None:
