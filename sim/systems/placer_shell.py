@@ -44,6 +44,8 @@ class PlacerShell:
         self._forecasts: dict | None = None
         self._models: tuple[core.ModelSpec, ...] = ()
         self._views: dict[tuple, core.Instance] = {}  # the last snapshot's instance views by VIEW_KEY
+        self._kv_scale = {name: (cluster.profile(name).kv_bytes_per_token, cluster.profile(name).tp)
+                          for name in serving.names}  # model -> what turns its KV tokens into bytes per device
         cluster.changed_nodes.update(range(cluster.nodes))
         serving.on_kv_short = self.reclaim_for
         cluster.on_instance_gone = self._instance_gone
@@ -66,7 +68,7 @@ class PlacerShell:
                                  for name in self.serving.names)
         copies = tuple(chain.from_iterable(self._copies))
         observed = core.Snapshot(tuple(self._nodes), self._models, copies, self._instance_views(), loads)
-        pending = [e for node in sorted(self.pending) for e in self.pending[node]]
+        pending = [e for node in sorted(self.blocked) for e in self.pending[node]]  # only held queues keep any
         return apply_effects(observed, pending, cl.loop.now) if pending else observed
 
     def _instance_views(self) -> tuple[core.Instance, ...]:
@@ -76,10 +78,10 @@ class PlacerShell:
         views = list(map(self._views.get, keys))
         for k in [k for k, view in enumerate(views) if view is None]:
             inst = instances[k]
-            prof = self.cluster.profile(inst.model)
-            views[k] = core.Instance(inst.instance_id, inst.model, node_name(inst.node), inst.devices, inst.created_at,
-                                     inst.inflight, inst.kv_bytes_per_gpu,
-                                     inst.kv_tokens_used * prof.kv_bytes_per_token // prof.tp,
+            per_token, tp = self._kv_scale[inst.model]
+            views[k] = core.Instance(inst.instance_id, inst.model, self._nodes[inst.node].name, inst.devices,
+                                     inst.created_at, inst.inflight, inst.kv_bytes_per_gpu,
+                                     inst.kv_tokens_used * per_token // tp,
                                      inst.state != "starting", inst.state == "draining")
         self._views = dict(zip(keys, views))
         return tuple(views)
@@ -87,9 +89,12 @@ class PlacerShell:
     def execute(self, effects, now_s: float) -> None:
         """Queue effects per node; like an agent, a node runs its commands in order and a demote
         holds the node's later commands until the instance has drained."""
+        nodes = set()
         for effect in effects:
-            self.pending.setdefault(int(effect.node.removeprefix("node")), deque()).append(effect)
-        for node in sorted(self.pending):
+            node = int(effect.node.removeprefix("node"))
+            self.pending.setdefault(node, deque()).append(effect)
+            nodes.add(node)
+        for node in sorted(nodes):  # the other queues are empty or held by a drain
             self._pump(node)
 
     def _pump(self, node: int) -> None:

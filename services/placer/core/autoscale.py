@@ -44,6 +44,8 @@ def reclaim_kv(cluster: Cluster) -> list[fx.Effect]:
     effects: list[fx.Effect] = []
     for node in cluster.nodes.values():
         for gpu in node.gpus.values():
+            if gpu.kv_spare >= 0:
+                continue  # its host's reserve fits: nothing to reclaim
             hosted = sorted((o for o in gpu.occupants if gpu.index in o.kv_devices), key=lambda o: (o.score, o.devices))
             for occ in hosted:
                 if gpu.kv_spare >= 0:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.placer.core.node_inputs import NODE, NodeInputs, group_by_node
+from services.placer.core.node_inputs import FIGURES, LAYOUT, NODE, NodeInputs, group_by_node
 from services.placer.core.scores import copy_pages, copy_scores, instance_pages, kv_lendable_pages
 from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
 
@@ -127,20 +127,23 @@ class Cluster:
         self._scored: dict[str, tuple] = previous._scored if previous else {}  # model -> what its scores are from
         inputs, instances, copies = group_by_node(snapshot, self.models)
         self.nodes: dict[str, NodeState] = {}
+        old_nodes, old_groups = (previous.nodes, previous._groups) if previous else ({}, {})
         for i, n in enumerate(snapshot.nodes):
-            old = previous.nodes.get(n.name) if previous else None
-            new = inputs[n.name]
-            if old is not None and n.name in previous._groups and \
-                    (old.inputs.node is n or tuple(old.gpus) == tuple(g.index for g in n.gpus)):
-                self._groups[n.name] = previous._groups[n.name]  # the same devices: the same aligned groups
-            if old is not None and old.order == i and old.version == old.built[2] and old.inputs.same_layout(new):
-                self.nodes[n.name] = old
-                if not new.same_instances(old.inputs):
-                    self._refresh_instances(old, new)
-                old.inputs = new
-                old._summary = None  # its copies' scores are about to change
-            else:
-                self.nodes[n.name] = self._build_node(i, new)
+            new, old = inputs[n.name], old_nodes.get(n.name)
+            if old is None:
+                self._build_node(i, new)
+                continue
+            if n.name in old_groups and (old.inputs.node is n or tuple(old.gpus) == tuple(g.index for g in n.gpus)):
+                self._groups[n.name] = old_groups[n.name]  # the same devices: the same aligned groups
+            change = new.change_from(old.inputs) if old.order == i and old.version == old.built[2] else LAYOUT
+            if change == LAYOUT:
+                self._build_node(i, new)
+                continue
+            self.nodes[n.name] = old
+            if change == FIGURES:
+                self._refresh_instances(old, new)
+            old.inputs = new
+            old._summary = None  # its copies' scores are about to change
         for kind, index, items in ((0, self.instances, instances), (1, self.copies, copies)):  # snapshot order
             taken = {name: iter(self.nodes[name].built[kind]) for name in set(map(NODE, items))}
             for occ in map(next, map(taken.__getitem__, map(NODE, items))):  # a node's k-th item: its k-th built

@@ -8,6 +8,7 @@ mostly in C (sorts and maps), as the simulator groups thousands of snapshots.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter, is_
@@ -17,6 +18,7 @@ from services.placer.core.snapshot import Copy, Instance, Node, Snapshot
 
 NODE, MODEL, KV_HOST, INSTANCE_ID, DEVICES = (attrgetter(a) for a in ("node", "model", "kv_host", "instance_id", "devices"))
 SHAPE = attrgetter("instance_id", "model", "devices")  # what of an instance its node's layout holds
+SAME, FIGURES, LAYOUT = range(3)  # how a node's inputs differ from those it was built from
 Item = TypeVar("Item", Instance, Copy)
 
 
@@ -34,16 +36,16 @@ class NodeInputs:
     def is_hosted(self, k: int) -> bool:
         return bool(self.hosted) and self.hosted[k]
 
-    def same_layout(self, other: NodeInputs) -> bool:
-        """The same GPUs, copies, lending order and instances (ids, models, devices)."""
-        return ((self.node is other.node or self.node == other.node) and self.copies == other.copies
-                and self.hosted == other.hosted and self.lending == other.lending
-                and (all(map(is_, self.instances, other.instances)) and len(self.instances) == len(other.instances)
-                     or list(map(SHAPE, self.instances)) == list(map(SHAPE, other.instances))))
-
-    def same_instances(self, other: NodeInputs) -> bool:
-        """The very same instance objects (no figure to refresh)."""
-        return len(self.instances) == len(other.instances) and all(map(is_, self.instances, other.instances))
+    def change_from(self, old: NodeInputs) -> int:
+        """SAME: the very objects of `old`; FIGURES: its layout (GPUs, copies, lending order,
+        instances' ids, models and devices) with new instance figures; LAYOUT: anything else."""
+        if not ((self.node is old.node or self.node == old.node) and self.copies == old.copies
+                and self.hosted == old.hosted and self.lending == old.lending
+                and len(self.instances) == len(old.instances)):
+            return LAYOUT
+        if all(map(is_, self.instances, old.instances)):
+            return SAME
+        return FIGURES if list(map(SHAPE, self.instances)) == list(map(SHAPE, old.instances)) else LAYOUT
 
 
 def known(items: Sequence[Item], models: dict, nodes: dict) -> Sequence[Item]:
@@ -68,12 +70,12 @@ def group_by_node(snapshot: Snapshot, models: dict) -> tuple[dict[str, NodeInput
             hosts = map(by_id.get, map(KV_HOST, on.copies))
             on.hosted = tuple(host is not None and frozenset(c.devices) <= frozenset(host.devices)
                               for c, host in zip(on.copies, hosts))
-        if len(on.instances) > 1 and _shared_gpu(on.instances):  # else each GPU has one host in any order
+        if len(on.instances) > 1 and _shared_gpu(tuple(map(DEVICES, on.instances))):  # else any order lends alike
             rank = rank or {m: r for r, m in enumerate(dict.fromkeys(map(MODEL, instances)))}
             on.lending = tuple(sorted(range(len(on.instances)), key=lambda k: rank[on.instances[k].model]))
     return inputs, instances, copies
 
 
-def _shared_gpu(instances: list[Instance]) -> bool:
-    devices = list(map(DEVICES, instances))
+@functools.lru_cache(maxsize=4096)  # pure; nodes keep their instances' devices across many snapshots
+def _shared_gpu(devices: tuple[tuple[int, ...], ...]) -> bool:
     return len(set().union(*devices)) < sum(map(len, devices))
