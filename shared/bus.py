@@ -28,6 +28,8 @@ T = TypeVar("T", bound=BaseModel)
 ERROR_HEADER = "Warmserve-Error"
 EVENT_RETENTION_S = 7 * 24 * 3600
 DRAIN_TIMEOUT_S = 2.0  # per subscription: a drain that the server never confirms must not block shutdown
+NO_RESPONDERS_RETRIES = (0.02, 0.05, 0.1)  # the server can report "no responders" for a moment after another
+#   connection subscribed, even once that subscription was flushed (nats-server issue #2876): ask again
 
 log = get_logger("bus")
 
@@ -132,10 +134,17 @@ class Bus:
 
     async def request(self, subject: str, message: BaseModel, reply_kind: type[T],
                       timeout_s: float | None = None) -> T:
-        try:
-            msg = await self.nc.request(subject, encode(message), timeout=timeout_s or self.request_timeout_s)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise BusError(f"no answer on {subject}: {type(exc).__name__}") from exc
+        payload = encode(message)
+        for pause_s in (*NO_RESPONDERS_RETRIES, None):
+            try:
+                msg = await self.nc.request(subject, payload, timeout=timeout_s or self.request_timeout_s)
+                break
+            except nats.errors.NoRespondersError as exc:
+                if pause_s is None:
+                    raise BusError(f"no answer on {subject}: {type(exc).__name__}") from exc
+                await asyncio.sleep(pause_s)
+            except nats.errors.TimeoutError as exc:
+                raise BusError(f"no answer on {subject}: {type(exc).__name__}") from exc
         if msg.headers and ERROR_HEADER in msg.headers:
             raise BusError(msg.headers[ERROR_HEADER])
         try:

@@ -81,16 +81,26 @@ async def test_request_reply_and_malformed_message_rejected(settings, capsys):
         return CommandResult(command_id=cmd.command_id, ok=True)
 
     await server.subscribe(subject, AgentCommand, handle)
+    ok = await client.request(subject, AgentCommand(command_id="x", kind=CommandKind.evict), CommandResult)
+    assert ok.ok and ok.command_id == "x"
     raw = await client.nc.request(subject, b"garbage", timeout=2)
     assert "rejected: not msgpack" in raw.headers["Warmserve-Error"]
     with pytest.raises(BusError, match="rejected: AgentCommand: command_id"):
         await client.request(subject, LoadSample(model="m", at_s=0, interval_s=1, avg_outstanding=0,
                                                  peak_outstanding=0), CommandResult)
     assert "message_rejected" in capsys.readouterr().err
-    ok = await client.request(subject, AgentCommand(command_id="x", kind=CommandKind.evict), CommandResult)
-    assert ok.ok and ok.command_id == "x"
     await server.drain_subscriptions()
     await server.close()
+    await client.close()
+
+
+async def test_request_without_responders_fails_soon_with_a_bus_error(settings):
+    client = await Bus.connect(settings, "client")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BusError, match="no answer on .*NoRespondersError"):
+        await client.request(client.subjects.agent_command("nobody"), AgentCommand(command_id="x", kind=CommandKind.evict),
+                             CommandResult, timeout_s=5.0)
+    assert asyncio.get_running_loop().time() - started < 2.0  # a few short retries, not the whole timeout
     await client.close()
 
 
