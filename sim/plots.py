@@ -15,15 +15,17 @@ import numpy as np  # noqa: E402
 from sim.cluster import STATE_NAMES  # noqa: E402
 
 STATE_COLOURS = ("#ffffff", "#9ecae1", "#fdd0a2", "#fd8d3c", "#31a354")
+LINE_STYLES = ("-", "--", ":")
 
 
 def ttft_cdf(results, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for result in results:
+    for i, result in enumerate(results):
         ttft = np.sort(result.ttft_s)
         if len(ttft):
             shown = np.where(np.isfinite(ttft), ttft, np.nan)
-            ax.plot(shown, np.arange(1, len(ttft) + 1) / len(ttft), label=result.system)
+            ax.plot(shown, np.arange(1, len(ttft) + 1) / len(ttft), label=result.system,
+                    ls=LINE_STYLES[i // 10 % len(LINE_STYLES)])  # the colour cycle repeats after 10
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (s, log scale; unfinished requests never reach the top)")
     ax.set_ylabel("share of requests")

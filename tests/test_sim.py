@@ -244,3 +244,11 @@ def test_gpu_demand_counts_each_active_model_once_with_its_tp():
     got = gpu_demand(_TwoRequests(), ["llama2-7b", "llama2-70b"], timing, 0.0, 20.0, gpus=4)
     assert got["mean_gpus_needed"] == pytest.approx((6 * 1 + 6 * 4) / 20)
     assert got["share_over_capacity"] == pytest.approx(4 / 20)  # t in [12, 16): 1 + 4 GPUs > 4
+
+
+def test_ttft_cdf_writes_a_png_for_many_systems(tmp_path):
+    from types import SimpleNamespace
+    from sim.plots import ttft_cdf
+    results = [SimpleNamespace(system=f"s{i}", ttft_s=np.array([0.01 * (i + 1), np.inf])) for i in range(12)]
+    path = ttft_cdf(results, tmp_path / "cdf.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
