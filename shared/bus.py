@@ -139,12 +139,10 @@ class Bus:
             try:
                 msg = await self.nc.request(subject, payload, timeout=timeout_s or self.request_timeout_s)
                 break
-            except nats.errors.NoRespondersError as exc:
-                if pause_s is None:
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                if pause_s is None or isinstance(exc, nats.errors.TimeoutError):
                     raise BusError(f"no answer on {subject}: {type(exc).__name__}") from exc
                 await asyncio.sleep(pause_s)
-            except nats.errors.TimeoutError as exc:
-                raise BusError(f"no answer on {subject}: {type(exc).__name__}") from exc
         if msg.headers and ERROR_HEADER in msg.headers:
             raise BusError(msg.headers[ERROR_HEADER])
         try:

@@ -57,7 +57,7 @@ class ModelProfile:
 
     def service_s(self, prompt_tokens, output_tokens, batch: int):
         """How long requests stay in flight at a steady decode batch (scalars or arrays)."""
-        return self.prefill_overhead_s + prompt_tokens * self.prefill_s_per_token + output_tokens * self.decode_step_s(batch)
+        return self.prefill_s(prompt_tokens) + output_tokens * self.decode_step_s(batch)
 
     def kv_bytes_per_gpu(self, tokens: int) -> int:
         return pages(tokens * self.kv_bytes_per_token // self.tp)

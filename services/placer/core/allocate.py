@@ -137,16 +137,13 @@ def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: 
     return True
 
 
-def _idle(cluster: Cluster, node: str, devices: tuple[int, ...]) -> bool:
-    return not any(o.is_instance for o in cluster.overlapped(node, devices))
-
 
 def _promotable(cluster: Cluster, model: str, ready: bool, kv: int) -> tuple[Occupant, list[Occupant]] | None:
     """The copy to promote that costs the least evicted score for its KV room."""
     best = None
     for copy in cluster.copies.get(model, ()):
         if copy.ready != ready or copy.kv_host or len(copy.devices) != cluster.models[model].tp \
-                or not _idle(cluster, copy.node, copy.devices):
+                or cluster.hosts_instance(copy.node, copy.devices):
             continue
         evicted = cluster.evictions_for_room(copy.node, copy.devices, kv, lambda o: o is not copy)
         if evicted is None:

@@ -306,9 +306,13 @@ class Cluster:
                 return cost
         return math.inf
 
+    def hosts_instance(self, node: str, devices: tuple[int, ...]) -> bool:
+        """Some instance (running, starting or draining) holds one of `devices`."""
+        return any(o.is_instance for o in self.overlapped(node, devices))
+
     def blocked(self, copy: Occupant) -> bool:
         """A copy that cannot be promoted now: it shares a GPU with an instance (or its KV space)."""
-        return bool(copy.kv_host) or any(o.is_instance for o in self.overlapped(copy.node, copy.devices))
+        return bool(copy.kv_host) or self.hosts_instance(copy.node, copy.devices)
 
     def pages_without_occupants(self, node: str, index: int) -> int:
         """Free pages GPU `index` would have with every copy and instance on it gone."""

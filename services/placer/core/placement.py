@@ -100,13 +100,9 @@ def _fitting(cluster: Cluster, tp: int, need: int) -> Iterator[tuple[NodeState, 
         if need <= node.most_room():
             for group in cluster.groups(node, tp):
                 room = cluster.room(node.name, group, need)
-                if room is False or (idle_only and (room is not True or _hosts_instance(cluster, node.name, group))):
+                if room is False or (idle_only and (room is not True or cluster.hosts_instance(node.name, group))):
                     continue
                 yield node, group, room
-
-
-def _hosts_instance(cluster: Cluster, node: str, group: tuple[int, ...]) -> bool:
-    return any(o.is_instance for o in cluster.overlapped(node, group))
 
 
 def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, need: int,
@@ -128,7 +124,7 @@ def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, nee
             if any(o.model == model for o in overlapped):
                 skipped.add((node.name, group[0]))
                 continue
-            if cluster.config.promotable_copies and _hosts_instance(cluster, node.name, group):
+            if cluster.config.promotable_copies and cluster.hosts_instance(node.name, group):
                 continue
             group_set = frozenset(group)
             blocking = [o for o in overlapped if not (aligned and o.aligned) and not laminar_ok(group_set, o)]
