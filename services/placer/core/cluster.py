@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from services.placer.core.node_inputs import FIGURES, LAYOUT, NODE, NodeInputs, group_by_node
 from services.placer.core.scores import copy_pages, copy_scores, instance_pages, kv_lendable_pages
 from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -50,6 +52,7 @@ class GpuState:
     kv_spare: int = 0  # pages of the hosting instance's idle KV space not yet lent
     host: Occupant | None = None  # the instance on this GPU, if any
     occupants: list[Occupant] = field(default_factory=list)
+    instances: int = 0  # how many of the occupants are instances
 
 
 @dataclass(eq=False)
@@ -124,7 +127,15 @@ class Cluster:
         self.instances: dict[str, list[Occupant]] = {}
         self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
         previous = self._reusable(last, snapshot)
-        self._scored: dict[str, tuple] = previous._scored if previous else {}  # model -> what its scores are from
+        # per model, a version bumped whenever its spec, copies, instances or copies' blocking change;
+        # per-model caches (its copies' scores, placement's wants) hold while it stays
+        self.model_versions: dict[str, int] = previous.model_versions if previous else {}
+        self.model_cache: dict[tuple[str, str], tuple[int, object]] = previous.model_cache if previous else {}
+        self._scored: dict[str, int] = previous._scored if previous else {}  # model -> version its scores are of
+        if previous is not None and not same_specs:
+            for name, spec in self.models.items():
+                if previous.models.get(name) != spec:
+                    self.touch(name)
         inputs, instances, copies = group_by_node(snapshot, self.models)
         self.nodes: dict[str, NodeState] = {}
         old_nodes, old_groups = (previous.nodes, previous._groups) if previous else ({}, {})
@@ -137,6 +148,8 @@ class Cluster:
                 self._groups[n.name] = old_groups[n.name]  # the same devices: the same aligned groups
             change = new.change_from(old.inputs) if old.order == i and old.version == old.built[2] else LAYOUT
             if change == LAYOUT:
+                for occ in {o for g in old.gpus.values() for o in g.occupants}:
+                    self.touch(occ.model)  # they leave the index
                 self._build_node(i, new)
                 continue
             self.nodes[n.name] = old
@@ -188,6 +201,8 @@ class Cluster:
         hosts, _, _ = node.built
         for occ, inst in zip(hosts, inputs.instances):
             if occ.instance is not inst:
+                if occ.instance.draining != inst.draining:
+                    self.touch(occ.model)  # it stops (or starts again) counting as capacity
                 lendable = self._lendable(inst)
                 change, occ.lendable = lendable - occ.lendable, lendable
                 occ.instance, occ.ready = inst, inst.ready
@@ -308,7 +323,8 @@ class Cluster:
 
     def hosts_instance(self, node: str, devices: tuple[int, ...]) -> bool:
         """Some instance (running, starting or draining) holds one of `devices`."""
-        return any(o.is_instance for o in self.overlapped(node, devices))
+        gpus = self.nodes[node].gpus
+        return any(gpus[d].instances for d in devices)
 
     def blocked(self, copy: Occupant) -> bool:
         """A copy that cannot be promoted now: it shares a GPU with an instance (or its KV space)."""
@@ -322,39 +338,65 @@ class Cluster:
 
     def rescore(self) -> None:
         """Existing copies keep the score of their rank (ready first; with promotable_copies on,
-        blocked copies last); ranks past n_f + n_b score 0.
-        A model whose spec, instance count and copies (the same occupants) are those of its last
-        rescore keeps its scores."""
+        blocked copies last); ranks past n_f + n_b score 0. Only models changed since their last
+        rescore (see `touch`) are ranked again."""
         nodes = self.nodes
         blocked_last = self.config.promotable_copies
         for name, occs in self.copies.items():
-            blocked = tuple(self.blocked(o) for o in occs) if blocked_last else ()
-            key = (self.models[name], len(self.serving(name)), tuple(occs), blocked)
-            if self._scored.get(name) == key:
+            version = self.model_versions.get(name, 0)
+            if self._scored.get(name) == version:
                 continue
-            self._scored[name] = key
-            scores = copy_scores(key[0], key[1], self.config)
+            self._scored[name] = version
+            scores = copy_scores(self.models[name], len(self.serving(name)), self.config)
+            blocked = [self.blocked(o) for o in occs] if blocked_last else [False] * len(occs)
             ranked = occs if len(occs) == 1 else \
-                [o for _, o in sorted(zip(blocked or [False] * len(occs), occs),
+                [o for _, o in sorted(zip(blocked, occs),
                                       key=lambda bo: (bo[0], not bo[1].ready, nodes[bo[1].node].order, bo[1].devices))]
             for rank, occ in enumerate(ranked):
                 occ.score = scores[rank][0] if rank < len(scores) else 0.0
 
+    def for_model(self, model: str, what: str, compute: Callable[[], T]) -> T:
+        """A policy's value about `model`, computed again only once the model has changed."""
+        version = self.model_versions.get(model, 0)
+        hit = self.model_cache.get((what, model))
+        if hit is None or hit[0] != version:
+            hit = self.model_cache[(what, model)] = (version, compute())
+        return hit[1]
+
+    def touch(self, model: str) -> None:
+        """`model`'s spec, copies, instances or the blocking of its copies changed."""
+        self.model_versions[model] = self.model_versions.get(model, 0) + 1
+
     # ------------------------------------------------------------ changes
 
     def _attach(self, occ: Occupant, index: bool = True) -> Occupant:
-        self.nodes[occ.node].changed()
+        self._touch_around(occ)
         for d in occ.devices:
-            self.nodes[occ.node].gpus[d].occupants.append(occ)
+            gpu = self.nodes[occ.node].gpus[d]
+            gpu.occupants.append(occ)
+            gpu.instances += occ.is_instance
         if index:
             (self.instances if occ.is_instance else self.copies).setdefault(occ.model, []).append(occ)
         return occ
 
     def _detach(self, occ: Occupant) -> None:
-        self.nodes[occ.node].changed()
+        self._touch_around(occ)
         for d in occ.devices:
-            self.nodes[occ.node].gpus[d].occupants.remove(occ)
+            gpu = self.nodes[occ.node].gpus[d]
+            gpu.occupants.remove(occ)
+            gpu.instances -= occ.is_instance
         (self.instances if occ.is_instance else self.copies)[occ.model].remove(occ)
+
+    def _touch_around(self, occ: Occupant) -> None:
+        """`occ` comes or goes: its node and model change, and so does the blocking of the copies
+        sharing a GPU with it if it is an instance."""
+        node = self.nodes[occ.node]
+        node.changed()
+        self.touch(occ.model)
+        if occ.is_instance:
+            for d in occ.devices:
+                for other in node.gpus[d].occupants:
+                    self.touch(other.model)
 
     def add_copy(self, model: str, node: str, devices: tuple[int, ...], score: float,
                  host: Occupant | None = None) -> Occupant:
@@ -410,6 +452,7 @@ class Cluster:
             if gpu.host is occ:
                 gpu.host, gpu.kv_spare = None, 0
         for kept in keep:
+            self.touch(kept.model)
             kept.kv_host, kept.kv_devices = "", frozenset()
             for d in kept.devices:
                 self.nodes[occ.node].gpus[d].free -= kept.pages

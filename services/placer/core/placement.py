@@ -17,13 +17,17 @@ Want = tuple[float, str, str]  # (score, model, kind "foundation" | "burst")
 def wanted_copies(cluster: Cluster) -> list[Want]:
     """New copies every model still needs beyond its existing ones, highest score first."""
     wants: list[Want] = []
-    for name, model in cluster.models.items():
-        scores = copy_scores(model, len(cluster.serving(name)), cluster.config)
-        copies = cluster.copies.get(name, ())
-        have = sum(not cluster.blocked(o) for o in copies) if cluster.config.promotable_copies else len(copies)
-        wants += [(score, name, kind) for score, kind in scores[have:]]
+    for name in cluster.models:
+        wants += cluster.for_model(name, "wants", lambda: _wants_of(cluster, name))
     wants.sort(key=lambda w: (-w[0], w[1]))
     return wants
+
+
+def _wants_of(cluster: Cluster, name: str) -> list[Want]:
+    scores = copy_scores(cluster.models[name], len(cluster.serving(name)), cluster.config)
+    copies = cluster.copies.get(name, ())
+    have = sum(not cluster.blocked(o) for o in copies) if cluster.config.promotable_copies else len(copies)
+    return [(score, name, kind) for score, kind in scores[have:]]
 
 
 class _Failures:
