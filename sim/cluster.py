@@ -138,10 +138,9 @@ class Cluster:
                                   capacity, ready_at, kind)
 
     def cold_start(self, model: str, node: int, devices: tuple[int, ...], instance_id: str,
-                   kv_bytes_per_gpu: int, capacity: int, start_kind: str = "miss", in_worker: bool = False) -> Instance:
-        """Load the weights, then start an engine (`in_worker`: into one already running there)."""
-        gpu = self.timing.gpu
-        ready_at = self._load_done_at(model, node, devices) + (gpu.worker_start_s if in_worker else gpu.engine_start_s)
+                   kv_bytes_per_gpu: int, capacity: int, start_kind: str = "miss", engine: str = "engine") -> Instance:
+        """Load the weights, then start the instance (see GpuProfile.start_s for `engine`)."""
+        ready_at = self._load_done_at(model, node, devices) + self.timing.gpu.start_s(engine)
         return self._new_instance(instance_id, model, node, devices, kv_bytes_per_gpu, capacity,
                                   ready_at, start_kind)
 

@@ -39,11 +39,14 @@ def make_system(name: str, config: dict):
 
     if name == "serverlessllm":
         return ServerlessLLM(config["keep_alive_s"])
+    if name == "serverlessllm-eager-engine":
+        return ServerlessLLM(config["keep_alive_s"], engine="eager_engine")
     if name == "muxserve":
         return MuxServe()
     if name in VARIANTS:
         return WarmServe(VARIANTS[name])
-    raise ValueError(f"unknown system {name!r}: serverlessllm, muxserve, {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown system {name!r}: serverlessllm, serverlessllm-eager-engine, muxserve, "
+                     f"{', '.join(VARIANTS)}")
 
 
 def load_config(path: str | Path) -> dict:

@@ -24,7 +24,8 @@ class GpuProfile:
     host_to_gpu_bytes_s: float  # host-memory cache -> one GPU
     ssd_bytes_s: float  # local SSD -> host memory, shared by a node's loads
     host_cache_bytes_per_node: int  # host memory that caches checkpoints
-    engine_start_s: float  # cold engine start, on top of loading the weights
+    engine_start_s: float  # start a fresh engine process with the serving defaults, on top of loading the weights
+    eager_engine_start_s: float  # start an engine in a process with the framework imported ahead, eager mode
     promote_s: float  # turn a prewarmed copy into a serving instance
     worker_start_s: float  # start an instance in an engine process already running on its GPUs (universal
     #                        GPU workers / warm engines), on top of loading the weights
@@ -33,6 +34,12 @@ class GpuProfile:
     @property
     def usable_bytes(self) -> int:
         return self.memory_bytes - self.reserved_bytes
+
+    def start_s(self, engine: str) -> float:
+        """What a cold start adds to the weight load: a fresh `engine`, an `eager_engine` in a
+        process started ahead, or an instance in a `worker` already running on its GPUs."""
+        return {"engine": self.engine_start_s, "eager_engine": self.eager_engine_start_s,
+                "worker": self.worker_start_s}[engine]
 
 
 @dataclass(frozen=True)

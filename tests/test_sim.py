@@ -82,9 +82,19 @@ def test_cold_start_time_is_ssd_then_engine_start_and_cache_makes_reload_faster(
 def test_a_cold_start_into_a_running_worker_skips_the_engine_start():
     loop, cluster = _cluster()
     fresh = cluster.cold_start("a", 0, (0,), "a#1", 0, 32)  # SSD, then a new engine
-    in_worker = cluster.cold_start("a", 0, (1,), "a#2", 0, 32, in_worker=True)  # host cache, then the worker
+    in_worker = cluster.cold_start("a", 0, (1,), "a#2", 0, 32, engine="worker")  # host cache, then the worker
     assert in_worker.ready_at == pytest.approx(PROFILE.host_load_s("llama2-7b") + PROFILE.gpu.worker_start_s)
     assert PROFILE.gpu.worker_start_s < PROFILE.gpu.engine_start_s and in_worker.ready_at < fresh.ready_at
+
+
+def test_an_eager_engine_started_ahead_costs_less_than_a_fresh_engine_and_unknown_kinds_fail():
+    loop, cluster = _cluster()
+    eager = cluster.cold_start("a", 0, (0,), "a#1", 0, 32, engine="eager_engine")
+    ssd = PROFILE.models["llama2-7b"].size_bytes / PROFILE.gpu.ssd_bytes_s
+    assert eager.ready_at == pytest.approx(ssd + PROFILE.gpu.eager_engine_start_s)
+    assert PROFILE.gpu.worker_start_s < PROFILE.gpu.eager_engine_start_s < PROFILE.gpu.engine_start_s
+    with pytest.raises(KeyError):
+        cluster.cold_start("a", 0, (1,), "a#2", 0, 32, engine="warm")
 
 
 def test_promotion_of_a_ready_copy_counts_a_hit_and_takes_promote_time():

@@ -94,7 +94,8 @@ async def _settled(state) -> bool:
 def sim_decisions(s, steps=STEPS, scale_window_s: float = 600.0, models=MODELS) -> list[list]:
     """The same steps through the simulator's shell, on a cluster shaped like the fake agents."""
     gpu = GpuProfile(memory_bytes=s.device_memory_bytes, reserved_bytes=0, host_to_gpu_bytes_s=1e9,
-                     ssd_bytes_s=1e9, host_cache_bytes_per_node=1 << 40, engine_start_s=0.1, promote_s=0.1,
+                     ssd_bytes_s=1e9, host_cache_bytes_per_node=1 << 40, engine_start_s=0.1, eager_engine_start_s=0.1,
+                     promote_s=0.1,
                      worker_start_s=0.1, demote_s=0.01)
     fake = ModelProfile(size_bytes=8 * MiB, tp=1, kv_bytes_per_token=1024, prefill_s_per_token=1e-4,
                         prefill_overhead_s=0.001, decode_s_per_token=0.001, decode_batch_slowdown=0.0)

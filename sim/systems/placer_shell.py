@@ -123,7 +123,7 @@ class PlacerShell:
             cluster.promote(self._copy(effect, node), effect.instance_id, effect.kv_bytes, self.capacity)
         elif isinstance(effect, fx.ColdStart):
             cluster.cold_start(effect.model, node, effect.devices, effect.instance_id, effect.kv_bytes, self.capacity,
-                               in_worker=self.universal_workers)
+                               engine="worker" if self.universal_workers else "engine")
         elif isinstance(effect, fx.Demote):
             inst = cluster.instances.get(effect.instance_id)
             if inst is None:

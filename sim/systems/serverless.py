@@ -3,6 +3,8 @@
 A model with requests waiting beyond the capacity of its starting instances gets a new instance
 on a free TP group (preferring a node whose host memory caches the checkpoint), evicting the
 least-recently idle instances if needed; idle instances stop after `keep_alive_s`. No forecast.
+Each instance is a new engine: as ServerlessLLM's vLLM backend creates one per instance, with vLLM's
+defaults ("engine"); the "eager_engine" variant gives it a process started ahead, in eager mode.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from sim.systems.base import Context, aligned_groups, full_kv_bytes
 
 
 class ServerlessLLM:
-    name = "serverlessllm"
-
-    def __init__(self, keep_alive_s: float = 60.0):
+    def __init__(self, keep_alive_s: float = 60.0, engine: str = "engine"):
+        self.name = "serverlessllm" if engine == "engine" else f"serverlessllm-{engine.replace('_', '-')}"
         self.keep_alive_s = keep_alive_s
+        self.engine = engine  # see GpuProfile.start_s
         self.idle_since: dict[str, float] = {}
         self.blocked: set[int] = set()
 
@@ -44,7 +46,7 @@ class ServerlessLLM:
         gpus = [ctx.cluster.gpus[node][d] for d in devices]
         weights = ctx.cluster.profile(model).bytes_per_gpu
         inst = ctx.cluster.cold_start(model, node, devices, ctx.new_instance_id(model),
-                                      full_kv_bytes(gpus, weights), ctx.capacity)
+                                      full_kv_bytes(gpus, weights), ctx.capacity, engine=self.engine)
         self._idle_from(inst, inst.ready_at)
         return True
 
