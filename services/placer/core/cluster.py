@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable
 
 from services.placer.core.node_inputs import FIGURES, LAYOUT, NODE, NodeInputs, group_by_node
 from services.placer.core.scores import copy_pages, copy_scores, instance_pages, kv_lendable_pages
 from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
-
-T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -127,11 +125,10 @@ class Cluster:
         self.instances: dict[str, list[Occupant]] = {}
         self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
         previous = self._reusable(last, snapshot)
-        # per model, a version bumped whenever its spec, copies, instances or copies' blocking change;
-        # per-model caches (its copies' scores, placement's wants) hold while it stays
-        self.model_versions: dict[str, int] = previous.model_versions if previous else {}
-        self.model_cache: dict[tuple[str, str], tuple[int, object]] = previous.model_cache if previous else {}
-        self._scored: dict[str, int] = previous._scored if previous else {}  # model -> version its scores are of
+        # per consumer of per-model results (rescoring, placement's wants), the models whose spec, copies,
+        # instances or copies' blocking changed since it last looked (see `changed_models`)
+        self._changed: dict[str, set[str]] = previous._changed if previous else {}
+        self.wants: dict[str, list] = previous.wants if previous else {}  # placement's per-model wants
         if previous is not None and not same_specs:
             for name, spec in self.models.items():
                 if previous.models.get(name) != spec:
@@ -338,15 +335,14 @@ class Cluster:
 
     def rescore(self) -> None:
         """Existing copies keep the score of their rank (ready first; with promotable_copies on,
-        blocked copies last); ranks past n_f + n_b score 0. Only models changed since their last
-        rescore (see `touch`) are ranked again."""
+        blocked copies last); ranks past n_f + n_b score 0. Only models changed since the last
+        rescore are ranked again."""
         nodes = self.nodes
         blocked_last = self.config.promotable_copies
-        for name, occs in self.copies.items():
-            version = self.model_versions.get(name, 0)
-            if self._scored.get(name) == version:
+        for name in self.changed_models("scores"):
+            occs = self.copies.get(name)
+            if not occs:
                 continue
-            self._scored[name] = version
             scores = copy_scores(self.models[name], len(self.serving(name)), self.config)
             blocked = [self.blocked(o) for o in occs] if blocked_last else [False] * len(occs)
             ranked = occs if len(occs) == 1 else \
@@ -355,17 +351,17 @@ class Cluster:
             for rank, occ in enumerate(ranked):
                 occ.score = scores[rank][0] if rank < len(scores) else 0.0
 
-    def for_model(self, model: str, what: str, compute: Callable[[], T]) -> T:
-        """A policy's value about `model`, computed again only once the model has changed."""
-        version = self.model_versions.get(model, 0)
-        hit = self.model_cache.get((what, model))
-        if hit is None or hit[0] != version:
-            hit = self.model_cache[(what, model)] = (version, compute())
-        return hit[1]
+    def changed_models(self, consumer: str) -> set[str] | dict[str, ModelSpec]:
+        """The models `consumer` must look at again: every model the first time, then those touched
+        since its last call (taken: the next call starts empty)."""
+        changed = self._changed.get(consumer)
+        self._changed[consumer] = set()
+        return self.models if changed is None else changed
 
     def touch(self, model: str) -> None:
         """`model`'s spec, copies, instances or the blocking of its copies changed."""
-        self.model_versions[model] = self.model_versions.get(model, 0) + 1
+        for changed in self._changed.values():
+            changed.add(model)
 
     # ------------------------------------------------------------ changes
 

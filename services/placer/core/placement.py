@@ -5,6 +5,7 @@ skips, "round_robin" (ablation) takes the first fit in turn."""
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Iterator
 
 from services.placer.core import effects as fx
@@ -15,12 +16,15 @@ Want = tuple[float, str, str]  # (score, model, kind "foundation" | "burst")
 
 
 def wanted_copies(cluster: Cluster) -> list[Want]:
-    """New copies every model still needs beyond its existing ones, highest score first."""
-    wants: list[Want] = []
-    for name in cluster.models:
-        wants += cluster.for_model(name, "wants", lambda: _wants_of(cluster, name))
-    wants.sort(key=lambda w: (-w[0], w[1]))
-    return wants
+    """New copies every model still needs beyond its existing ones, highest score first (each
+    model's wants are worked out again only once it has changed)."""
+    for name in cluster.changed_models("wants"):
+        wants = _wants_of(cluster, name)
+        if wants:
+            cluster.wants[name] = wants
+        else:
+            cluster.wants.pop(name, None)
+    return sorted(chain.from_iterable(cluster.wants.values()), key=lambda w: (-w[0], w[1]))
 
 
 def _wants_of(cluster: Cluster, name: str) -> list[Want]:
