@@ -1,6 +1,7 @@
 """The core's index built with a Reuse handle equals a fresh build: a node whose layout is kept
 still follows a change of the lending order (model ranks decided on another node) and new instance
-figures; the simulator's shell keeps the views of instances whose figures did not change."""
+figures; the simulator's shell keeps the views of instances whose figures did not change; a whole
+replay's core calls decide alike on fresh indexes."""
 
 from __future__ import annotations
 
@@ -54,3 +55,34 @@ def test_shell_keeps_the_views_of_unchanged_instances():
     after = shell.snapshot({}, {}).instances
     assert after[1] is before[1] and after[0] is not before[0]
     assert (after[0].inflight, after[0].instance_id, after[0].devices) == (1, "a#1", (0,))
+
+
+def test_reused_index_decides_as_fresh_builds_over_a_simulated_replay(monkeypatch):
+    """Every core call of a short replay of ours (promotable copies: allocations re-plan copies)
+    gives the same effects again on a fresh index: what the Reuse handle carries over (nodes,
+    the models changed since rescoring and wants were last worked out) changes no decision."""
+    import sim.systems.warmserve as warmserve
+    from services.placer.core.planner import allocate, tick
+    from sim.run import DEFAULTS, make_system, run
+
+    config = {**DEFAULTS, "models": {"llama2-7b": 5, "llama2-13b": 2}, "nodes": 2, "gpus_per_node": 4,
+              "total_rate_rps": 6.0, "replay_h": 0.1, "warmup_s": 300.0, "drain_s": 300.0, "history_days": 1}
+    calls = []
+
+    def recorded_allocate(snapshot, model, now_s, core_config, reuse):
+        out = allocate(snapshot, model, now_s, core_config, reuse)
+        calls.append((lambda: allocate(snapshot, model, now_s, core_config).effects, out.effects))
+        return out
+
+    def recorded_tick(snapshot, now_s, core_config, reuse):
+        out = tick(snapshot, now_s, core_config, reuse)
+        calls.append((lambda: tuple(tick(snapshot, now_s, core_config)), tuple(out)))
+        return out
+
+    monkeypatch.setattr(warmserve, "allocate", recorded_allocate)
+    monkeypatch.setattr(warmserve, "tick", recorded_tick)
+    run(config, make_system("ours", config))
+    allocations = [effects for _, effects in calls if any(type(e).__name__ in ("Promote", "ColdStart") for e in effects)]
+    replans = [effects for effects in allocations if any(type(e).__name__ == "Prewarm" for e in effects)]
+    assert len(allocations) > 20 and replans  # the replay exercised allocations that re-plan copies
+    assert [fresh() for fresh, _ in calls] == [effects for _, effects in calls]
