@@ -34,19 +34,16 @@ DEFAULTS = {
 
 def make_system(name: str, config: dict):
     from sim.systems.muxserve import MuxServe
-    from sim.systems.serverless import ServerlessLLM
+    from sim.systems.serverless import ENGINES as SERVERLESS_ENGINES, ServerlessLLM
     from sim.systems.warmserve import VARIANTS, WarmServe
 
-    if name == "serverlessllm":
-        return ServerlessLLM(config["keep_alive_s"])
-    if name == "serverlessllm-eager-engine":
-        return ServerlessLLM(config["keep_alive_s"], engine="eager_engine")
+    if name in SERVERLESS_ENGINES:
+        return ServerlessLLM(config["keep_alive_s"], name)
     if name == "muxserve":
         return MuxServe()
     if name in VARIANTS:
         return WarmServe(VARIANTS[name])
-    raise ValueError(f"unknown system {name!r}: serverlessllm, serverlessllm-eager-engine, muxserve, "
-                     f"{', '.join(VARIANTS)}")
+    raise ValueError(f"unknown system {name!r}: {', '.join(SERVERLESS_ENGINES)}, muxserve, {', '.join(VARIANTS)}")
 
 
 def load_config(path: str | Path) -> dict:

@@ -13,11 +13,14 @@ from sim.cluster import Instance
 from sim.systems.base import Context, aligned_groups, full_kv_bytes
 
 
+ENGINES = {"serverlessllm": "engine", "serverlessllm-eager-engine": "eager_engine"}  # system -> GpuProfile.start_s
+
+
 class ServerlessLLM:
-    def __init__(self, keep_alive_s: float = 60.0, engine: str = "engine"):
-        self.name = "serverlessllm" if engine == "engine" else f"serverlessllm-{engine.replace('_', '-')}"
+    def __init__(self, keep_alive_s: float = 60.0, name: str = "serverlessllm"):
+        self.name = name
         self.keep_alive_s = keep_alive_s
-        self.engine = engine  # see GpuProfile.start_s
+        self.engine = ENGINES[name]
         self.idle_since: dict[str, float] = {}
         self.blocked: set[int] = set()
 

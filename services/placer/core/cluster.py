@@ -351,12 +351,12 @@ class Cluster:
             for rank, occ in enumerate(ranked):
                 occ.score = scores[rank][0] if rank < len(scores) else 0.0
 
-    def changed_models(self, consumer: str) -> set[str] | dict[str, ModelSpec]:
+    def changed_models(self, consumer: str) -> set[str]:
         """The models `consumer` must look at again: every model the first time, then those touched
         since its last call (taken: the next call starts empty)."""
         changed = self._changed.get(consumer)
         self._changed[consumer] = set()
-        return self.models if changed is None else changed
+        return set(self.models) if changed is None else changed
 
     def touch(self, model: str) -> None:
         """`model`'s spec, copies, instances or the blocking of its copies changed."""
