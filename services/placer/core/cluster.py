@@ -145,8 +145,8 @@ class Cluster:
                 self._groups[n.name] = old_groups[n.name]  # the same devices: the same aligned groups
             change = new.change_from(old.inputs) if old.order == i and old.version == old.built[2] else LAYOUT
             if change == LAYOUT:
-                for occ in {o for g in old.gpus.values() for o in g.occupants}:
-                    self.touch(occ.model)  # they leave the index
+                for model in {o.model for g in old.gpus.values() for o in g.occupants}:
+                    self.touch(model)  # its occupants leave the index
                 self._build_node(i, new)
                 continue
             self.nodes[n.name] = old
