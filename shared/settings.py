@@ -89,8 +89,11 @@ class Settings:
     kv_prewarm: bool = _setting(True, "let prewarmed copies use idle KV space")
     allocation: str = _setting("hit_first", "request-time allocation: hit_first (displace idle instances for a ready "
                                             "copy before any cold start) or paper", _one_of("hit_first", "paper"))
-    promotable_copies: bool = _setting(True, "copies under another model's instance do not count as wanted copies; "
-                                             "an allocation replaces the copies it blocks at once")
+    promotable_copies: bool = _setting(True, "copies under another model's instance rank last; an allocation "
+                                             "re-plans copies at once")
+    promotable_max_tp: int = _setting(1, "with promotable_copies, models on at most this many GPUs replace their "
+                                         "copies under other instances and keep new ones off GPUs with instances",
+                                      _non_negative)
     scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
     scale_down_keep_s: float = _setting(0.0, "scale-downs spare instances younger than this (0: the paper's rule)",
                                         _non_negative)

@@ -38,6 +38,7 @@ class Variant:
     scale_down_at: float = 0.5
     keep_s: float = 0.0  # placer core Config.keep_s: scale-downs spare younger instances
     promotable_copies: bool = False  # placer core Config.promotable_copies
+    promotable_max_tp: int = 1  # placer core Config.promotable_max_tp
     universal_workers: bool = True  # an engine process runs ahead on every GPU: a cold start skips the engine start
     prewarm: bool = True
     kv_prewarm: bool = True
@@ -72,7 +73,8 @@ class WarmServe:
         self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
                              prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
                              allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at,
-                             keep_s=v.keep_s, promotable_copies=v.promotable_copies)
+                             keep_s=v.keep_s, promotable_copies=v.promotable_copies,
+                             promotable_max_tp=v.promotable_max_tp)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv, v.universal_workers)

@@ -11,6 +11,7 @@ from typing import Iterator
 from services.placer.core import effects as fx
 from services.placer.core.cluster import Cluster, NodeState, Occupant, laminar_ok
 from services.placer.core.scores import copy_pages, copy_scores
+from services.placer.core.snapshot import ModelSpec
 
 Want = tuple[float, str, str]  # (score, model, kind "foundation" | "burst")
 
@@ -28,9 +29,10 @@ def wanted_copies(cluster: Cluster) -> list[Want]:
 
 
 def _wants_of(cluster: Cluster, name: str) -> list[Want]:
-    scores = copy_scores(cluster.models[name], len(cluster.serving(name)), cluster.config)
+    spec = cluster.models[name]
+    scores = copy_scores(spec, len(cluster.serving(name)), cluster.config)
     copies = cluster.copies.get(name, ())
-    have = sum(not cluster.blocked(o) for o in copies) if cluster.config.promotable_copies else len(copies)
+    have = sum(not cluster.blocked(o) for o in copies) if cluster.config.replaces_blocked(spec) else len(copies)
     return [(score, name, kind) for score, kind in scores[have:]]
 
 
@@ -79,7 +81,7 @@ def _place_best(cluster: Cluster, model: str, score: float, reason: str, failure
     spec = cluster.models[model]
     need = copy_pages(spec)
     best: tuple | None = None
-    for node, group, room in _fitting(cluster, spec.tp, need):
+    for node, group, room in _fitting(cluster, spec, need):
         overlapped = cluster.overlapped(node.name, group)
         if not _usable(model, frozenset(group), overlapped):
             continue
@@ -100,13 +102,13 @@ def _place_best(cluster: Cluster, model: str, score: float, reason: str, failure
     return []
 
 
-def _fitting(cluster: Cluster, tp: int, need: int) -> Iterator[tuple[NodeState, tuple[int, ...], Occupant | bool]]:
+def _fitting(cluster: Cluster, spec: ModelSpec, need: int) -> Iterator[tuple[NodeState, tuple[int, ...], Occupant | bool]]:
     """Aligned groups with `need` pages of room (see Cluster.room), skipping nodes without any;
-    with promotable_copies on, only free pool pages on GPUs without instances."""
-    idle_only = cluster.config.promotable_copies
+    for models whose blocked copies are replaced, only free pool pages on GPUs without instances."""
+    idle_only = cluster.config.replaces_blocked(spec)
     for node in cluster.nodes.values():
         if need <= node.most_room():
-            for group in cluster.groups(node, tp):
+            for group in cluster.groups(node, spec.tp):
                 room = cluster.room(node.name, group, need)
                 if room is False or (idle_only and (room is not True or cluster.hosts_instance(node.name, group))):
                     continue
@@ -116,7 +118,8 @@ def _fitting(cluster: Cluster, tp: int, need: int) -> Iterator[tuple[NodeState, 
 def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, need: int,
                     failures: _Failures) -> list[fx.Effect]:
     """Evict lower-score copies for the group with the largest gain (score minus evicted scores)."""
-    tp = cluster.models[model].tp
+    spec = cluster.models[model]
+    tp, idle_only = spec.tp, cluster.config.replaces_blocked(spec)
     aligned = tp & (tp - 1) == 0  # aligned power-of-two groups are laminar with each other
     only = failures.only_groups(tp, score, need)
     skipped: set[tuple[str, int]] = set()
@@ -132,7 +135,7 @@ def _place_evicting(cluster: Cluster, model: str, score: float, reason: str, nee
             if any(o.model == model for o in overlapped):
                 skipped.add((node.name, group[0]))
                 continue
-            if cluster.config.promotable_copies and cluster.hosts_instance(node.name, group):
+            if idle_only and cluster.hosts_instance(node.name, group):
                 continue
             group_set = frozenset(group)
             blocking = [o for o in overlapped if not (aligned and o.aligned) and not laminar_ok(group_set, o)]

@@ -84,12 +84,20 @@ class Config:
     scale_down_at: float = 0.5  # scale down when load < scale_down_at * B * n
     keep_s: float = 0.0  # scale-downs also spare instances younger than this (0: protect_s alone, the paper)
     promotable_copies: bool = False  # True: keep the wanted copies promotable: a copy on GPUs another
-    #   instance holds (not promotable until it leaves) ranks last and does not count as a wanted copy, new copies
-    #   go only to GPUs without instances, and each allocation re-plans copies at once (the paper: every copy
-    #   counts, copies are planned each tick)
+    #   instance holds (not promotable until it leaves) ranks last, and each allocation re-plans copies at once;
+    #   for models on at most promotable_max_tp GPUs such a copy also does not count as a wanted copy and new
+    #   copies go only to GPUs without instances (the paper: every copy counts, copies are planned each tick)
+    promotable_max_tp: int = 1  # larger models keep counting blocked copies: re-loading them elsewhere costs the
+    #   most bytes, and their idle TP groups are the ones allocations take soonest
+
+    def replaces_blocked(self, spec: ModelSpec) -> bool:
+        """Copies of `spec` under an instance are replaced, and new ones kept off GPUs with instances."""
+        return self.promotable_copies and spec.tp <= self.promotable_max_tp
 
     def __post_init__(self) -> None:
         if self.placement not in ("evict_aware", "paper", "round_robin"):
             raise ValueError(f"unknown placement {self.placement!r}")
         if self.allocation not in ("paper", "hit_first"):
             raise ValueError(f"unknown allocation {self.allocation!r}")
+        if self.promotable_max_tp < 0:
+            raise ValueError(f"promotable_max_tp must be >= 0, got {self.promotable_max_tp}")
