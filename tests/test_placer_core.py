@@ -439,6 +439,17 @@ def test_a_model_beyond_the_promotable_tp_may_place_copies_on_gpus_with_instance
     assert prewarms(tick(snap, 100, Config(promotable_copies=True, promotable_max_tp=2))) == []
 
 
+def test_the_live_placer_exposes_promotable_max_tp():
+    from services.placer.adapter import core_config
+    from shared.settings import SettingsError, load_settings
+    assert core_config(load_settings({}, env={})).promotable_max_tp == 1
+    assert core_config(load_settings({}, env={"WARMSERVE_PROMOTABLE_MAX_TP": "4"})).promotable_max_tp == 4
+    with pytest.raises(SettingsError):
+        load_settings({"promotable_max_tp": -1}, env={})
+    with pytest.raises(ValueError):
+        Config(promotable_max_tp=-1)
+
+
 def test_promotable_copies_go_to_gpus_without_instances_only():
     snap = Snapshot(nodes((10,)), (model("a", avg=1), model("b")), (), (inst("b1", "b", 0),), BUSY_B)
     assert prewarms(tick(snap, 100, Config())) == [("a", "n0", (0,))]
