@@ -427,8 +427,8 @@ def test_a_copy_under_another_instance_does_not_count_when_copies_must_be_promot
 
 def test_only_models_within_the_promotable_tp_replace_a_blocked_copy():
     # 'a' (TP2) wants one copy; its only copy shares GPUs 0-1 with b's instance, GPUs 2-3 are idle
-    snap = Snapshot(nodes((5, 5, 10, 10)), (model("a", tp=2, avg=1), model("b", tp=2)), (Copy("a", "n0", (0, 1)),),
-                    (Instance("b1", "b", "n0", (0, 1), inflight=1),), BUSY_B)
+    snap = Snapshot(nodes((5, 5, 10, 10)), (model("a", tp=2, avg=1), model("b", tp=2)),
+                    (Copy("a", "n0", (0, 1)),), (Instance("b1", "b", "n0", (0, 1), inflight=1),), BUSY_B)
     assert prewarms(tick(snap, 100, PROMOTABLE)) == []  # TP2 > promotable_max_tp 1: the copy counts
     assert prewarms(tick(snap, 100, Config(promotable_copies=True, promotable_max_tp=2))) == [("a", "n0", (2, 3))]
 

@@ -102,7 +102,8 @@ def _place_best(cluster: Cluster, model: str, score: float, reason: str, failure
     return []
 
 
-def _fitting(cluster: Cluster, spec: ModelSpec, need: int) -> Iterator[tuple[NodeState, tuple[int, ...], Occupant | bool]]:
+def _fitting(cluster: Cluster, spec: ModelSpec,
+             need: int) -> Iterator[tuple[NodeState, tuple[int, ...], Occupant | bool]]:
     """Aligned groups with `need` pages of room (see Cluster.room), skipping nodes without any;
     for models whose blocked copies are replaced, only free pool pages on GPUs without instances."""
     idle_only = cluster.config.replaces_blocked(spec)
