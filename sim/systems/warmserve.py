@@ -38,7 +38,7 @@ class Variant:
     scale_down_at: float = 0.5
     keep_s: float = 0.0  # placer core Config.keep_s: scale-downs spare younger instances
     promotable_copies: bool = False  # placer core Config.promotable_copies
-    promotable_max_tp: int = 1  # placer core Config.promotable_max_tp
+    promotable_max_tp: int = Config.promotable_max_tp  # placer core Config.promotable_max_tp (same default)
     universal_workers: bool = True  # an engine process runs ahead on every GPU: a cold start skips the engine start
     prewarm: bool = True
     kv_prewarm: bool = True

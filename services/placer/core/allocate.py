@@ -137,7 +137,6 @@ def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: 
     return True
 
 
-
 def _promotable(cluster: Cluster, model: str, ready: bool, kv: int) -> tuple[Occupant, list[Occupant]] | None:
     """The copy to promote that costs the least evicted score for its KV room."""
     best = None
