@@ -94,6 +94,8 @@ class Settings:
     promotable_max_tp: int = _setting(1, "with promotable_copies, models on at most this many GPUs replace their "
                                          "copies under other instances and keep new ones off GPUs with instances",
                                       _non_negative)
+    unserved_first: bool = _setting(True, "while the cluster cannot hold the instances its loads want, a model with no "
+                                          "instance may displace idle instances younger than the scale window")
     scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
     scale_down_keep_s: float = _setting(0.0, "scale-downs spare instances younger than this (0: the paper's rule)",
                                         _non_negative)

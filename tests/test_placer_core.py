@@ -382,6 +382,18 @@ def test_displacement_takes_the_least_load_and_never_starves(insts, loads, expec
     assert got.effects[-1].devices == demoted[0].devices and got.kind == "miss"
 
 
+def test_an_unserved_model_may_displace_idle_instances_inside_their_protection():
+    young = (inst("b1", "b", 0, 0, started=98), inst("c1", "c", 1, 2, started=97))
+    unserved_first = Config(unserved_first=True)
+    got = allocate(displacement_case(young), "a", 100, unserved_first)
+    assert [e.instance_id for e in got.effects if isinstance(e, Demote)] == ["b1"]  # c1 is busy: it stays
+    assert allocate(displacement_case(young), "a", 100, Config()).effects == ()  # the paper: protection holds
+    served = displacement_case(young + (Instance("a1", "a", "n0", (1,), inflight=40),))
+    assert allocate(served, "a", 100, unserved_first).effects == ()  # 'a' already has a serving instance
+    roomier = displacement_case(young, free=(1, 1, 1))  # a third GPU: one instance for each of a, b, c fits
+    assert allocate(roomier, "a", 100, unserved_first).effects == ()  # not over-full: protection holds
+
+
 def test_displacement_prefers_a_group_with_a_ready_copy_and_promotes_it():
     snap = displacement_case((inst("b1", "b", 0), inst("c1", "c", 1)), copies=(Copy("a", "n0", (1,)),), free=(1, 5))
     got = allocate(snap, "a", 100, Config())
@@ -448,6 +460,13 @@ def test_the_live_placer_exposes_promotable_max_tp():
         load_settings({"promotable_max_tp": -1}, env={})
     with pytest.raises(ValueError):
         Config(promotable_max_tp=-1)
+
+
+def test_the_live_placer_puts_unserved_models_first_unless_told_not_to():
+    from services.placer.adapter import core_config
+    from shared.settings import load_settings
+    assert core_config(load_settings({}, env={})).unserved_first is True
+    assert core_config(load_settings({}, env={"WARMSERVE_UNSERVED_FIRST": "false"})).unserved_first is False
 
 
 def test_promotable_copies_go_to_gpus_without_instances_only():

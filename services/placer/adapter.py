@@ -24,7 +24,7 @@ def core_config(settings: Settings) -> Config:
     return Config(capacity=settings.max_inflight_per_instance, load_bandwidth_bytes_s=settings.load_bandwidth_bytes_s,
                   prewarm=settings.prewarm, placement=settings.placement, kv_prewarm=False,
                   allocation=settings.allocation, promotable_copies=settings.promotable_copies,
-                  promotable_max_tp=settings.promotable_max_tp,
+                  promotable_max_tp=settings.promotable_max_tp, unserved_first=settings.unserved_first,
                   scale_window_s=settings.scale_window_s, protect_s=settings.scale_window_s,
                   keep_s=settings.scale_down_keep_s)
 

@@ -39,6 +39,7 @@ class Variant:
     keep_s: float = 0.0  # placer core Config.keep_s: scale-downs spare younger instances
     promotable_copies: bool = False  # placer core Config.promotable_copies
     promotable_max_tp: int = Config.promotable_max_tp  # placer core Config.promotable_max_tp (same default)
+    unserved_first: bool = False  # placer core Config.unserved_first
     universal_workers: bool = True  # an engine process runs ahead on every GPU: a cold start skips the engine start
     prewarm: bool = True
     kv_prewarm: bool = True
@@ -47,12 +48,13 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
-    Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True),
+    Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True,
+            unserved_first=True),
     # ours trading GPU-seconds for the tail: scale up early (0.25*B per instance), down late (0.1*B),
     # and keep a new instance for 30 s (fewer demote/promote round trips for sporadic models)
     Variant("ours-lowlat", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True,
-            scale_up_at=0.25, scale_down_at=0.1, keep_s=30.0),
-    Variant("ours-no-promotable", forecast="ours", placement="evict_aware", allocation="hit_first"),
+            unserved_first=True, scale_up_at=0.25, scale_down_at=0.1, keep_s=30.0),
+    Variant("ours-no-promotable", forecast="ours", placement="evict_aware", allocation="hit_first", unserved_first=True),
     Variant("paper-no-prewarm", prewarm=False),
     Variant("paper-fresh-engines", universal_workers=False),  # every cold start also starts an engine
     Variant("paper-round-robin", placement="round_robin"),
@@ -74,7 +76,7 @@ class WarmServe:
                              prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
                              allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at,
                              keep_s=v.keep_s, promotable_copies=v.promotable_copies,
-                             promotable_max_tp=v.promotable_max_tp)
+                             promotable_max_tp=v.promotable_max_tp, unserved_first=v.unserved_first)
         kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
               for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv, v.universal_workers)

@@ -116,14 +116,18 @@ def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list
 
 
 def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: float) -> bool:
-    """Instances of other models, ready and past their protection; a model loses busy instances
+    """Instances of other models, ready and past their protection (with unserved_first, a model
+    without a serving instance in an over-full cluster also takes idle ones still inside it, as
+    there young instances hold every group it could take); a model loses busy instances
     only while its remaining ones stay under the scale-up line for its load (requests in flight
     or the windowed load, whichever is higher): never starved to zero while it has requests."""
     config = cluster.config
+    unserved = config.unserved_first and not cluster.serving(model) and _over_full(cluster, model)
     by_model: dict[str, list[Occupant]] = {}
     for v in victims:
         inst = v.instance
-        if v.model == model or not inst.ready or inst.draining or now_s - inst.started_at_s < config.protect_s:
+        protected = now_s - inst.started_at_s < config.protect_s and not (unserved and inst.inflight == 0)
+        if v.model == model or not inst.ready or inst.draining or protected:
             return False
         by_model.setdefault(v.model, []).append(v)
     for name, taken in by_model.items():
@@ -135,6 +139,15 @@ def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: 
         if left < 1 or demand > config.scale_up_at * config.capacity * left:
             return False
     return True
+
+
+def _over_full(cluster: Cluster, model: str) -> bool:
+    """The cluster has fewer GPUs than the instances the autoscaler wants for every model with load
+    or instances (at least one each, and one for `model`)."""
+    wanted = sum(spec.tp * max(1, cluster.config.instances_for(cluster.loads.get(name, 0.0)))
+                 for name, spec in cluster.models.items()
+                 if name == model or cluster.loads.get(name, 0.0) > 0 or cluster.serving(name))
+    return wanted > sum(len(node.gpus) for node in cluster.nodes.values())
 
 
 def _promotable(cluster: Cluster, model: str, ready: bool, kv: int) -> tuple[Occupant, list[Occupant]] | None:

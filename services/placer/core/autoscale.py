@@ -6,7 +6,6 @@ the weights stay as a copy).
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 from services.placer.core import effects as fx
@@ -21,7 +20,7 @@ def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> lis
         load = loads.get(model, 0.0)
         serving = cluster.serving(model)
         n = len(serving)
-        target = math.ceil(load / (config.scale_up_at * config.capacity))
+        target = config.instances_for(load)
         if load > config.scale_up_at * config.capacity * n:
             for _ in range(target - n):
                 allocation = allocate_in(cluster, model, now_s, fx.SCALE_UP)

@@ -6,6 +6,7 @@ build the same snapshot. Memory is in bytes here; the core counts it in 2 MiB pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 PAGE_BYTES = 2 << 20  # pool memory is counted in 2 MiB pages
@@ -89,6 +90,13 @@ class Config:
     #   copies go only to GPUs without instances (the paper: every copy counts, copies are planned each tick)
     promotable_max_tp: int = 1  # larger models keep counting blocked copies: re-loading them elsewhere costs the
     #   most bytes, and their idle TP groups are the ones allocations take soonest
+    unserved_first: bool = False  # True: while the cluster cannot hold the instances its loads want, a model without
+    #   a serving instance (its requests wait) may displace idle instances still inside protect_s (the paper:
+    #   protection holds for every allocation, and a model can wait minutes for a group)
+
+    def instances_for(self, load: float) -> int:
+        """Instances that keep `load` (requests) under the scale-up line."""
+        return math.ceil(load / (self.scale_up_at * self.capacity))
 
     def replaces_blocked(self, spec: ModelSpec) -> bool:
         """Copies of `spec` under an instance are replaced, and new ones kept off GPUs with instances."""
