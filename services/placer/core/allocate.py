@@ -77,9 +77,12 @@ def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list
     instance, then fewer instances, then less copy score;
     only groups where `model` fits once everything on them is gone (`for_hit`: only idle instances
     over a ready copy). Copies borrowing a displaced instance's KV space are evicted first, then
-    the instance is demoted (its weights stay a copy)."""
+    the instance is demoted (its weights stay a copy). With unserved_first, a model without a
+    serving instance in an over-full cluster also takes idle instances still inside their
+    protection: there, young instances hold every group it could take."""
     spec = cluster.models[model]
     need = copy_pages(spec) + instance_pages(spec)
+    takes_young = cluster.config.unserved_first and not cluster.serving(model) and _over_full(cluster, model)
 
     def per_instance_load(victim: Occupant) -> float:
         return cluster.loads.get(victim.model, 0.0) / len(cluster.serving(victim.model))
@@ -89,7 +92,7 @@ def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list
         for group in cluster.groups(node, spec.tp):
             overlapped = cluster.overlapped(node.name, group)
             victims = [o for o in overlapped if o.is_instance]
-            if not victims or not _displaceable(cluster, model, victims, now_s) \
+            if not victims or not _displaceable(cluster, model, victims, now_s, takes_young) \
                     or any(cluster.pages_without_occupants(node.name, d) < need for d in group):
                 continue
             hit = any(o.model == model and o.devices == group and o.ready and not o.is_instance for o in overlapped)
@@ -115,18 +118,16 @@ def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list
     return effects
 
 
-def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: float) -> bool:
-    """Instances of other models, ready and past their protection (with unserved_first, a model
-    without a serving instance in an over-full cluster also takes idle ones still inside it, as
-    there young instances hold every group it could take); a model loses busy instances
-    only while its remaining ones stay under the scale-up line for its load (requests in flight
-    or the windowed load, whichever is higher): never starved to zero while it has requests."""
+def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: float, takes_young: bool) -> bool:
+    """Instances of other models, ready and past their protection (`takes_young`: idle ones still
+    inside it too); a model loses busy instances only while its remaining ones stay under the
+    scale-up line for its load (requests in flight or the windowed load, whichever is higher):
+    never starved to zero while it has requests."""
     config = cluster.config
-    unserved = config.unserved_first and not cluster.serving(model) and _over_full(cluster, model)
     by_model: dict[str, list[Occupant]] = {}
     for v in victims:
         inst = v.instance
-        protected = now_s - inst.started_at_s < config.protect_s and not (unserved and inst.inflight == 0)
+        protected = now_s - inst.started_at_s < config.protect_s and not (takes_young and inst.inflight == 0)
         if v.model == model or not inst.ready or inst.draining or protected:
             return False
         by_model.setdefault(v.model, []).append(v)
