@@ -59,27 +59,32 @@ class NodeState:
     order: int  # position in the snapshot (deterministic tie-breaks)
     gpus: dict[int, GpuState]
     version: int = 0  # bumped on every change: caches keyed by it stay valid until then
-    _summary: tuple[int, int, float] | None = None  # cache of the three below, dropped on change
+    _summary: tuple[int, int, float, int] | None = None  # cache of the four below, dropped on change
     inputs: NodeInputs | None = None  # what it was built from: reusable while of the same layout
     built: tuple[list[Occupant], list[Occupant], int] = ([], [], 0)  # its instances, copies, version once built
 
-    def _summarise(self) -> tuple[int, int, float]:
+    def _summarise(self) -> tuple[int, int, float, int]:
         if self._summary is None:
             gpus = self.gpus.values()
             self._summary = (max((max(g.free, g.kv_spare) for g in gpus), default=0),
                              max((g.free for g in gpus), default=0),
                              min((o.score for g in gpus for o in g.occupants if not o.is_instance),
-                                 default=math.inf))
+                                 default=math.inf),
+                             max((g.free for g in gpus if not g.instances), default=0))
         return self._summary
 
     def most_room(self) -> int:
         """The most pages any one GPU could still take (free pool or lendable KV space)."""
         return self._summarise()[0]
 
+    def most_idle_free(self) -> int:
+        """The most free pool pages on any one GPU without instances."""
+        return self._summarise()[3]
+
     def eviction_floor(self, need: int) -> float:
         """A lower bound on the score evicted to fit `need` free pages on any group of this node:
         0 if some GPU has the room, else the lowest copy score here (inf without copies)."""
-        _, most_free, lowest_score = self._summarise()
+        _, most_free, lowest_score, _ = self._summarise()
         return 0.0 if most_free >= need else lowest_score
 
     def changed(self) -> None:
@@ -255,6 +260,9 @@ class Cluster:
     def room(self, node: str, devices: tuple[int, ...], need: int) -> Occupant | bool:
         """Where `need` pages per device fit: True (free pool), the instance whose idle KV space
         holds them (one host covering every device), or False (no room)."""
+        if len(devices) == 1:
+            gpu = self.nodes[node].gpus[devices[0]]
+            return True if gpu.free >= need else gpu.host if gpu.host is not None and gpu.kv_spare >= need else False
         gpus = [self.nodes[node].gpus[d] for d in devices]
         if all(g.free >= need for g in gpus):
             return True

@@ -108,7 +108,7 @@ def _fitting(cluster: Cluster, spec: ModelSpec,
     for models whose blocked copies are replaced, only free pool pages on GPUs without instances."""
     idle_only = cluster.config.replaces_blocked(spec)
     for node in cluster.nodes.values():
-        if need <= node.most_room():
+        if need <= (node.most_idle_free() if idle_only else node.most_room()):
             for group in cluster.groups(node, spec.tp):
                 room = cluster.room(node.name, group, need)
                 if room is False or (idle_only and (room is not True or cluster.hosts_instance(node.name, group))):
