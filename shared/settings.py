@@ -85,7 +85,9 @@ class Settings:
     placer_tick_s: float = _setting(5.0, "planning tick", _positive)
     load_bandwidth_bytes_s: float = _setting(32e9, "cold-load bandwidth used in scores", _positive)
     prewarm: bool = _setting(True, "plan prewarmed copies from forecasts")
-    placement: str = _setting("evict_aware", "copy placement", _one_of("evict_aware", "paper", "round_robin"))
+    placement: str = _setting("paper", "copy placement: paper (skip a copy that does not fit) or evict_aware (evict "
+                                       "lower-score copies; it thrashed over capacity at 256 GPUs)",
+                              _one_of("evict_aware", "paper", "round_robin"))
     kv_prewarm: bool = _setting(True, "let prewarmed copies use idle KV space")
     allocation: str = _setting("hit_first", "request-time allocation: hit_first (displace idle instances for a ready "
                                             "copy before any cold start) or paper", _one_of("hit_first", "paper"))

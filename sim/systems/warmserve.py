@@ -48,13 +48,12 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
-    Variant("ours", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True,
-            unserved_first=True),
+    Variant("ours", forecast="ours", allocation="hit_first", promotable_copies=True, unserved_first=True),
     # ours trading GPU-seconds for the tail: scale up early (0.25*B per instance), down late (0.1*B),
     # and keep a new instance for 30 s (fewer demote/promote round trips for sporadic models)
-    Variant("ours-lowlat", forecast="ours", placement="evict_aware", allocation="hit_first", promotable_copies=True,
+    Variant("ours-lowlat", forecast="ours", allocation="hit_first", promotable_copies=True,
             unserved_first=True, scale_up_at=0.25, scale_down_at=0.1, keep_s=30.0),
-    Variant("ours-no-promotable", forecast="ours", placement="evict_aware", allocation="hit_first", unserved_first=True),
+    Variant("ours-no-promotable", forecast="ours", allocation="hit_first", unserved_first=True),
     Variant("paper-no-prewarm", prewarm=False),
     Variant("paper-fresh-engines", universal_workers=False),  # every cold start also starts an engine
     Variant("paper-round-robin", placement="round_robin"),
