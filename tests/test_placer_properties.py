@@ -4,7 +4,7 @@ two copies of one model, lent KV space stays within what instances can lend, eff
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.placer.core import (PAGE_BYTES, Config, Copy, Demote, Evict, Gpu, ModelSpec, Node, Prewarm, Promote,
@@ -98,8 +98,17 @@ def with_load(snap: Snapshot, step, now: float) -> Snapshot:
     return Snapshot(snap.nodes, models, snap.copies, instances, {name: load})
 
 
+# a scale-down and, in the same tick, a copy lent the KV space of the instance it demotes (found by hypothesis)
+SCALE_DOWN_THEN_LEND = Snapshot(
+    (Node("n0", (Gpu(0, 8 * GIB),)),),
+    (ModelSpec("m0", GIB), ModelSpec("m1", 2 * GIB), ModelSpec("m2", GIB), ModelSpec("m3", 3 * GIB),
+     ModelSpec("m4", 4 * GIB, kv_bytes=2 * GIB)))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), steps, configs)
+@example(SCALE_DOWN_THEN_LEND, [("tick", 4, 1.0, 0), ("tick", 0, 0.0, 0), ("tick", 0, 0.0, 0)],
+         Config(placement="evict_aware", kv_prewarm=True))
 def test_invariants_hold_after_any_sequence(snap, sequence, config):
     now = 0.0
     for step in sequence:

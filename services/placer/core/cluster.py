@@ -438,8 +438,13 @@ class Cluster:
         return occ
 
     def demote(self, occ: Occupant) -> Occupant:
-        """The instance drains; its weights stay as a ready copy (its KV is freed only later)."""
+        """The instance drains; its weights stay as a ready copy (its KV is freed only later, and a
+        draining instance lends none of it)."""
         self._detach(occ)
+        for d in occ.devices:
+            gpu = self.nodes[occ.node].gpus[d]
+            if gpu.host is occ:
+                gpu.host, gpu.kv_spare = None, 0
         copy = Occupant(occ.model, occ.node, occ.devices, occ.pages, ready=True)
         self._attach(copy)
         return copy
@@ -451,10 +456,7 @@ class Cluster:
         copy = self.demote(occ)
         freed = instance_pages(self.models[occ.model])
         for d in occ.devices:
-            gpu = self.nodes[occ.node].gpus[d]
-            gpu.free += freed
-            if gpu.host is occ:
-                gpu.host, gpu.kv_spare = None, 0
+            self.nodes[occ.node].gpus[d].free += freed
         for kept in keep:
             self.touch(kept.model)
             kept.kv_host, kept.kv_devices = "", frozenset()
