@@ -62,10 +62,12 @@ def check_invariants(snap: Snapshot, config: Config) -> None:
                     if len(a) == len(b):
                         assert a == b
     models = {m.name: m for m in snap.models}
-    for inst in snap.instances:
-        lent = sum(copy_pages(models[c.model]) for c in snap.copies if c.kv_host == inst.instance_id)
+    for inst in snap.instances:  # KV capacity, use and lending are per device
         lendable = kv_lendable_pages(inst.kv_capacity_bytes, inst.inflight, inst.kv_used_bytes, config.capacity)
-        assert lent <= max(lendable, 0) or not config.kv_prewarm and lent == 0
+        for d in inst.devices:
+            lent = sum(copy_pages(models[c.model]) for c in snap.copies
+                       if c.kv_host == inst.instance_id and d in c.devices)
+            assert lent <= max(lendable, 0) or not config.kv_prewarm and lent == 0
 
 
 def check_effects_valid(before: Snapshot, effects) -> None:
@@ -104,10 +106,18 @@ SCALE_DOWN_THEN_LEND = Snapshot(
     (ModelSpec("m0", GIB), ModelSpec("m1", 2 * GIB), ModelSpec("m2", GIB), ModelSpec("m3", 3 * GIB),
      ModelSpec("m4", 4 * GIB, kv_bytes=2 * GIB)))
 
+# a TP2 instance lending each of its two devices' KV space to a different copy (within what one device can lend)
+TP2_HOST_LENDS_ON_EACH_DEVICE = Snapshot(
+    (Node("n0", (Gpu(0, 16 * GIB), Gpu(1, 16 * GIB))),),
+    (*(ModelSpec(f"m{i}", GIB) for i in range(4)), ModelSpec("m4", 14 * GIB, 2, kv_bytes=2 * GIB, engine_bytes=GIB),
+     ModelSpec("m5", 3 * GIB)))
+
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), steps, configs)
 @example(SCALE_DOWN_THEN_LEND, [("tick", 4, 1.0, 0), ("tick", 0, 0.0, 0), ("tick", 0, 0.0, 0)],
+         Config(placement="evict_aware", kv_prewarm=True))
+@example(TP2_HOST_LENDS_ON_EACH_DEVICE, [("tick", 4, 7.0, 0), ("tick", 4, 10.0, 0)],
          Config(placement="evict_aware", kv_prewarm=True))
 def test_invariants_hold_after_any_sequence(snap, sequence, config):
     now = 0.0
