@@ -112,9 +112,17 @@ TP2_HOST_LENDS_ON_EACH_DEVICE = Snapshot(
     (*(ModelSpec(f"m{i}", GIB) for i in range(4)), ModelSpec("m4", 14 * GIB, 2, kv_bytes=2 * GIB, engine_bytes=GIB),
      ModelSpec("m5", 3 * GIB)))
 
+# a TP2 host with a lent copy on each device scales down: each device's copies move to that device's pool
+TP2_HOST_SCALES_DOWN = Snapshot(
+    (Node("n0", (Gpu(0, 16 * GIB), Gpu(1, 16 * GIB))),),
+    (ModelSpec("m0", 3 * GIB // 2), *(ModelSpec(f"m{i}", GIB) for i in (1, 2, 3)),
+     ModelSpec("m4", 22 * GIB, 2, kv_bytes=2 * GIB)))
+
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), steps, configs)
+@example(TP2_HOST_SCALES_DOWN, [("tick", 4, 7.0, 0), ("tick", 4, 10.0, 0), ("tick", 0, 0.0, 0)],
+         Config(placement="evict_aware", kv_prewarm=True))
 @example(SCALE_DOWN_THEN_LEND, [("tick", 4, 1.0, 0), ("tick", 0, 0.0, 0), ("tick", 0, 0.0, 0)],
          Config(placement="evict_aware", kv_prewarm=True))
 @example(TP2_HOST_LENDS_ON_EACH_DEVICE, [("tick", 4, 7.0, 0), ("tick", 4, 10.0, 0)],

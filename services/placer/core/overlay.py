@@ -55,8 +55,9 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
         elif isinstance(e, fx.Demote) and e.instance_id in instances:
             gone = instances.pop(e.instance_id)
             hosted = copies.move_to_pool(e.instance_id)
-            lent = sum(copy_pages(models[c.model]) for c in hosted) * PAGE_BYTES
-            take(gone.node, gone.devices, lent - instance_pages(models[gone.model]) * PAGE_BYTES)
+            for d in gone.devices:  # each device's lent copies move to its pool; its KV is freed
+                lent = sum(copy_pages(models[c.model]) for c in hosted if d in c.devices) * PAGE_BYTES
+                take(gone.node, (d,), lent - instance_pages(models[gone.model]) * PAGE_BYTES)
             copies.add(Copy(gone.model, gone.node, gone.devices, ready=True))
     nodes = tuple(Node(n.name, tuple(Gpu(g.index, free[(n.name, g.index)]) for g in n.gpus))
                   if n.name in touched else n for n in snapshot.nodes)
