@@ -137,7 +137,7 @@ def _displaceable(cluster: Cluster, model: str, victims: list[Occupant], now_s: 
         serving = cluster.serving(name)
         left = len(serving) - len(taken)
         demand = max(cluster.loads.get(name, 0.0), sum(o.instance.inflight for o in serving))
-        if left < 1 or demand > config.scale_up_at * config.capacity * left:
+        if left < 1 or config.over_scale_up_line(demand, left):
             return False
     return True
 

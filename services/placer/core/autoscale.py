@@ -21,7 +21,7 @@ def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> lis
         serving = cluster.serving(model)
         n = len(serving)
         target = config.instances_for(load)
-        if load > config.scale_up_at * config.capacity * n:
+        if config.over_scale_up_line(load, n):
             for _ in range(target - n):
                 allocation = allocate_in(cluster, model, now_s, fx.SCALE_UP)
                 if not allocation.effects:

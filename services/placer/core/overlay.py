@@ -84,7 +84,8 @@ class _Copies:
     def find(self, model: str, node: str, devices: tuple[int, ...]) -> int | None:
         """The key of the first copy of `model` on `node` overlapping `devices`."""
         wanted = set(devices)
-        return next((k for k in self.by_place.get((model, node), ()) if wanted.intersection(self.by_key[k].devices)), None)
+        return next((k for k in self.by_place.get((model, node), ())
+                     if wanted.intersection(self.by_key[k].devices)), None)
 
     def add(self, copy: Copy) -> None:
         self.by_key[self.next_key] = copy

@@ -98,6 +98,10 @@ class Config:
         """Instances that keep `load` (requests) under the scale-up line."""
         return math.ceil(load / (self.scale_up_at * self.capacity))
 
+    def over_scale_up_line(self, load: float, instances: int) -> bool:
+        """`load` (requests) is more than `instances` should carry: scale_up_at * B each."""
+        return load > self.scale_up_at * self.capacity * instances
+
     def replaces_blocked(self, spec: ModelSpec) -> bool:
         """Copies of `spec` under an instance are replaced, and new ones kept off GPUs with instances."""
         return self.promotable_copies and spec.tp <= self.promotable_max_tp
