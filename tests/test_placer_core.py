@@ -333,6 +333,9 @@ def test_rising_load_reclaims_kv_space_lowest_score_first():
     effects = tick(snap, 0, Config())
     assert [(e.model, e.reason) for e in effects if isinstance(e, Evict)][0] == ("cheap", fx.KV_RECLAIMED)
     assert ("dear", (0,)) not in evictions(effects)
+    # an allocation between ticks reclaims first too, even when it finds no GPUs for its model
+    allocated = allocate(snap, "b", 0, Config())  # its one GPU is taken
+    assert not allocated.found and [(e.model, e.reason) for e in allocated.effects] == [("cheap", fx.KV_RECLAIMED)]
 
 
 def test_every_effect_carries_a_reason():

@@ -118,9 +118,17 @@ TP2_HOST_SCALES_DOWN = Snapshot(
     (ModelSpec("m0", 3 * GIB // 2), *(ModelSpec(f"m{i}", GIB) for i in (1, 2, 3)),
      ModelSpec("m4", 22 * GIB, 2, kv_bytes=2 * GIB)))
 
+# two ticks lend an instance's idle KV space; then its load rises and an allocation comes before the next tick
+LENT_THEN_ALLOCATE = Snapshot(
+    (Node("n0", (Gpu(0, 8 * GIB),)),),
+    (ModelSpec("m0", 2 * GIB), ModelSpec("m1", GIB), ModelSpec("m2", 2_013_265_920), ModelSpec("m3", 2 * GIB),
+     ModelSpec("m4", GIB, kv_bytes=2 * GIB)))
+
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), steps, configs)
+@example(LENT_THEN_ALLOCATE, [("tick", 4, 1.0, 0), ("tick", 4, 1.0, 0), ("allocate", 0, 0.0, 3)],
+         Config(placement="evict_aware", kv_prewarm=True))
 @example(TP2_HOST_SCALES_DOWN, [("tick", 4, 7.0, 0), ("tick", 4, 10.0, 0), ("tick", 0, 0.0, 0)],
          Config(placement="evict_aware", kv_prewarm=True))
 @example(SCALE_DOWN_THEN_LEND, [("tick", 4, 1.0, 0), ("tick", 0, 0.0, 0), ("tick", 0, 0.0, 0)],

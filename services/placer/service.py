@@ -127,11 +127,12 @@ class PlacerService(Service):
         if starting:
             return InstanceAnswer(status="starting", instances=routes, reason="instance_starting")
         allocation = allocate(snapshot, need.model, now, self.config)
-        if not allocation.effects:
+        if allocation.effects:
+            self.dispatcher.submit(list(allocation.effects))  # KV reclaims come even without an instance
+        if not allocation.found:
             if routes:
                 return InstanceAnswer(status="ready", instances=routes, reason=allocation.reason)
             return InstanceAnswer(status="error", reason=allocation.reason)
-        self.dispatcher.submit(list(allocation.effects))
         self.log.info("instance_allocated", model=need.model, node=allocation.node, devices=list(allocation.devices),
                       kind=allocation.kind, instance_id=allocation.instance_id, waiting=need.waiting)
         return InstanceAnswer(status="starting", instances=routes, reason=allocation.reason)

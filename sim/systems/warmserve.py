@@ -156,5 +156,5 @@ class WarmServe:
         snapshot = self.shell.snapshot(self.forecasts, self.loads)  # the last tick's loads, as the live placer keeps them
         allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config, self.reuse)
         self.shell.execute(allocation.effects, ctx.loop.now)
-        if not allocation.effects:
+        if not allocation.found:
             ctx.loop.after(ASK_RETRY_S, self._ask, m)

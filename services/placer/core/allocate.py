@@ -28,6 +28,11 @@ class Allocation:
     node: str = ""
     devices: tuple[int, ...] = ()
 
+    @property
+    def found(self) -> bool:
+        """An instance was placed (a "none" allocation may still carry KV reclaims)."""
+        return self.kind != NONE
+
 
 def instance_id_for(model: str, node: str, devices: tuple[int, ...], now_s: float) -> str:
     return f"{model}-{node}-{devices[0]}-{round(now_s * 1000)}"

@@ -2,7 +2,8 @@
 
 Both are pure functions of a Snapshot, the time and a Config; the live service and the simulator
 call exactly these (a `Reuse` handle only saves work: the result is the same with or without it).
-A tick reclaims borrowed KV space, autoscales, then plans prewarmed copies.
+Both first reclaim borrowed KV space an instance needs again; a tick then autoscales and plans
+prewarmed copies.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ def tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None =
 
 
 def allocate(snapshot: Snapshot, model: str, now_s: float, config: Config, reuse: Reuse | None = None) -> Allocation:
-    """GPUs for one new instance of `model` right now (the gateway is waiting); with
-    promotable_copies, followed by the prewarms that replace the copies it blocks."""
+    """GPUs for one new instance of `model` right now (the gateway is waiting), after any KV
+    reclaims; with promotable_copies, followed by the prewarms that replace the copies it blocks."""
     cluster = Cluster(snapshot, config, reuse)
     cluster.rescore()
+    reclaims = tuple(reclaim_kv(cluster))
     allocation = allocate_in(cluster, model, now_s, fx.INSTANCE_NEEDED)
+    replacements: tuple[fx.Effect, ...] = ()
     if allocation.effects and config.prewarm and config.promotable_copies:
         cluster.rescore()  # the new instance blocks the copies on its GPUs: replace them now, not next tick
-        allocation = dataclasses.replace(allocation, effects=allocation.effects + tuple(plan_prewarms(cluster)))
+        replacements = tuple(plan_prewarms(cluster))
+    if reclaims or replacements:
+        allocation = dataclasses.replace(allocation, effects=reclaims + allocation.effects + replacements)
     return allocation
