@@ -179,7 +179,11 @@ async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoS
         running = await Running.start(AgentService(settings), with_health=False)
         bus = await Bus.connect(settings, "bench")
         b = Bench(bus, settings.node)
-        results = [await measure_model(b, model, other, device) for device, (model, other) in enumerate(pairs)]
+        devices = len(running.service.processes)  # cuda: the visible GPUs; one GPU measures both pairs
+        results = []
+        for i, (model, other) in enumerate(pairs):
+            results.append(await measure_model(b, model, other, i % devices))
+            print(f"measured {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # progress, kept if (d) fails
         peaks = worker_peak_rss(running.service)
         await bus.close()
         await running.shutdown()

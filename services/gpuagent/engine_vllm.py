@@ -33,6 +33,8 @@ from services.gpuagent.engine_api import BadRequest, Piece  # noqa: E402
 from shared.model_files import read_verified  # noqa: E402
 from shared.schemas import InferRequest, ModelInfo  # noqa: E402
 
+ENGINE_WORKSPACE_BYTES = 2 << 30  # CUDA: activations, sampler and allocator slack of one engine
+
 
 @dataclass
 class EngineSlot:
@@ -113,13 +115,23 @@ class VllmHost:
     def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
         args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype="bfloat16",
                           kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",
-                          max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True)
+                          max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True,
+                          **self._memory_share(info, kv_bytes))
         slot = EngineSlot(info.arch, LLMEngine.from_engine_args(args))
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True,
                                        name=f"engine-{info.arch}")
         slot.thread.start()
         self.slots[info.arch] = slot
         return slot
+
+    def _memory_share(self, info: ModelInfo, kv_bytes: int) -> dict:
+        """CUDA: vLLM refuses to start unless the GPU has `gpu_memory_utilization` of its memory free,
+        by default 0.9; with pool copies and other engines resident that fails, so ask for this
+        engine's own share (weights, KV cache, activations) instead. The KV size is fixed anyway."""
+        if self.device == "cpu":
+            return {}
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return {"gpu_memory_utilization": min(0.9, (info.size_bytes + kv_bytes + ENGINE_WORKSPACE_BYTES) / total)}
 
     @staticmethod
     def _swap_weights(slot: EngineSlot, tensors: dict[str, torch.Tensor]) -> None:
