@@ -33,6 +33,7 @@ from warmserve import infra
 from warmserve.models import DEMO_MODELS, DemoSpec, build_model, build_tokenizer
 
 REPEATS = 5
+FRESH_SERVER_KV_BYTES = 1 << 30  # vLLM refuses a KV cache too small for one max-length request
 PROMPT = "def fibonacci(n):"
 
 
@@ -125,14 +126,14 @@ async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
     return out
 
 
-def fresh_server_ttft_s(path: str, kv_bytes: int) -> float:
+def fresh_server_ttft_s(path: str, kv_bytes: int, max_model_len: int) -> float:
     """(d) spawn vLLM's own OpenAI server for the model; seconds from spawn to the first token."""
     port = infra.free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
                              "--port", str(port), "--enforce-eager", "--dtype", "bfloat16",
-                             "--kv-cache-memory-bytes", str(kv_bytes), "--max-model-len", "2048"],
+                             "--kv-cache-memory-bytes", str(kv_bytes), "--max-model-len", str(max_model_len)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         body = json.dumps({"model": path, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}).encode()
@@ -191,7 +192,8 @@ async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoS
             info = checkpoint_info(model, models_dir / model)
             r["size_bytes"], r["params_m"] = info.size_bytes, round(info.size_bytes / 2 / 1e6, 1)
             if not skip_fresh:
-                r["d_fresh_api_server_s"] = fresh_server_ttft_s(str(models_dir / model), 128 << 20)
+                r["d_fresh_api_server_s"] = fresh_server_ttft_s(str(models_dir / model), FRESH_SERVER_KV_BYTES,
+                                                                  info.max_model_len)
                 r["ratio_b_over_d"] = r["b_promote_s"] / r["d_fresh_api_server_s"]
             r["ratio_b_over_a"] = r["b_promote_s"] / r["a_cold_start_s"]
         return {"device_kind": device_kind, "models": results, "worker_peak_rss_bytes": peaks,
