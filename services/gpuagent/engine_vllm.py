@@ -63,7 +63,8 @@ class VllmHost:
 
     async def load_copy(self, info: ModelInfo, on_progress) -> dict:
         started = time.perf_counter()
-        tensors = await asyncio.to_thread(read_verified, Path(info.path), info.content_hash, on_progress)
+        tensors = await asyncio.to_thread(read_verified, Path(info.path), info.content_hash, on_progress,
+                                          self.device != "cpu")  # CUDA: pinned, so the copies below overlap
         if self.device != "cpu":
             tensors = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
             torch.cuda.synchronize()
