@@ -49,7 +49,7 @@ def content_hash(path: Path) -> str:
         return _combined(blocks)
 
 
-def _block_digest(block: memoryview) -> bytes:
+def _block_digest(block: bytes | memoryview) -> bytes:
     return hashlib.sha256(block).digest()
 
 
