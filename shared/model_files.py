@@ -96,7 +96,7 @@ def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: 
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         for file in files:
             size = file.stat().st_size
-            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+            buffer = _read_buffer(size, pin_memory)
             view = memoryview(buffer.numpy())
             with open(file, "rb", buffering=0) as fh:
                 for start in range(0, size, HASH_BLOCK_BYTES):
@@ -114,6 +114,19 @@ def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: 
     for buffer in buffers:
         tensors.update(_tensors_in(buffer))
     return tensors
+
+
+def _read_buffer(size: int, pin_memory: bool):
+    """A uint8 tensor to read a file into: page-locked if asked and possible (without an accelerator,
+    or when the driver cannot lock that much, pageable memory still works, only slower to copy)."""
+    import torch
+
+    if pin_memory:
+        try:
+            return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(size, dtype=torch.uint8)
 
 
 def _read_exactly(fh, block: memoryview, file: Path) -> None:

@@ -38,6 +38,13 @@ def test_read_returns_the_tensors_and_checks_the_hash(tmp_path, monkeypatch, fil
     assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) > files
 
 
+def test_pinned_reads_fall_back_to_pageable_memory_without_an_accelerator(tmp_path):
+    expected = write_checkpoint(tmp_path / "m")
+    got = read_verified(tmp_path / "m", content_hash(tmp_path / "m"), pin_memory=True)
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+    assert all(t.is_pinned() == torch.cuda.is_available() for t in got.values())
+
+
 def test_tensors_at_unaligned_offsets_are_read(tmp_path):
     """safetensors' own writer aligns tensors; another writer may not: a 6-byte tensor first."""
     (tmp_path / "m").mkdir()
