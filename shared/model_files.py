@@ -2,7 +2,7 @@
 safetensors into memory with the hash verified on the same pass.
 
 The content hash is a sha256 over the sha256 of each 64 MiB block of the weight files (in file
-order), so blocks hash on all cores while the next ones are read: on an H100 machine the old
+order), so blocks are read and hashed on all cores at once: on an H100 machine the old
 sequential sha256 plus copies made a prewarm read of 1.7 GB take 5.7 s against 0.4 s for the bytes.
 Tensors are views of one read buffer per file (pinned for CUDA copies when asked), not copies.
 Used by the model registry (demo builder) and by the GPU agent's prewarm; no network, no engine.
@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 from shared.schemas import ModelInfo
 
 HASH_BLOCK_BYTES = 64 << 20
-HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL on large blocks
+HASH_THREADS = min(16, os.cpu_count() or 1)  # reads and hashlib release the GIL on large blocks
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # config fields that decide tensor shapes: engines with equal values can swap weights in place
 ARCH_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -46,15 +47,15 @@ def content_hash(path: Path) -> str:
             with open(file, "rb") as fh:
                 while block := fh.read(HASH_BLOCK_BYTES):
                     blocks.append(pool.submit(_block_digest, block))
-        return _combined(blocks)
+        return _combined(block.result() for block in blocks)
 
 
 def _block_digest(block: bytes | memoryview) -> bytes:
     return hashlib.sha256(block).digest()
 
 
-def _combined(block_futures) -> str:
-    return hashlib.sha256(b"".join(f.result() for f in block_futures)).hexdigest()
+def _combined(block_digests) -> str:
+    return hashlib.sha256(b"".join(block_digests)).hexdigest()
 
 
 def arch_signature(path: Path) -> str:
@@ -83,37 +84,46 @@ def checkpoint_info(name: str, path: Path, tp: int = 1) -> ModelInfo:
 
 
 def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: bool = False) -> dict:
-    """Read every safetensors file into CPU tensors, hashing the blocks as they are read.
+    """Read every safetensors file into CPU tensors; each block is read and hashed by a worker thread.
 
     Raises ChecksumMismatch if the files are not the registered checkpoint. `on_progress(fraction)`
-    is called as bytes arrive. `pin_memory`: page-locked buffers, for fast asynchronous GPU copies.
+    is called as blocks arrive. `pin_memory`: page-locked buffers, for fast asynchronous GPU copies.
     """
-    import torch
-
     files = weight_files(path)
     total = sum(f.stat().st_size for f in files) or 1
     done, buffers, blocks = 0, [], []
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
+    with ExitStack() as open_files, ThreadPoolExecutor(HASH_THREADS) as pool:
         for file in files:
             size = file.stat().st_size
             buffer = _read_buffer(size, pin_memory)
             view = memoryview(buffer.numpy())
-            with open(file, "rb", buffering=0) as fh:
-                for start in range(0, size, HASH_BLOCK_BYTES):
-                    block = view[start:start + HASH_BLOCK_BYTES]
-                    _read_exactly(fh, block, file)
-                    blocks.append(pool.submit(_block_digest, block))
-                    done += len(block)
-                    if on_progress:
-                        on_progress(done / total)
+            fd = os.open(file, os.O_RDONLY)
+            open_files.callback(os.close, fd)
+            blocks += [pool.submit(_read_block, fd, view[start:start + HASH_BLOCK_BYTES], start, file)
+                       for start in range(0, size, HASH_BLOCK_BYTES)]
             buffers.append(buffer)
-        got = _combined(blocks)
+        for block in blocks:
+            done += block.result()[1]
+            if on_progress:
+                on_progress(done / total)
+        got = _combined(block.result()[0] for block in blocks)
     if got != expected_hash:
         raise ChecksumMismatch(f"checkpoint at {path} has hash {got[:12]}, registered {expected_hash[:12]}")
     tensors: dict = {}
     for buffer in buffers:
         tensors.update(_tensors_in(buffer))
     return tensors
+
+
+def _read_block(fd: int, block: memoryview, offset: int, file: Path) -> tuple[bytes, int]:
+    """Fill `block` from `offset` of the open file; return its sha256 and length."""
+    got = 0
+    while got < len(block):
+        n = os.preadv(fd, [block[got:]], offset + got)
+        if not n:
+            raise ChecksumMismatch(f"{file} shrank while it was read")
+        got += n
+    return _block_digest(block), got
 
 
 def _read_buffer(size: int, pin_memory: bool):
@@ -127,15 +137,6 @@ def _read_buffer(size: int, pin_memory: bool):
         except RuntimeError:
             pass
     return torch.empty(size, dtype=torch.uint8)
-
-
-def _read_exactly(fh, block: memoryview, file: Path) -> None:
-    got = 0
-    while got < len(block):
-        n = fh.readinto(block[got:])
-        if not n:
-            raise ChecksumMismatch(f"{file} shrank while it was read")
-        got += n
 
 
 def _tensors_in(buffer) -> dict:
