@@ -41,17 +41,9 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def content_hash(path: Path) -> str:
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        blocks = []
-        for file in weight_files(path):
-            with open(file, "rb") as fh:
-                while block := fh.read(HASH_BLOCK_BYTES):
-                    blocks.append(pool.submit(_block_digest, block))
-        return _combined(block.result() for block in blocks)
-
-
-def _block_digest(block: bytes | memoryview) -> bytes:
-    return hashlib.sha256(block).digest()
+    with ExitStack() as open_files, ThreadPoolExecutor(HASH_THREADS) as pool:
+        blocks = _submit_blocks(pool, open_files, [(file, None) for file in weight_files(path)])
+        return _combined(block.result()[0] for block in blocks)
 
 
 def _combined(block_digests) -> str:
@@ -91,17 +83,10 @@ def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: 
     """
     files = weight_files(path)
     total = sum(f.stat().st_size for f in files) or 1
-    done, buffers, blocks = 0, [], []
+    buffers = [_read_buffer(f.stat().st_size, pin_memory) for f in files]
+    done = 0
     with ExitStack() as open_files, ThreadPoolExecutor(HASH_THREADS) as pool:
-        for file in files:
-            size = file.stat().st_size
-            buffer = _read_buffer(size, pin_memory)
-            view = memoryview(buffer.numpy())
-            fd = os.open(file, os.O_RDONLY)
-            open_files.callback(os.close, fd)
-            blocks += [pool.submit(_read_block, fd, view[start:start + HASH_BLOCK_BYTES], start, file)
-                       for start in range(0, size, HASH_BLOCK_BYTES)]
-            buffers.append(buffer)
+        blocks = _submit_blocks(pool, open_files, list(zip(files, buffers)))
         for block in blocks:
             done += block.result()[1]
             if on_progress:
@@ -115,15 +100,32 @@ def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: 
     return tensors
 
 
-def _read_block(fd: int, block: memoryview, offset: int, file: Path) -> tuple[bytes, int]:
-    """Fill `block` from `offset` of the open file; return its sha256 and length."""
+def _submit_blocks(pool: ThreadPoolExecutor, open_files: ExitStack, targets: list) -> list:
+    """Submit a read and sha256 of each HASH_BLOCK_BYTES block of every (file, buffer) in `targets`,
+    in order: into the buffer (a uint8 tensor of the file's size), or with no buffer into scratch
+    memory that is dropped once hashed. Each future gives (digest, bytes)."""
+    blocks = []
+    for file, buffer in targets:
+        fd = os.open(file, os.O_RDONLY)
+        open_files.callback(os.close, fd)
+        size = file.stat().st_size
+        view = memoryview(buffer.numpy()) if buffer is not None else None
+        for start in range(0, size, HASH_BLOCK_BYTES):
+            length = min(HASH_BLOCK_BYTES, size - start)
+            into = view[start:start + length] if view is not None else None
+            blocks.append(pool.submit(_read_block, fd, file, start, length, into))
+    return blocks
+
+
+def _read_block(fd: int, file: Path, offset: int, length: int, into: memoryview | None) -> tuple[bytes, int]:
+    block = memoryview(bytearray(length)) if into is None else into
     got = 0
-    while got < len(block):
+    while got < length:
         n = os.preadv(fd, [block[got:]], offset + got)
         if not n:
             raise ChecksumMismatch(f"{file} shrank while it was read")
         got += n
-    return _block_digest(block), got
+    return hashlib.sha256(block).digest(), got
 
 
 def _read_buffer(size: int, pin_memory: bool):
