@@ -44,14 +44,14 @@ def allocate_in(cluster: Cluster, model: str, now_s: float, trigger: str) -> All
     if model not in cluster.models:
         return Allocation(NONE, fx.NO_CAPACITY)
     if cluster.config.allocation == "hit_first":
-        found = _allocate_idle(cluster, model, now_s, trigger, (HIT,))
-        if not found.effects:
-            found = _displaced(cluster, model, now_s, trigger, for_hit=True)
-        if not found.effects:
-            found = _allocate_idle(cluster, model, now_s, trigger, (IN_PROGRESS, MISS))
+        got = _allocate_idle(cluster, model, now_s, trigger, (HIT,))
+        if not got.found:
+            got = _displaced(cluster, model, now_s, trigger, for_hit=True)
+        if not got.found:
+            got = _allocate_idle(cluster, model, now_s, trigger, (IN_PROGRESS, MISS))
     else:
-        found = _allocate_idle(cluster, model, now_s, trigger, (HIT, IN_PROGRESS, MISS))
-    return found if found.effects else _displaced(cluster, model, now_s, trigger, for_hit=False)
+        got = _allocate_idle(cluster, model, now_s, trigger, (HIT, IN_PROGRESS, MISS))
+    return got if got.found else _displaced(cluster, model, now_s, trigger, for_hit=False)
 
 
 def _displaced(cluster: Cluster, model: str, now_s: float, trigger: str, for_hit: bool) -> Allocation:

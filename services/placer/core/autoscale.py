@@ -24,7 +24,7 @@ def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> lis
         if config.over_scale_up_line(load, n):
             for _ in range(target - n):
                 allocation = allocate_in(cluster, model, now_s, fx.SCALE_UP)
-                if not allocation.effects:
+                if not allocation.found:
                     break
                 effects += allocation.effects
         elif n and load < config.scale_down_at * config.capacity * n:
