@@ -14,8 +14,9 @@ from services.placer.core.snapshot import PAGE_BYTES, Copy, Gpu, Instance, Node,
 
 
 def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float) -> Snapshot:
+    effects = list(effects)
     models = {m.name: m for m in snapshot.models}
-    copies = _Copies(snapshot.copies)
+    copies = _Copies(snapshot.copies, {e.node for e in effects})
     instances = {i.instance_id: i for i in snapshot.instances}
     by_name = {n.name: n for n in snapshot.nodes}
     free: dict[tuple[str, int], int] = {}  # the GPUs of the nodes the effects touch (others stay as they are)
@@ -66,15 +67,17 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
 
 class _Copies:
     """The snapshot's copies in order, with new ones appended, found by model and node (and by the
-    instance whose KV space they use) without scanning them all."""
+    instance whose KV space they use) without scanning them all; only copies on `nodes` (those the
+    effects name) are indexed."""
 
-    def __init__(self, copies: tuple[Copy, ...]):
+    def __init__(self, copies: tuple[Copy, ...], nodes: set[str]):
         self.by_key: dict[int, Copy] = dict(enumerate(copies))  # key order = snapshot order, then added ones
         self.next_key = len(copies)
         self.by_place: dict[tuple[str, str], list[int]] = {}
         self.lent: dict[str, list[int]] = {}  # kv_host -> keys
         for k, c in self.by_key.items():
-            self._index(k, c)
+            if c.node in nodes:
+                self._index(k, c)
 
     def _index(self, k: int, c: Copy) -> None:
         self.by_place.setdefault((c.model, c.node), []).append(k)

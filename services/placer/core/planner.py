@@ -37,13 +37,7 @@ class TickPlan:
 
 
 def plan_tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None = None) -> TickPlan:
-    cluster = Cluster(snapshot, config, reuse)
-    cluster.rescore()
-    effects = reclaim_kv(cluster)
-    effects += autoscale(cluster, snapshot.loads, now_s)
-    cluster.rescore()  # instance counts changed: copies' ranks score against the new n_f, n_b
-    if config.prewarm:
-        effects += plan_prewarms(cluster)
+    cluster, effects = _planned(snapshot, now_s, config, reuse)
     copies = tuple(sorted((DesiredCopy(o.model, o.node, o.devices, o.score, o.ready, o.kv_host)
                            for group in cluster.copies.values() for o in group),
                           key=lambda c: (c.node, c.devices, c.model)))
@@ -52,8 +46,20 @@ def plan_tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | N
 
 
 def tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None = None) -> list[fx.Effect]:
-    """One planning round: the effects to execute, each with its reason."""
-    return list(plan_tick(snapshot, now_s, config, reuse).effects)
+    """One planning round: the effects to execute, each with its reason (plan_tick's effects,
+    without the desired state that only the live service publishes)."""
+    return _planned(snapshot, now_s, config, reuse)[1]
+
+
+def _planned(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None) -> tuple[Cluster, list[fx.Effect]]:
+    cluster = Cluster(snapshot, config, reuse)
+    cluster.rescore()
+    effects = reclaim_kv(cluster)
+    effects += autoscale(cluster, snapshot.loads, now_s)
+    cluster.rescore()  # instance counts changed: copies' ranks score against the new n_f, n_b
+    if config.prewarm:
+        effects += plan_prewarms(cluster)
+    return cluster, effects
 
 
 def allocate(snapshot: Snapshot, model: str, now_s: float, config: Config, reuse: Reuse | None = None) -> Allocation:
