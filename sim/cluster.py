@@ -88,6 +88,7 @@ class Cluster:
         self.starts = {"hit": 0, "loading": 0, "miss": 0}
         self.timeline: list[tuple[float, int, int, int]] | None = [] if record_timeline else None
         self.changed_nodes: set[int] = set()  # nodes whose memory, copies or instances changed (shells clear it)
+        self.served_nodes: set[int] = set()  # nodes whose instances' requests changed (Serving adds, shells clear it)
         self.on_instance_ready: Callable[[Instance], None] = lambda inst: None
         self.on_instance_gone: Callable[[Instance], None] = lambda inst: None
 

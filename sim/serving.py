@@ -140,6 +140,7 @@ class Serving:
         inst.prefill_free_at = first
         inst.inflight += 1
         inst.kv_tokens_used += self._prompt[i] + self._output[i]
+        self.cluster.served_nodes.add(inst.node)
         self.req.first_token_s[i] = first
         done = first + self._output[i] * prof.decode_step_s(inst.inflight) * slow
         self.loop.at(done, self._finish, i, inst)
@@ -149,6 +150,7 @@ class Serving:
         self.req.finish_s[i] = self.loop.now
         inst.inflight -= 1
         inst.kv_tokens_used -= self._prompt[i] + self._output[i]
+        self.cluster.served_nodes.add(inst.node)
         self._count(m, -1)
         if inst.state == "ready":
             self._drain_queue(m)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from services.placer.core import (PAGE_BYTES, ColdStart, Config, Copy, Demote, Evict, Gpu, Instance, LoadPoint,
-                                  ModelSpec, Node, Prewarm, Promote, Snapshot, allocate, kv_reserve_bytes, plan_tick,
+                                  ModelSpec, Node, Prewarm, Promote, Snapshot, allocate, kv_reserve_bytes, plan_tick, snapshot_of,
                                   tick, windowed_load)
 from services.placer.core import effects as fx
 from services.placer.core.scores import copy_scores, replica_counts
@@ -86,7 +86,7 @@ def test_kv_reserve(capacity, requests, used, b, expected):
 
 
 def test_never_two_copies_of_one_model_on_a_gpu():
-    snap = Snapshot(nodes((20, 20)), (model("a", avg=100, peak=100),))  # wants 4 copies
+    snap = snapshot_of(nodes((20, 20)), (model("a", avg=100, peak=100),))  # wants 4 copies
     got = prewarms(tick(snap, 0, Config()))
     assert sorted(got) == [("a", "n0", (0,)), ("a", "n0", (1,))]
 
@@ -102,7 +102,7 @@ def test_never_two_copies_of_one_model_on_a_gpu():
 ])
 def test_tp_groups_stay_laminar(existing, new_tp, allowed):
     copies = tuple(Copy("old", "n0", d) for d in existing)
-    snap = Snapshot(nodes((40, 40, 40, 40)), (model("old", tp=2), model("new", gib=2 * new_tp, tp=new_tp, avg=1)),
+    snap = snapshot_of(nodes((40, 40, 40, 40)), (model("old", tp=2), model("new", gib=2 * new_tp, tp=new_tp, avg=1)),
                     copies)
     got = prewarms(tick(snap, 0, Config(placement="paper")))
     assert {d for m, _, d in got if m == "new"} <= allowed
@@ -110,7 +110,7 @@ def test_tp_groups_stay_laminar(existing, new_tp, allowed):
 
 
 def test_groups_are_aligned_to_their_size():
-    snap = Snapshot(nodes((40,) * 8), (model("a", gib=8, tp=4, avg=100, peak=100), model("b", gib=4, tp=2, avg=1)))
+    snap = snapshot_of(nodes((40,) * 8), (model("a", gib=8, tp=4, avg=100, peak=100), model("b", gib=4, tp=2, avg=1)))
     for _, _, devices in prewarms(tick(snap, 0, Config())):
         assert devices[0] % len(devices) == 0 and devices == tuple(range(devices[0], devices[0] + len(devices)))
 
@@ -118,30 +118,30 @@ def test_groups_are_aligned_to_their_size():
 def test_protected_group_preferred_over_least_score():
     # GPU0 holds a high-score copy, GPU1 a low-score one; the new copy's score lies between:
     # only GPU1 is protected (every overlapped copy scores lower), so it goes there
-    snap = Snapshot(nodes((20, 20)),
+    snap = snapshot_of(nodes((20, 20)),
                     (model("high", gib=8, avg=1), model("low", gib=1, avg=1), model("new", gib=4, avg=1)),
                     (Copy("high", "n0", (0,)), Copy("low", "n0", (1,))))
     assert prewarms(tick(snap, 0, Config())) == [("new", "n0", (1,))]
 
 
 def test_least_overlapped_score_among_protected():
-    snap = Snapshot(nodes((20, 20)),
+    snap = snapshot_of(nodes((20, 20)),
                     (model("mid", gib=2, avg=1), model("low", gib=1, avg=1), model("new", gib=8, avg=1)),
                     (Copy("mid", "n0", (0,)), Copy("low", "n0", (1,))))
     assert prewarms(tick(snap, 0, Config())) == [("new", "n0", (1,))]
 
 
 def test_empty_group_beats_any_overlap():
-    snap = Snapshot(nodes((20, 20)), (model("low", gib=1, avg=1), model("new", gib=8, avg=1)),
+    snap = snapshot_of(nodes((20, 20)), (model("low", gib=1, avg=1), model("new", gib=8, avg=1)),
                     (Copy("low", "n0", (0,)),))
     assert prewarms(tick(snap, 0, Config())) == [("new", "n0", (1,))]
 
 
 def test_memory_is_counted_in_pages():
     free = 4 * GIB + PAGE_BYTES - 1  # one byte short of the page the model's last byte needs
-    snap = Snapshot((Node("n0", (Gpu(0, free),)),), (ModelSpec("a", 4 * GIB + 1, 1, avg=1),))
+    snap = snapshot_of((Node("n0", (Gpu(0, free),)),), (ModelSpec("a", 4 * GIB + 1, 1, avg=1),))
     assert prewarms(tick(snap, 0, Config())) == []
-    snap = Snapshot((Node("n0", (Gpu(0, free + 1),)),), snap.models)
+    snap = snapshot_of((Node("n0", (Gpu(0, free + 1),)),), snap.models)
     assert prewarms(tick(snap, 0, Config())) == [("a", "n0", (0,))]
 
 
@@ -151,7 +151,7 @@ def test_memory_is_counted_in_pages():
 def full_cluster() -> Snapshot:
     """Two nearly full GPUs (1 GiB free each): a cheap 'low' copy on GPU0, a more valuable 'mid' on
     GPU1; 'new' (3 GiB) fits only by evicting one of them and outscores only 'low'."""
-    return Snapshot(nodes((1, 1)),
+    return snapshot_of(nodes((1, 1)),
                     (model("low", gib=2, avg=1), model("mid", gib=6, avg=1), model("new", gib=3, avg=1)),
                     (Copy("low", "n0", (0,)), Copy("mid", "n0", (1,))))
 
@@ -166,13 +166,13 @@ def test_evict_aware_evicts_the_lowest_score_copy():
 
 def test_eviction_needs_a_gain():
     # 'new' scores exactly like 'low' (same size, same forecast): evicting gains nothing
-    snap = Snapshot(nodes((0,)), (model("low", gib=2, avg=1), model("new", gib=2, avg=1)), (Copy("low", "n0", (0,)),))
+    snap = snapshot_of(nodes((0,)), (model("low", gib=2, avg=1), model("new", gib=2, avg=1)), (Copy("low", "n0", (0,)),))
     assert tick(snap, 0, Config()) == []
 
 
 def test_copies_beyond_their_replica_count_score_zero_and_go_first():
     # 'spare' has no forecast any more: its copy scores 0 and is evicted before 'low'
-    snap = Snapshot(nodes((0, 0)), (model("spare", gib=8), model("low", gib=1, avg=1), model("new", gib=2, avg=1)),
+    snap = snapshot_of(nodes((0, 0)), (model("spare", gib=8), model("low", gib=1, avg=1), model("new", gib=2, avg=1)),
                     (Copy("low", "n0", (0,)), Copy("spare", "n0", (1,))))
     assert evictions(tick(snap, 0, Config())) == [("spare", (1,))]
 
@@ -180,7 +180,7 @@ def test_copies_beyond_their_replica_count_score_zero_and_go_first():
 def test_evict_aware_evicts_a_lower_score_copy_that_breaks_laminarity():
     # TP3 groups (0, 1, 2) and (3, 4, 5) both half-overlap the TP2 copy on (2, 3): memory is
     # plentiful, but the group is only usable once that (lower-score) copy is gone
-    snap = Snapshot(nodes((40,) * 6), (model("low", gib=2, tp=2), model("new", gib=12, tp=3, avg=1)),
+    snap = snapshot_of(nodes((40,) * 6), (model("low", gib=2, tp=2), model("new", gib=12, tp=3, avg=1)),
                     (Copy("low", "n0", (2, 3)),))
     effects = tick(snap, 0, Config(placement="evict_aware"))
     assert evictions(effects) == [("low", (2, 3))] and prewarms(effects) == [("new", "n0", (0, 1, 2))]
@@ -192,14 +192,14 @@ def test_paper_mode_skips_when_full():
 
 
 def test_round_robin_takes_first_fit_in_turn_and_never_evicts():
-    snap = Snapshot(nodes((10, 10, 10)), (model("a", gib=1, avg=1), model("b", gib=1, avg=1), model("c", gib=1, avg=1)))
+    snap = snapshot_of(nodes((10, 10, 10)), (model("a", gib=1, avg=1), model("b", gib=1, avg=1), model("c", gib=1, avg=1)))
     got = prewarms(tick(snap, 0, Config(placement="round_robin")))
     assert [d for _, _, d in got] == [(0,), (1,), (2,)]
     assert tick(full_cluster(), 0, Config(placement="round_robin")) == []
 
 
 def test_no_prewarm_ablation_plans_no_copies():
-    snap = Snapshot(nodes((40, 40)), (model("a", avg=100, peak=200),))
+    snap = snapshot_of(nodes((40, 40)), (model("a", avg=100, peak=200),))
     assert prewarms(tick(snap, 0, Config(prewarm=False))) == []
 
 
@@ -208,18 +208,18 @@ def test_no_prewarm_ablation_plans_no_copies():
 
 def test_allocation_prefers_a_ready_copy_then_a_loading_one_then_cold():
     models = (model("a", gib=4),)
-    both = Snapshot(nodes((20, 20, 20)), models, (Copy("a", "n0", (1,), ready=False), Copy("a", "n0", (2,))))
+    both = snapshot_of(nodes((20, 20, 20)), models, (Copy("a", "n0", (1,), ready=False), Copy("a", "n0", (2,))))
     hit = allocate(both, "a", 0, Config())
     assert (hit.kind, hit.reason, hit.devices) == ("hit", fx.PREWARM_HIT, (2,))
     assert isinstance(hit.effects[-1], Promote)
-    loading = Snapshot(both.nodes, models, both.copies[:1])
+    loading = snapshot_of(both.nodes, models, both.copies[:1])
     assert (allocate(loading, "a", 0, Config()).kind, allocate(loading, "a", 0, Config()).devices) == ("in_progress", (1,))
-    cold = allocate(Snapshot(both.nodes, models), "a", 0, Config())
+    cold = allocate(snapshot_of(both.nodes, models), "a", 0, Config())
     assert cold.kind == "miss" and isinstance(cold.effects[-1], ColdStart) and cold.reason == fx.COLD_START
 
 
 def test_copy_under_a_running_instance_is_not_a_hit():
-    snap = Snapshot(nodes((20, 20)), (model("a"), model("b")),
+    snap = snapshot_of(nodes((20, 20)), (model("a"), model("b")),
                     (Copy("a", "n0", (0,)),), (Instance("b1", "b", "n0", (0,)),))
     got = allocate(snap, "a", 0, Config())
     assert got.kind == "miss" and got.devices == (1,)
@@ -227,7 +227,7 @@ def test_copy_under_a_running_instance_is_not_a_hit():
 
 def test_miss_takes_the_group_with_fewest_copies_and_evicts_all_of_them():
     # GPU0: two copies; GPU1: one copy; both fit 'a' (4 GiB) once their copies are gone
-    snap = Snapshot(nodes((1, 2)), (model("x", gib=2), model("y", gib=2), model("z", gib=2), model("a", gib=4)),
+    snap = snapshot_of(nodes((1, 2)), (model("x", gib=2), model("y", gib=2), model("z", gib=2), model("a", gib=4)),
                     (Copy("x", "n0", (0,)), Copy("y", "n0", (0,)), Copy("z", "n0", (1,))))
     got = allocate(snap, "a", 0, Config())
     assert got.devices == (1,) and evictions(got.effects) == [("z", (1,))]
@@ -236,13 +236,13 @@ def test_miss_takes_the_group_with_fewest_copies_and_evicts_all_of_them():
 def test_promotion_evicts_only_as_far_as_kv_needs_lowest_score_first():
     # GPU0: the 'a' copy plus 'cheap' (score low) and 'dear' copies; 1 GiB free; 'a' needs 2 GiB KV
     models = (model("a", gib=4, kv_gib=2), model("cheap", gib=1, avg=1), model("dear", gib=3, avg=1))
-    snap = Snapshot(nodes((1,)), models, (Copy("a", "n0", (0,)), Copy("cheap", "n0", (0,)), Copy("dear", "n0", (0,))))
+    snap = snapshot_of(nodes((1,)), models, (Copy("a", "n0", (0,)), Copy("cheap", "n0", (0,)), Copy("dear", "n0", (0,))))
     got = allocate(snap, "a", 0, Config())
     assert got.kind == "hit" and evictions(got.effects) == [("cheap", (0,))]
 
 
 def test_no_capacity_when_every_gpu_runs_an_instance():
-    snap = Snapshot(nodes((20,)), (model("a"), model("b")), (), (Instance("b1", "b", "n0", (0,)),))
+    snap = snapshot_of(nodes((20,)), (model("a"), model("b")), (), (Instance("b1", "b", "n0", (0,)),))
     got = allocate(snap, "a", 0, Config())
     assert (got.kind, got.reason, got.effects) == ("none", fx.NO_CAPACITY, ())
 
@@ -266,7 +266,7 @@ def instances(n: int, started_at_s: float = 0.0) -> tuple[Instance, ...]:
     (1.0, 0, 0, 1, 0),  # scale from zero on any load
 ])
 def test_autoscaler_thresholds_and_protection(load, n, started, ups, downs):
-    snap = Snapshot(nodes((20,) * 8), (model("a"),), (), instances(n, started), {"a": load})
+    snap = snapshot_of(nodes((20,) * 8), (model("a"),), (), instances(n, started), {"a": load})
     effects = tick(snap, 100, Config(prewarm=False))
     starts = [e for e in effects if isinstance(e, (Promote, ColdStart))]
     assert len(starts) == ups and all(e.trigger == fx.SCALE_UP for e in starts)
@@ -276,7 +276,7 @@ def test_autoscaler_thresholds_and_protection(load, n, started, ups, downs):
 
 @pytest.mark.parametrize("keep_s,started,downs", [(0.0, 90, 3), (30.0, 90, 0), (30.0, 60, 3)])
 def test_keep_s_spares_young_instances_from_scale_down(keep_s, started, downs):
-    snap = Snapshot(nodes((20,) * 8), (model("a"),), (), instances(3, started), {"a": 0.0})
+    snap = snapshot_of(nodes((20,) * 8), (model("a"),), (), instances(3, started), {"a": 0.0})
     effects = tick(snap, 100, Config(prewarm=False, keep_s=keep_s))
     assert len([e for e in effects if isinstance(e, Demote)]) == downs
 
@@ -292,7 +292,7 @@ def test_the_live_placer_exposes_keep_s():
 
 def test_scale_down_demotes_the_least_busy_and_keeps_the_weights():
     insts = (Instance("busy", "a", "n0", (0,), inflight=9), Instance("idle", "a", "n0", (1,), inflight=0))
-    snap = Snapshot(nodes((20, 20)), (model("a", avg=1),), (), insts, {"a": 10.0})
+    snap = snapshot_of(nodes((20, 20)), (model("a", avg=1),), (), insts, {"a": 10.0})
     plan = plan_tick(snap, 100, Config())
     assert [e.instance_id for e in plan.effects if isinstance(e, Demote)] == ["idle"]
     assert [(c.model, c.devices, c.ready) for c in plan.copies] == [("a", (1,), True)]
@@ -300,7 +300,7 @@ def test_scale_down_demotes_the_least_busy_and_keeps_the_weights():
 
 
 def test_scale_up_uses_a_prewarmed_copy():
-    snap = Snapshot(nodes((20, 20)), (model("a"),), (Copy("a", "n0", (1,)),), (), {"a": 5.0})
+    snap = snapshot_of(nodes((20, 20)), (model("a"),), (Copy("a", "n0", (1,)),), (), {"a": 5.0})
     effects = tick(snap, 0, Config(prewarm=False))
     assert [(type(e), e.devices, e.reason) for e in effects] == [(Promote, (1,), fx.PREWARM_HIT)]
 
@@ -314,14 +314,14 @@ def kv_instance(inflight: int) -> Instance:
 
 
 def test_copies_borrow_idle_kv_space():
-    snap = Snapshot(nodes((0,)), (model("b"), model("a", gib=1, avg=1)), (), (kv_instance(0),))
+    snap = snapshot_of(nodes((0,)), (model("b"), model("a", gib=1, avg=1)), (), (kv_instance(0),))
     effects = tick(snap, 0, Config())
     assert [(e.model, e.reason, e.kv_host) for e in effects] == [("a", fx.PREWARM_KV_SPACE, "b1")]
     assert tick(snap, 0, Config(kv_prewarm=False)) == []
 
 
 def test_busy_instance_lends_nothing():
-    snap = Snapshot(nodes((0,)), (model("b"), model("a", gib=1, avg=1)), (), (kv_instance(30),))
+    snap = snapshot_of(nodes((0,)), (model("b"), model("a", gib=1, avg=1)), (), (kv_instance(30),))
     assert tick(snap, 0, Config()) == []
 
 
@@ -329,7 +329,7 @@ def test_rising_load_reclaims_kv_space_lowest_score_first():
     # Q = 16 keeps half of 3.2 GiB: 1.6 GiB lendable, but 2 GiB is lent (two 1 GiB copies)
     models = (model("b"), model("cheap", gib=1, avg=1), model("dear", gib=1, avg=1, peak=200))
     copies = (Copy("cheap", "n0", (0,), kv_host="b1"), Copy("dear", "n0", (0,), kv_host="b1"))
-    snap = Snapshot(nodes((0,)), models, copies, (kv_instance(16),))
+    snap = snapshot_of(nodes((0,)), models, copies, (kv_instance(16),))
     effects = tick(snap, 0, Config())
     assert [(e.model, e.reason) for e in effects if isinstance(e, Evict)][0] == ("cheap", fx.KV_RECLAIMED)
     assert ("dear", (0,)) not in evictions(effects)
@@ -339,7 +339,7 @@ def test_rising_load_reclaims_kv_space_lowest_score_first():
 
 
 def test_every_effect_carries_a_reason():
-    snap = Snapshot(nodes((4, 4), (4, 4)), (model("a", avg=40, peak=90), model("b", avg=3), model("c", avg=0)),
+    snap = snapshot_of(nodes((4, 4), (4, 4)), (model("a", avg=40, peak=90), model("b", avg=3), model("c", avg=0)),
                     (Copy("c", "n1", (0,)),), instances(1), {"a": 70.0})
     effects = tick(snap, 100, Config())
     assert effects and all(e.reason for e in effects)
@@ -350,7 +350,7 @@ def test_every_effect_carries_a_reason():
 
 def displacement_case(insts, loads=None, copies=(), free=(1, 1)) -> Snapshot:
     """GPUs nearly full of other models' instances; 'a' (4 GiB) fits only where one is displaced."""
-    return Snapshot(nodes(free), (model("a"), model("b"), model("c")), copies, insts, loads or {})
+    return snapshot_of(nodes(free), (model("a"), model("b"), model("c")), copies, insts, loads or {})
 
 
 def inst(iid: str, m: str, gpu: int, inflight: int = 0, started: float = 0.0) -> Instance:
@@ -406,7 +406,7 @@ def test_displacement_prefers_a_group_with_a_ready_copy_and_promotes_it():
 
 def test_displacement_evicts_copies_borrowing_the_victims_kv_first():
     host = Instance("b1", "b", "n0", (0,), started_at_s=0, kv_capacity_bytes=int(3.2 * GIB))
-    snap = Snapshot(nodes((1,)), (model("a"), model("b"), model("c", gib=1, avg=1)),
+    snap = snapshot_of(nodes((1,)), (model("a"), model("b"), model("c", gib=1, avg=1)),
                     (Copy("c", "n0", (0,), kv_host="b1"),), (host,))
     got = allocate(snap, "a", 100, Config())
     assert [(type(e), e.model) for e in got.effects] == [(Evict, "c"), (Demote, "b"), (Evict, "b"), (ColdStart, "a")]
@@ -414,10 +414,10 @@ def test_displacement_evicts_copies_borrowing_the_victims_kv_first():
 
 def test_displacement_needs_the_whole_group_to_fit():
     # TP2 'a' takes 4 GiB per GPU: GPU0 frees 5 GiB without b, GPU1 only 2 GiB without c
-    snap = Snapshot(nodes((1, 1)), (model("a", gib=8, tp=2), model("b"), model("c", gib=1)), (),
+    snap = snapshot_of(nodes((1, 1)), (model("a", gib=8, tp=2), model("b"), model("c", gib=1)), (),
                     (inst("b1", "b", 0), inst("c1", "c", 1)))
     assert allocate(snap, "a", 100, Config()).effects == ()
-    both = Snapshot(nodes((1, 3)), snap.models, (), snap.instances)
+    both = snapshot_of(nodes((1, 3)), snap.models, (), snap.instances)
     assert [type(e) for e in allocate(both, "a", 100, Config()).effects] == [Demote, Demote, Evict, Evict, ColdStart]
 
 
@@ -435,21 +435,21 @@ BUSY_B = {"b": 5.0}  # b's instance stays (no scale-down)
 
 def test_a_copy_under_another_instance_does_not_count_when_copies_must_be_promotable():
     # 'a' wants one copy; its only copy shares GPU0 with b's instance, GPU1 is idle
-    snap = Snapshot(nodes((5, 10)), (model("a", avg=1), model("b")), (Copy("a", "n0", (0,)),), (inst("b1", "b", 0),), BUSY_B)
+    snap = snapshot_of(nodes((5, 10)), (model("a", avg=1), model("b")), (Copy("a", "n0", (0,)),), (inst("b1", "b", 0),), BUSY_B)
     assert prewarms(tick(snap, 100, Config())) == []  # the paper: the copy counts
     assert prewarms(tick(snap, 100, PROMOTABLE)) == [("a", "n0", (1,))]
 
 
 def test_only_models_within_the_promotable_tp_replace_a_blocked_copy():
     # 'a' (TP2) wants one copy; its only copy shares GPUs 0-1 with b's instance, GPUs 2-3 are idle
-    snap = Snapshot(nodes((5, 5, 10, 10)), (model("a", tp=2, avg=1), model("b", tp=2)),
+    snap = snapshot_of(nodes((5, 5, 10, 10)), (model("a", tp=2, avg=1), model("b", tp=2)),
                     (Copy("a", "n0", (0, 1)),), (Instance("b1", "b", "n0", (0, 1), inflight=1),), BUSY_B)
     assert prewarms(tick(snap, 100, PROMOTABLE)) == []  # TP2 > promotable_max_tp 1: the copy counts
     assert prewarms(tick(snap, 100, Config(promotable_copies=True, promotable_max_tp=2))) == [("a", "n0", (2, 3))]
 
 
 def test_a_model_beyond_the_promotable_tp_may_place_copies_on_gpus_with_instances():
-    snap = Snapshot(nodes((10, 10)), (model("a", tp=2, avg=1), model("b")), (), (inst("b1", "b", 0),), BUSY_B)
+    snap = snapshot_of(nodes((10, 10)), (model("a", tp=2, avg=1), model("b")), (), (inst("b1", "b", 0),), BUSY_B)
     assert prewarms(tick(snap, 100, PROMOTABLE)) == [("a", "n0", (0, 1))]
     assert prewarms(tick(snap, 100, Config(promotable_copies=True, promotable_max_tp=2))) == []
 
@@ -473,13 +473,13 @@ def test_the_live_placer_puts_unserved_models_first_unless_told_not_to():
 
 
 def test_promotable_copies_go_to_gpus_without_instances_only():
-    snap = Snapshot(nodes((10,)), (model("a", avg=1), model("b")), (), (inst("b1", "b", 0),), BUSY_B)
+    snap = snapshot_of(nodes((10,)), (model("a", avg=1), model("b")), (), (inst("b1", "b", 0),), BUSY_B)
     assert prewarms(tick(snap, 100, Config())) == [("a", "n0", (0,))]
     assert prewarms(tick(snap, 100, PROMOTABLE)) == []
 
 
 def test_blocked_copies_rank_last_and_score_zero_beyond_the_wanted_count():
-    snap = Snapshot(nodes((5, 10)), (model("a", avg=1), model("b")), (Copy("a", "n0", (0,)), Copy("a", "n0", (1,))),
+    snap = snapshot_of(nodes((5, 10)), (model("a", avg=1), model("b")), (Copy("a", "n0", (0,)), Copy("a", "n0", (1,))),
                     (inst("b1", "b", 0),), BUSY_B)
     scores = {c.devices: c.score for c in plan_tick(snap, 100, PROMOTABLE).copies}
     assert scores[(1,)] > 0 and scores[(0,)] == 0
@@ -487,7 +487,7 @@ def test_blocked_copies_rank_last_and_score_zero_beyond_the_wanted_count():
 
 def test_an_allocation_replaces_the_copies_its_instance_blocks_at_once():
     # a's instance takes GPU0, where c's only copy sits: with promotable copies c gets a new copy on GPU1
-    snap = Snapshot(nodes((20, 20)), (model("a"), model("c", avg=1)), (Copy("a", "n0", (0,)), Copy("c", "n0", (0,))))
+    snap = snapshot_of(nodes((20, 20)), (model("a"), model("c", avg=1)), (Copy("a", "n0", (0,)), Copy("c", "n0", (0,))))
     plain = allocate(snap, "a", 0, Config())
     assert [type(e) for e in plain.effects] == [Promote]
     got = allocate(snap, "a", 0, PROMOTABLE)

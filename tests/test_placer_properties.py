@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.placer.core import (PAGE_BYTES, Config, Copy, Demote, Evict, Gpu, ModelSpec, Node, Prewarm, Promote,
-                                  Reuse, Snapshot, allocate, apply_effects, plan_tick)
+                                  Reuse, Snapshot, allocate, apply_effects, plan_tick, snapshot_of)
 from services.placer.core.scores import copy_pages, kv_lendable_pages
 
 GIB = 1 << 30
@@ -27,13 +27,13 @@ def clusters(draw) -> Snapshot:
                                 kv_bytes=draw(st.sampled_from([0, GIB // 2, 2 * GIB])),
                                 engine_bytes=draw(st.sampled_from([0, GIB]))))
     if not draw(st.booleans()):
-        return Snapshot(nodes, tuple(models))
+        return snapshot_of(nodes, tuple(models))
     # an observed, unaligned TP2 copy on devices (1, 2) of nodes with 4+ GPUs (agents may report one)
     odd = ModelSpec("odd", 2 * GIB, 2)
     nodes = tuple(Node(n.name, tuple(Gpu(g.index, g.free_bytes - (GIB if g.index in (1, 2) and len(n.gpus) >= 4 else 0))
                                      for g in n.gpus)) for n in nodes)
     copies = tuple(Copy("odd", n.name, (1, 2)) for n in nodes if len(n.gpus) >= 4)
-    return Snapshot(nodes, (*models, odd), copies)
+    return snapshot_of(nodes, (*models, odd), copies)
 
 
 steps = st.lists(st.tuples(st.sampled_from(["tick", "allocate"]), st.integers(0, 5), st.floats(0, 150),
@@ -97,29 +97,29 @@ def with_load(snap: Snapshot, step, now: float) -> Snapshot:
     instances = tuple(type(i)(i.instance_id, i.model, i.node, i.devices, i.started_at_s, inflight,
                               i.kv_capacity_bytes, min(i.kv_capacity_bytes, inflight * PAGE_BYTES), ready=True)
                       for i in snap.instances)  # instances started by earlier steps are ready now
-    return Snapshot(snap.nodes, models, snap.copies, instances, {name: load})
+    return snapshot_of(snap.nodes, models, snap.copies, instances, {name: load})
 
 
 # a scale-down and, in the same tick, a copy lent the KV space of the instance it demotes (found by hypothesis)
-SCALE_DOWN_THEN_LEND = Snapshot(
+SCALE_DOWN_THEN_LEND = snapshot_of(
     (Node("n0", (Gpu(0, 8 * GIB),)),),
     (ModelSpec("m0", GIB), ModelSpec("m1", 2 * GIB), ModelSpec("m2", GIB), ModelSpec("m3", 3 * GIB),
      ModelSpec("m4", 4 * GIB, kv_bytes=2 * GIB)))
 
 # a TP2 instance lending each of its two devices' KV space to a different copy (within what one device can lend)
-TP2_HOST_LENDS_ON_EACH_DEVICE = Snapshot(
+TP2_HOST_LENDS_ON_EACH_DEVICE = snapshot_of(
     (Node("n0", (Gpu(0, 16 * GIB), Gpu(1, 16 * GIB))),),
     (*(ModelSpec(f"m{i}", GIB) for i in range(4)), ModelSpec("m4", 14 * GIB, 2, kv_bytes=2 * GIB, engine_bytes=GIB),
      ModelSpec("m5", 3 * GIB)))
 
 # a TP2 host with a lent copy on each device scales down: each device's copies move to that device's pool
-TP2_HOST_SCALES_DOWN = Snapshot(
+TP2_HOST_SCALES_DOWN = snapshot_of(
     (Node("n0", (Gpu(0, 16 * GIB), Gpu(1, 16 * GIB))),),
     (ModelSpec("m0", 3 * GIB // 2), *(ModelSpec(f"m{i}", GIB) for i in (1, 2, 3)),
      ModelSpec("m4", 22 * GIB, 2, kv_bytes=2 * GIB)))
 
 # two ticks lend an instance's idle KV space; then its load rises and an allocation comes before the next tick
-LENT_THEN_ALLOCATE = Snapshot(
+LENT_THEN_ALLOCATE = snapshot_of(
     (Node("n0", (Gpu(0, 8 * GIB),)),),
     (ModelSpec("m0", 2 * GIB), ModelSpec("m1", GIB), ModelSpec("m2", 2_013_265_920), ModelSpec("m3", 2 * GIB),
      ModelSpec("m4", GIB, kv_bytes=2 * GIB)))

@@ -1,13 +1,13 @@
-"""The core's index built with a Reuse handle equals a fresh build: a node whose layout is kept
-still follows a change of the lending order (model ranks decided on another node) and new instance
-figures; the simulator's shell keeps the views of instances whose figures did not change; a whole
-replay's core calls decide alike on fresh indexes."""
+"""The core's index built with a Reuse handle equals a fresh build: it follows a change of a node's
+lending order (its instances' order) and new instance figures; the simulator's shell keeps the views
+of nodes and instances that did not change; a whole replay's core calls decide alike on fresh
+indexes."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from services.placer.core import Config, Gpu, Instance, ModelSpec, Node, Snapshot
+from services.placer.core import Config, Gpu, Instance, ModelSpec, Node, snapshot_of
 from services.placer.core.cluster import Cluster, Reuse
 from sim.cluster import Cluster as SimCluster
 from sim.engine import EventLoop
@@ -31,16 +31,17 @@ def hosts(cluster: Cluster) -> list[tuple[str, int, str, int]]:
 
 
 def test_reuse_follows_the_lending_order_and_figures():
-    """n0 holds instances of a and b on one GPU; which lends its KV space depends on whose model
-    comes first in the snapshot, here decided by an instance of b on n1 that then goes away."""
+    """n0 holds instances of a and b on one GPU; the first of them on the node lends its KV space."""
     config = Config(capacity=4)
-    first = Snapshot(NODES, MODELS, instances=(instance("b1", "b", "n1"), instance("a0", "a", "n0"),
-                                               instance("b0", "b", "n0")))
-    second = Snapshot(NODES, MODELS, instances=(instance("a0", "a", "n0", inflight=2), instance("b0", "b", "n0")))
+    first = snapshot_of(NODES, MODELS, instances=(instance("a0", "a", "n0"), instance("b0", "b", "n0"),
+                                                  instance("b1", "b", "n1")))
+    second = snapshot_of(NODES, MODELS, instances=(instance("b0", "b", "n0"), instance("a0", "a", "n0", inflight=2)))
     reuse = Reuse()
     Cluster(first, config, reuse)
-    for snapshot in (second, first, second):
-        assert hosts(Cluster(snapshot, config, reuse)) == hosts(Cluster(snapshot, config))
+    for snapshot, lender in ((second, "b0"), (first, "a0"), (second, "b0")):
+        got = hosts(Cluster(snapshot, config, reuse))
+        assert got == hosts(Cluster(snapshot, config))
+        assert got[0][2] == lender
 
 
 def test_shell_keeps_the_views_of_unchanged_instances():
@@ -52,9 +53,12 @@ def test_shell_keeps_the_views_of_unchanged_instances():
     sim.cold_start("b", 0, (1,), "b#1", GIB, 32)
     before = shell.snapshot({}, {}).instances
     busy.inflight += 1
-    after = shell.snapshot({}, {}).instances
+    sim.served_nodes.add(0)  # as Serving marks a node whose requests changed
+    seen = shell.snapshot({}, {})
+    after = seen.instances
     assert after[1] is before[1] and after[0] is not before[0]
     assert (after[0].inflight, after[0].instance_id, after[0].devices) == (1, "a#1", (0,))
+    assert shell.snapshot({}, {}).nodes[0] is seen.nodes[0]  # nothing changed since: the same node view
 
 
 def test_reused_index_decides_as_fresh_builds_over_a_simulated_replay(monkeypatch):

@@ -40,25 +40,24 @@ def model_spec(info: ModelInfo, forecast: Forecast | None, settings: Settings) -
 
 def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo], forecasts: Mapping[str, Forecast],
                   loads: Mapping[str, float], settings: Settings) -> Snapshot:
-    nodes, copies, instances = [], [], []
+    nodes = []
     for name in sorted(views):
         view = views[name]
-        nodes.append(Node(name, tuple(Gpu(d.index, d.free_bytes) for d in sorted(view.devices, key=lambda d: d.index))))
+        gpus = tuple(Gpu(d.index, d.free_bytes) for d in sorted(view.devices, key=lambda d: d.index))
         serving = {(i.model, d) for i in view.instances for d in i.devices}
-        for inst in view.instances:
-            instances.append(Instance(inst.instance_id, inst.model, name, tuple(inst.devices), inst.started_at_s,
-                                      inst.inflight, inst.kv_bytes, ready=inst.state == InstanceState.ready,
-                                      draining=inst.state == InstanceState.draining))
+        instances = tuple(Instance(inst.instance_id, inst.model, name, tuple(inst.devices), inst.started_at_s,
+                                   inst.inflight, inst.kv_bytes, ready=inst.state == InstanceState.ready,
+                                   draining=inst.state == InstanceState.draining) for inst in view.instances)
         held: dict[str, dict[int, bool]] = {}  # model -> device -> ready
         for c in view.copies:
             if c.state != CopyState.evicting and c.model in models:
                 for d in c.devices:
                     if (c.model, d) not in serving:
                         held.setdefault(c.model, {})[d] = c.state == CopyState.ready
-        for model, devices in held.items():
-            copies += _tp_groups(model, name, devices, models[model].tp)
+        copies = tuple(copy for model, devices in held.items() for copy in _tp_groups(model, name, devices, models[model].tp))
+        nodes.append(Node(name, gpus, instances, copies))
     specs = tuple(model_spec(models[m], forecasts.get(m), settings) for m in sorted(models))
-    return Snapshot(tuple(nodes), specs, tuple(copies), tuple(instances), dict(loads))
+    return Snapshot(tuple(nodes), specs, dict(loads))
 
 
 def _tp_groups(model: str, node: str, devices: dict[int, bool], tp: int) -> list[Copy]:

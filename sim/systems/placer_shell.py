@@ -39,11 +39,13 @@ class PlacerShell:
         self.refused: list[tuple[float, fx.Effect, str]] = []  # effects the cluster could not carry out
         self.pending: dict[int, deque] = {}  # node -> effects not yet run
         self.blocked: dict[int, Instance] = {}  # node -> the draining instance its queue waits for
-        self._nodes: list[core.Node] = [core.Node(node_name(n), ()) for n in range(cluster.nodes)]  # views, by node
+        self._gpus: list[tuple[core.Gpu, ...]] = [() for _ in range(cluster.nodes)]  # per node, as last seen
         self._copies: list[tuple[core.Copy, ...]] = [() for _ in range(cluster.nodes)]
+        self._members: list[list[Instance]] = [[] for _ in range(cluster.nodes)]  # per node its instances, in order
+        self._views: list[dict[tuple, core.Instance]] = [{} for _ in range(cluster.nodes)]  # per node by VIEW_KEY
+        self._nodes: list[core.Node] = [core.Node(node_name(n), ()) for n in range(cluster.nodes)]  # the last views
         self._forecasts: dict | None = None
         self._models: tuple[core.ModelSpec, ...] = ()
-        self._views: dict[tuple, core.Instance] = {}  # the last snapshot's instance views by VIEW_KEY
         self._kv_scale = {name: (cluster.profile(name).kv_bytes_per_token, cluster.profile(name).tp)
                           for name in serving.names}  # model -> what turns its KV tokens into bytes per device
         cluster.changed_nodes.update(range(cluster.nodes))
@@ -52,39 +54,51 @@ class PlacerShell:
 
     def snapshot(self, forecasts: dict[str, tuple[float, float]], loads: dict[str, float]) -> core.Snapshot:
         """The observed cluster with the effects not yet carried out overlaid (as the live placer does).
-        Views of nodes the cluster has not touched since the last snapshot are kept (same objects)."""
+        A node the cluster has not touched since the last snapshot, whose instances' figures are
+        unchanged, keeps its view (the same object), as do unchanged instances' views; only nodes
+        the cluster or its requests touched are looked at."""
         cl = self.cluster
-        for n in sorted(cl.changed_nodes):
-            row = cl.gpus[n]
-            self._nodes[n] = core.Node(node_name(n), tuple(core.Gpu(g.device, g.free_bytes) for g in row))
-            self._copies[n] = tuple(core.Copy(c.model, node_name(c.node), c.devices, c.state == "ready",
-                                              c.kv_host.instance_id if c.kv_host else "")
-                                    for g in row for c in g.copies if c.devices[0] == g.device)
-        cl.changed_nodes.clear()
+        changed = cl.changed_nodes
+        if changed:
+            for n in changed:
+                row = cl.gpus[n]
+                self._gpus[n] = tuple(core.Gpu(g.device, g.free_bytes) for g in row)
+                self._copies[n] = tuple(core.Copy(c.model, node_name(c.node), c.devices, c.state == "ready",
+                                                  c.kv_host.instance_id if c.kv_host else "")
+                                        for g in row for c in g.copies if c.devices[0] == g.device)
+                self._members[n] = []
+            for inst in cl.instances.values():  # creation order, as the live agents list them
+                if inst.node in changed:
+                    self._members[inst.node].append(inst)
         if forecasts != self._forecasts:
             self._forecasts = dict(forecasts)
             self._models = tuple(core.ModelSpec(name, cl.profile(name).size_bytes, cl.profile(name).tp,
                                                 *forecasts.get(name, (0.0, 0.0)), kv_bytes=self.kv_bytes_per_gpu[name])
                                  for name in self.serving.names)
-        copies = tuple(chain.from_iterable(self._copies))
-        observed = core.Snapshot(tuple(self._nodes), self._models, copies, self._instance_views(), loads)
+        looked = changed | cl.served_nodes
+        nodes = tuple(self._node_view(n, n in changed) if n in looked else self._nodes[n] for n in range(cl.nodes))
+        changed.clear()
+        cl.served_nodes.clear()
+        observed = core.Snapshot(nodes, self._models, loads)
         pending = [e for node in sorted(self.blocked) for e in self.pending[node]]  # only held queues keep any
         return apply_effects(observed, pending, cl.loop.now) if pending else observed
 
-    def _instance_views(self) -> tuple[core.Instance, ...]:
-        """Views of the cluster's instances; those whose figures are unchanged are the last snapshot's."""
-        instances = list(self.cluster.instances.values())
-        keys = list(map(VIEW_KEY, instances))
-        views = list(map(self._views.get, keys))
+    def _node_view(self, n: int, touched: bool) -> core.Node:
+        members, last = self._members[n], self._views[n]
+        keys = list(map(VIEW_KEY, members))
+        views = list(map(last.get, keys))
+        if not touched and None not in views:
+            return self._nodes[n]
+        name = self._nodes[n].name
         for k in [k for k, view in enumerate(views) if view is None]:
-            inst = instances[k]
+            inst = members[k]
             per_token, tp = self._kv_scale[inst.model]
-            views[k] = core.Instance(inst.instance_id, inst.model, self._nodes[inst.node].name, inst.devices,
-                                     inst.created_at, inst.inflight, inst.kv_bytes_per_gpu,
-                                     inst.kv_tokens_used * per_token // tp,
+            views[k] = core.Instance(inst.instance_id, inst.model, name, inst.devices, inst.created_at, inst.inflight,
+                                     inst.kv_bytes_per_gpu, inst.kv_tokens_used * per_token // tp,
                                      inst.state != "starting", inst.state == "draining")
-        self._views = dict(zip(keys, views))
-        return tuple(views)
+        self._views[n] = dict(zip(keys, views))
+        self._nodes[n] = core.Node(name, self._gpus[n], tuple(views), self._copies[n])
+        return self._nodes[n]
 
     def execute(self, effects, now_s: float) -> None:
         """Queue effects per node; like an agent, a node runs its commands in order and a demote

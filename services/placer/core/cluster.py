@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable
 
-from services.placer.core.node_inputs import FIGURES, LAYOUT, NODE, NodeInputs, group_by_node
+from services.placer.core.node_inputs import FIGURES, LAYOUT, NodeInputs, node_inputs
 from services.placer.core.scores import copy_pages, copy_scores, instance_pages, kv_lendable_pages
 from services.placer.core.snapshot import PAGE_BYTES, Config, Copy, Instance, ModelSpec, Snapshot
 
@@ -31,6 +32,7 @@ class Occupant:
     kv_host: str = ""  # copies only: instance whose KV space holds them
     kv_devices: frozenset[int] = frozenset()  # devices where the copy's pages are KV space
     lendable: int = 0  # instances in a built index: the KV pages they could lend when last looked at
+    slot: tuple[int, int] = (0, 0)  # built from a snapshot: (node order, position among its node's copies or instances)
     device_set: frozenset[int] = field(init=False)
     aligned: bool = field(init=False)  # a power-of-two group starting at a multiple of its size
 
@@ -41,6 +43,9 @@ class Occupant:
     @property
     def is_instance(self) -> bool:
         return self.instance is not None
+
+
+SLOT = attrgetter("slot")
 
 
 @dataclass(eq=False)
@@ -138,37 +143,62 @@ class Cluster:
             for name, spec in self.models.items():
                 if previous.models.get(name) != spec:
                     self.touch(name)
-        inputs, instances, copies = group_by_node(snapshot, self.models)
         self.nodes: dict[str, NodeState] = {}
         old_nodes, old_groups = (previous.nodes, previous._groups) if previous else ({}, {})
+        built: list[NodeState] = []  # nodes built anew (their occupants replace the old nodes')
         for i, n in enumerate(snapshot.nodes):
-            new, old = inputs[n.name], old_nodes.get(n.name)
+            old = old_nodes.get(n.name)
             if old is None:
-                self._build_node(i, new)
+                built.append(self._build_node(i, node_inputs(n, self.models)))
                 continue
-            if n.name in old_groups and (old.inputs.node is n or tuple(old.gpus) == tuple(g.index for g in n.gpus)):
+            if n.name in old_groups and (old.inputs.node.gpus is n.gpus or tuple(old.gpus) == tuple(g.index for g in n.gpus)):
                 self._groups[n.name] = old_groups[n.name]  # the same devices: the same aligned groups
-            change = new.change_from(old.inputs) if old.order == i and old.version == old.built[2] else LAYOUT
+            kept = old.order == i and old.version == old.built[2]
+            if kept and old.inputs.node is n:
+                self.nodes[n.name] = old
+                old._summary = None  # its copies' scores are about to change
+                continue
+            new = node_inputs(n, self.models)
+            change = new.change_from(old.inputs) if kept else LAYOUT
             if change == LAYOUT:
                 for model in {o.model for g in old.gpus.values() for o in g.occupants}:
                     self.touch(model)  # its occupants leave the index
-                self._build_node(i, new)
+                built.append(self._build_node(i, new))
                 continue
             self.nodes[n.name] = old
             if change == FIGURES:
                 self._refresh_instances(old, new)
             old.inputs = new
-            old._summary = None  # its copies' scores are about to change
-        for kind, index, items in ((0, self.instances, instances), (1, self.copies, copies)):  # snapshot order
-            taken = {name: iter(self.nodes[name].built[kind]) for name in set(map(NODE, items))}
-            for occ in map(next, map(taken.__getitem__, map(NODE, items))):  # a node's k-th item: its k-th built
-                of_model = index.get(occ.model)
-                if of_model is None:
-                    index[occ.model] = [occ]
-                else:
-                    of_model.append(occ)
+            old._summary = None
+        if previous is None:
+            self._index(built, set(self.models))
+        else:
+            self.instances, self.copies = previous.instances, previous.copies
+            gone = {name for name in old_nodes if self.nodes.get(name) is not old_nodes[name]}
+            models = {o.model for name in gone for g in old_nodes[name].gpus.values() for o in g.occupants}
+            models.update(o.model for node in built for kind in node.built[:2] for o in kind)
+            self._index(built, models, gone)
         if reuse is not None:
             reuse.last = self
+
+    def _index(self, built: list[NodeState], models: set[str], gone: frozenset[str] | set[str] = frozenset()) -> None:
+        """Index `models`' occupants by model in snapshot order (node, then its built order): those
+        on `gone` nodes leave, those of `built` nodes come."""
+        coming: tuple[dict[str, list[Occupant]], dict[str, list[Occupant]]] = ({}, {})
+        for node in built:
+            for kind in (0, 1):
+                for occ in node.built[kind]:
+                    coming[kind].setdefault(occ.model, []).append(occ)
+        for kind, index in ((0, self.instances), (1, self.copies)):
+            for model in models:
+                staying = [o for o in index.get(model, ()) if o.node not in gone]
+                new = coming[kind].get(model)
+                if new:
+                    staying = sorted(staying + new, key=SLOT) if staying else new
+                if staying:
+                    index[model] = staying
+                else:
+                    index.pop(model, None)
 
     def _reusable(self, previous: Cluster | None, snapshot: Snapshot) -> Cluster | None:
         """The previous cluster if its nodes can be taken over: same config and model shapes."""
@@ -189,8 +219,11 @@ class Cluster:
                                        instance=inst, ready=inst.ready), index=False) for inst in inputs.instances]
         held = [self._attach(self._copy_occupant(c, inputs.is_hosted(k)), index=False) for k, c in enumerate(inputs.copies)]
         node.built = (hosts, held, node.version)
-        for k in inputs.lending_order():
-            self._lend_kv(hosts[k])  # each GPU's host: the first instance on it by model rank, then snapshot order
+        for kind in node.built[:2]:
+            for k, occ in enumerate(kind):
+                occ.slot = (order, k)
+        for occ in hosts:
+            self._lend_kv(occ)  # each GPU's host: the first instance on it in snapshot order
         for occ in held:
             for d in occ.kv_devices:  # observed free memory already counts pool copies, not lent KV
                 node.gpus[d].kv_spare -= occ.pages

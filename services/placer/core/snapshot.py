@@ -1,13 +1,17 @@
 """Inputs of the placer core: a frozen snapshot of the cluster and the policy configuration.
 
 Plain frozen dataclasses, independent of NATS/Redis types, so the live service and the simulator
-build the same snapshot. Memory is in bytes here; the core counts it in 2 MiB pages.
+build the same snapshot. A snapshot is a tuple of nodes, each holding its GPUs, instances and copies
+as its agent reports them, so a caller that keeps an unchanged node's object lets the core skip it.
+Memory is in bytes here; the core counts it in 2 MiB pages.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import Iterable
 
 PAGE_BYTES = 2 << 20  # pool memory is counted in 2 MiB pages
 
@@ -16,12 +20,6 @@ PAGE_BYTES = 2 << 20  # pool memory is counted in 2 MiB pages
 class Gpu:
     index: int  # device index on its node
     free_bytes: int  # memory not used by copies, engines or KV caches
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str
-    gpus: tuple[Gpu, ...]
 
 
 @dataclass(frozen=True)
@@ -62,12 +60,41 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class Node:
+    name: str
+    gpus: tuple[Gpu, ...]
+    instances: tuple[Instance, ...] = ()  # each names this node
+    copies: tuple[Copy, ...] = ()
+
+
+@dataclass(frozen=True)
 class Snapshot:
     nodes: tuple[Node, ...]
     models: tuple[ModelSpec, ...]
-    copies: tuple[Copy, ...] = ()
-    instances: tuple[Instance, ...] = ()
     loads: dict[str, float] = field(default_factory=dict)  # model -> time-weighted load (see windowed_load)
+
+    @property
+    def instances(self) -> tuple[Instance, ...]:
+        """Every node's instances, node by node."""
+        return tuple(chain.from_iterable(n.instances for n in self.nodes))
+
+    @property
+    def copies(self) -> tuple[Copy, ...]:
+        return tuple(chain.from_iterable(n.copies for n in self.nodes))
+
+
+def snapshot_of(nodes: Iterable[Node], models: tuple[ModelSpec, ...], copies: Iterable[Copy] = (),
+                instances: Iterable[Instance] = (), loads: dict[str, float] | None = None) -> Snapshot:
+    """A snapshot from flat lists: each copy and instance goes to the node it names (in the given
+    order; those naming no node are left out), replacing what `nodes` held."""
+    nodes = tuple(nodes)
+    placed: dict[str, tuple[list[Instance], list[Copy]]] = {n.name: ([], []) for n in nodes}
+    for kind, items in ((0, instances), (1, copies)):
+        for item in items:
+            if item.node in placed:
+                placed[item.node][kind].append(item)
+    return Snapshot(tuple(Node(n.name, n.gpus, tuple(placed[n.name][0]), tuple(placed[n.name][1])) for n in nodes),
+                    tuple(models), dict(loads or {}))
 
 
 @dataclass(frozen=True)
