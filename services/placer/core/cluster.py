@@ -8,6 +8,7 @@ next build take over the previous one's nodes whose inputs are unchanged and tha
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -37,8 +38,7 @@ class Occupant:
     aligned: bool = field(init=False)  # a power-of-two group starting at a multiple of its size
 
     def __post_init__(self) -> None:
-        self.device_set = frozenset(self.devices)
-        self.aligned = is_aligned(self.devices)
+        self.device_set, self.aligned = device_facts(self.devices)
 
     @property
     def is_instance(self) -> bool:
@@ -95,6 +95,11 @@ class NodeState:
     def changed(self) -> None:
         self._summary = None
         self.version += 1
+
+
+@functools.lru_cache(maxsize=1024)  # pure; indexes build thousands of occupants on a few device groups
+def device_facts(devices: tuple[int, ...]) -> tuple[frozenset[int], bool]:
+    return frozenset(devices), is_aligned(devices)
 
 
 def is_aligned(devices: tuple[int, ...]) -> bool:
@@ -158,7 +163,7 @@ class Cluster:
                 self.nodes[n.name] = old
                 old._summary = None  # its copies' scores are about to change
                 continue
-            new = node_inputs(n, self.models)
+            new = node_inputs(n, self.models, old.inputs)
             change = new.change_from(old.inputs) if kept else LAYOUT
             if change == LAYOUT:
                 for model in {o.model for g in old.gpus.values() for o in g.occupants}:

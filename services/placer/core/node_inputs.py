@@ -31,7 +31,8 @@ class NodeInputs:
     def change_from(self, old: NodeInputs) -> int:
         """SAME: the very objects of `old`; FIGURES: its layout (GPUs, copies, instances' ids,
         models and devices) with new instance figures; LAYOUT: anything else."""
-        if not (self.node.gpus == old.node.gpus and self.copies == old.copies and self.hosted == old.hosted
+        if not ((self.node.gpus is old.node.gpus or self.node.gpus == old.node.gpus)
+                and (self.copies is old.copies or self.copies == old.copies) and self.hosted == old.hosted
                 and len(self.instances) == len(old.instances)):
             return LAYOUT
         if all(map(is_, self.instances, old.instances)):
@@ -39,8 +40,14 @@ class NodeInputs:
         return FIGURES if list(map(SHAPE, self.instances)) == list(map(SHAPE, old.instances)) else LAYOUT
 
 
-def node_inputs(node: Node, models: dict) -> NodeInputs:
-    instances, copies = known(node.instances, models), known(node.copies, models)
+def node_inputs(node: Node, models: dict, old: NodeInputs | None = None) -> NodeInputs:
+    """`node`'s inputs; given the inputs of the node it replaces, the parts whose snapshot objects
+    are the same are taken over (copies, and which of them are hosted while instance shapes stay)."""
+    instances = known(node.instances, models)
+    if old is not None and node.copies is old.node.copies and \
+            list(map(SHAPE, instances)) == list(map(SHAPE, old.instances)):
+        return NodeInputs(node, instances, old.copies, old.hosted)
+    copies = known(node.copies, models)
     hosted: tuple[bool, ...] = ()
     if any(map(KV_HOST, copies)):
         by_id = {i.instance_id: i for i in instances}
