@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.placer.core import Config, Gpu, Instance, ModelSpec, Node, snapshot_of
+from services.placer.core import Config, Copy, Gpu, Instance, ModelSpec, Node, allocate, snapshot_of
 from services.placer.core.cluster import Cluster, Reuse
 from sim.cluster import Cluster as SimCluster
 from sim.engine import EventLoop
@@ -42,6 +42,29 @@ def test_reuse_follows_the_lending_order_and_figures():
         got = hosts(Cluster(snapshot, config, reuse))
         assert got == hosts(Cluster(snapshot, config))
         assert got[0][2] == lender
+
+
+def index(cluster: Cluster) -> dict:
+    return {kind: {m: [(o.node, o.devices, o.instance.instance_id if o.instance else "") for o in occs]
+                   for m, occs in sorted(by_model.items())}
+            for kind, by_model in (("instances", cluster.instances), ("copies", cluster.copies))}
+
+
+def test_reused_per_model_lists_match_a_fresh_build():
+    """Nodes rebuilt (changed copies, or changed by the previous decision) leave and re-enter the
+    per-model lists in snapshot order; nodes with new figures only keep their occupants."""
+    config = Config(capacity=4)
+    copies = (Copy("a", "n0", (1,)), Copy("b", "n1", (1,)), Copy("a", "n1", (0,)))
+    first = snapshot_of(NODES, MODELS, copies, (instance("a0", "a", "n0"), instance("b1", "b", "n1")))
+    figures = snapshot_of(NODES, MODELS, copies, (instance("a0", "a", "n0"), instance("b1", "b", "n1", inflight=3)))
+    moved = snapshot_of(NODES, MODELS, copies[1:] + (Copy("b", "n0", (1,)),),
+                        (instance("a0", "a", "n0", inflight=1), instance("b1", "b", "n1", inflight=3)))
+    reuse = Reuse()
+    for snapshot in (first, figures, moved, first):
+        assert index(Cluster(snapshot, config, reuse)) == index(Cluster(snapshot, config))
+    decided = allocate(moved, "b", 0.0, config, reuse)  # changes the index of the node it places on
+    assert decided.found
+    assert index(Cluster(moved, config, reuse)) == index(Cluster(moved, config))
 
 
 def test_shell_keeps_the_views_of_unchanged_instances():
