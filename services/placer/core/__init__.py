@@ -2,10 +2,11 @@
 
 API: build a `Snapshot` (nodes, each with its GPUs' free bytes, instances and prewarmed copies;
 models with size, TP and forecast; per-model windowed load; `snapshot_of` builds one from flat
-lists), then call `tick(snapshot, now_s, config)` for one planning round (or `plan_tick` for the effects plus the desired copies and instance counts) and
-`allocate(snapshot, model, now_s, config)` when an instance is needed now. Results are effects
-(`Prewarm`, `Evict`, `Promote`, `ColdStart`, `Demote`), each with a reason; `apply_effects` advances
-a snapshot as if agents executed them. No asyncio, NATS, Redis, environment or clock in here.
+lists), then call `tick(snapshot, now_s, config)` for one planning round (or `plan_tick` for the
+effects plus the desired copies and instance counts) and `allocate(snapshot, model, now_s, config)`
+when an instance is needed now. Results are effects (`Prewarm`, `Evict`, `Promote`, `ColdStart`,
+`Demote`), each with a reason; `apply_effects` advances a snapshot as if agents executed them.
+No asyncio, NATS, Redis, environment or clock in here.
 """
 
 from services.placer.core.allocate import Allocation
