@@ -134,10 +134,8 @@ class Cluster:
         same_specs = last is not None and last.specs is snapshot.models
         self.specs = snapshot.models
         self.models: dict[str, ModelSpec] = last.models if same_specs else {m.name: m for m in snapshot.models}
-        self.copies: dict[str, list[Occupant]] = {}
         self._groups: dict[str, dict[int, list[tuple[int, ...]]]] = {}  # node -> size -> aligned groups
         self.cache: dict[tuple, tuple[int, object]] = {}  # policies' per-node caches: key -> (node version, value)
-        self.instances: dict[str, list[Occupant]] = {}
         self.loads = snapshot.loads  # model -> windowed load (the autoscaler's input)
         previous = self._reusable(last, snapshot)
         # per consumer of per-model results (rescoring, placement's wants), the models whose spec, copies,
@@ -175,10 +173,12 @@ class Cluster:
                 self._refresh_instances(old, new)
             old.inputs = new
             old._summary = None
+        # per model its instances and copies, in snapshot order
+        self.instances: dict[str, list[Occupant]] = previous.instances if previous else {}
+        self.copies: dict[str, list[Occupant]] = previous.copies if previous else {}
         if previous is None:
             self._index(built, set(self.models))
         else:
-            self.instances, self.copies = previous.instances, previous.copies
             gone = {name for name in old_nodes if self.nodes.get(name) is not old_nodes[name]}
             models = {o.model for name in gone for g in old_nodes[name].gpus.values() for o in g.occupants}
             models.update(o.model for node in built for kind in node.built[:2] for o in kind)

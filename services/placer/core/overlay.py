@@ -21,7 +21,9 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
         node = by_name.get(e.node)
         if e.model not in models or node is None:
             continue
-        on = changed.get(e.node) or changed.setdefault(e.node, _NodeOverlay(node))
+        on = changed.get(e.node)
+        if on is None:
+            on = changed[e.node] = _NodeOverlay(node)
         if e.devices[0] not in on.free:
             continue
         weight = copy_pages(models[e.model]) * PAGE_BYTES
