@@ -18,7 +18,7 @@ from sim.engine import EventLoop
 from sim.metrics import summarize, ttft_s
 from sim.serving import Requests, Serving
 from sim.systems.base import Context
-from sim.timing import PROFILE_DIR, TimingProfile, apply_measured, load_profile
+from sim.timing import MEASURED_DIR, PROFILE_DIR, TimingProfile, apply_measured, load_profile
 
 DEFAULTS = {
     "nodes": 2, "gpus_per_node": 8, "profile": "h100_llama2", "measured": None,
@@ -53,12 +53,16 @@ def load_config(path: str | Path) -> dict:
 
 
 def timing_for(config: dict) -> TimingProfile:
-    name = config["profile"]
-    path = Path(name) if name.endswith(".json") else PROFILE_DIR / f"{name}.json"
-    timing = load_profile(path)
+    """The config's profile (a name in sim/profiles or a .json path), with its measured figures (a
+    name in sim/measured or a .json path) applied."""
+    timing = load_profile(_json_path(config["profile"], PROFILE_DIR))
     if config.get("measured"):
-        timing = apply_measured(timing, json.loads(Path(config["measured"]).read_text()))
+        timing = apply_measured(timing, json.loads(_json_path(config["measured"], MEASURED_DIR).read_text()))
     return timing
+
+
+def _json_path(name: str, directory: Path) -> Path:
+    return Path(name) if name.endswith(".json") else directory / f"{name}.json"
 
 
 def model_kinds(mix: dict[str, int]) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+MEASURED_DIR = Path(__file__).parent / "measured"  # figures measured by the agent benchmark (apply_measured)
 DEFAULT_PROFILE = PROFILE_DIR / "h100_llama2.json"
 PAGE_BYTES = 2 << 20  # pool memory is counted in 2 MiB pages (DESIGN.md 3.2)
 STEADY_BATCH = 8  # the decode batch that times a request's stay in flight outside the event loop

@@ -9,7 +9,7 @@ import pytest
 from sim.cluster import Cluster, OverCommit
 from sim.engine import EventLoop
 from sim.metrics import summarize
-from sim.run import DEFAULTS, make_system, model_kinds, run
+from sim.run import DEFAULTS, make_system, model_kinds, run, timing_for
 from sim.serving import Requests, Serving
 from sim.systems.base import aligned_groups
 from sim.timing import PAGE_BYTES, apply_measured, load_profile, pages
@@ -51,6 +51,16 @@ def test_measured_figures_override_and_typos_fail():
     assert measured.models["llama2-13b"] == PROFILE.models["llama2-13b"]
     with pytest.raises(TypeError):
         apply_measured(PROFILE, {"gpu": {"promote_seconds": 0.05}})
+
+
+def test_a_config_names_measured_figures_shipped_in_sim_measured_or_gives_a_path(tmp_path):
+    shipped = timing_for({**DEFAULTS, "measured": "h100_agent_load"})
+    assert shipped.gpu.host_to_gpu_bytes_s == 8e9 and shipped.models == PROFILE.models
+    assert shipped.host_load_s("llama2-70b") == pytest.approx(4 * PROFILE.host_load_s("llama2-70b"))
+    own = tmp_path / "mine.json"
+    own.write_text('{"gpu": {"promote_s": 0.1}}')
+    assert timing_for({**DEFAULTS, "measured": str(own)}).gpu.promote_s == 0.1
+    assert timing_for(DEFAULTS) == PROFILE
 
 
 # ---------------------------------------------------------------- engine and cluster
