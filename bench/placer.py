@@ -11,7 +11,7 @@ import random
 import statistics
 import time
 
-from services.placer.core import Config, ModelSpec, Node, Gpu, Snapshot, apply_effects, plan_tick, snapshot_of
+from services.placer.core import Config, ModelSpec, Node, Gpu, Snapshot, apply_effects, plan_tick
 
 GIB = 1 << 30
 CASES = ((16, 8, 0.010), (64, 64, 0.100), (1024, 1000, 2.0))  # (GPUs, models, target seconds)
@@ -27,7 +27,7 @@ def build_snapshot(gpus: int, models: int, seed: int) -> Snapshot:
         avg = rng.expovariate(1 / 24)
         specs.append(ModelSpec(f"m{i}", int(tp * rng.uniform(8, 60) * GIB), tp, avg=avg,
                                peak=avg * rng.uniform(1, 4), kv_bytes=2 * GIB))
-    return snapshot_of(nodes, tuple(specs))
+    return Snapshot(nodes, tuple(specs))
 
 
 def reshuffled(snapshot: Snapshot, seed: int) -> Snapshot:
@@ -37,7 +37,7 @@ def reshuffled(snapshot: Snapshot, seed: int) -> Snapshot:
     specs = tuple(ModelSpec(m.name, m.size_bytes, m.tp, avg, peak, m.kv_bytes)
                   for m, (avg, peak) in zip(snapshot.models, forecasts))
     loads = {m.name: m.avg for m in specs if rng.random() < 0.3}
-    return snapshot_of(snapshot.nodes, specs, snapshot.copies, snapshot.instances, loads)
+    return Snapshot(snapshot.nodes, specs, loads)  # each node keeps its copies and instances
 
 
 def run_case(gpus: int, models: int, repeats: int, config: Config) -> dict:
