@@ -1,6 +1,7 @@
 """Forecaster service over real NATS and Redis, in-process, with an injected clock: a restart
 mid-window loses no history, forecasts are published as events and answered on request, and
-malformed samples are rejected with a logged reason while serving goes on."""
+malformed samples and those of unregistered models are rejected with a logged reason while
+serving goes on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from shared.bus import Bus
 from shared.runner import Running
 from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
 from shared.state import State
+from tests.agent_helpers import fake_model
 
 
 class FakeClock:
@@ -44,6 +46,8 @@ async def harness(settings):
     s = settings.with_overrides(window_s=10.0, sample_interval_s=1.0)
     client = await Bus.connect(s, "test-client")
     state = await State.connect(s)
+    for name in ("a", "good", "bad"):
+        await state.register_model(fake_model(name))
     events: list[Event] = []
 
     async def collect(event: Event) -> None:
@@ -118,12 +122,15 @@ async def test_malformed_samples_rejected_and_serving_goes_on(harness, capsys):
     await client.nc.publish(client.subjects.load_samples(), b"\xc1garbage")
     await send(client, [2001.0], avg=5.0, peak=1.0, model="bad")  # peak below average
     await send(client, [9000.0], avg=1.0, peak=1.0, model="bad")  # from the future
+    await send(client, [2001.0], avg=1.0, peak=1.0, model="stranger")  # not registered
     await send(client, [2001.0, 2002.0], avg=1.0, peak=2.0, model="good")
     await wait_for(covered(state, "good", 2000.0, 2.0))
     err = capsys.readouterr().err
     assert "message_rejected" in err
     assert "load_sample_rejected" in err and "peak_outstanding below avg_outstanding" in err and "future" in err
+    assert "model not registered" in err
     assert await state.hget(state.keys.partial_window(), "bad", PartialWindows) is None
+    assert await state.hget(state.keys.partial_window(), "stranger", PartialWindows) is None
 
     clock.now_s = 2011.5
     await wait_for(published(events, 2010.0))

@@ -1,10 +1,11 @@
 """The forecaster service: load samples in, per-model forecasts out (thin shell over core/).
 
-Samples are validated, spread over the open windows (kept in Redis per sample, so a restart loses
-nothing), and at each window boundary every known model's window is recorded in its Redis history
-and its forecast for the new window is stored (Keys.forecasts) and published as a
-`forecast.evt.forecast_published` event whose `detail` is the Forecast. ForecastQuery is answered
-with the current ForecastSet. The clock is injected; all decisions are in core/.
+Samples are validated (those of unregistered models refused), spread over the open windows (kept
+in Redis per sample, so a restart loses nothing), and at each window boundary every known model's
+window is recorded in its Redis history and its forecast for the new window is stored
+(Keys.forecasts) and published as a `forecast.evt.forecast_published` event whose `detail` is the
+Forecast. ForecastQuery is answered with the current ForecastSet. The clock is injected; all
+decisions are in core/.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class ForecasterService(Service):
         problem = sample_problem(sample, self.clock(), self.window_s)
         if problem:
             self.log.warning("load_sample_rejected", model=sample.model, at_s=sample.at_s, reason=problem)
+            return None
+        if sample.model not in self.partials and await self.state.model(sample.model) is None:
+            self.log.warning("load_sample_rejected", model=sample.model, at_s=sample.at_s, reason="model not registered")
             return None
         if sample.model not in self.partials:
             self.forecaster.add_model(sample.model)
