@@ -48,7 +48,7 @@ class SimInstance:
         if words > self.max_model_len:
             await self.bus.publish(request.reply_to, InferChunk(
                 request_id=rid, seq=0, error=f"prompt has {words} tokens, more than {self.max_model_len}",
-                error_code=400, prompt_tokens=words))
+                error_code=400, prompt_tokens=words, instance_id=self.instance_id))
             return
         self._active.add(rid)
         self.peak_active = max(self.peak_active, len(self._active))
@@ -57,7 +57,8 @@ class SimInstance:
             if self.token_s:
                 await asyncio.sleep(self.token_s)
             if rid not in self._active:
-                await self.bus.publish(request.reply_to, InferChunk(request_id=rid, seq=i, finish_reason="cancelled"))
+                await self.bus.publish(request.reply_to, InferChunk(request_id=rid, seq=i, finish_reason="cancelled",
+                                                                    instance_id=self.instance_id))
                 return
             token, finish = f" w{i}", None
             full = text + token
@@ -69,7 +70,8 @@ class SimInstance:
             text += token
             await self.bus.publish(request.reply_to, InferChunk(
                 request_id=rid, seq=i, text=token, finish_reason=finish, prompt_tokens=words,
-                completion_tokens=i + 1, engine_ttft_ms=(time.perf_counter() - received_s) * 1000 if i == 0 else 0.0))
+                completion_tokens=i + 1, engine_ttft_ms=(time.perf_counter() - received_s) * 1000 if i == 0 else 0.0,
+                instance_id=self.instance_id))
             if finish:
                 break
         self._active.discard(rid)

@@ -1,7 +1,8 @@
 """Wire codec: typed messages <-> map-encoded msgpack bytes.
 
 Every message on NATS and every value in Redis goes through `encode`/`decode`, so a malformed
-payload surfaces as one exception type (`DecodeError`) with a readable reason.
+payload surfaces as one exception type (`DecodeError`) with a readable reason, and a message that
+cannot be carried (an integer beyond 64 bits, a string that is not Unicode) as `EncodeError`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ class DecodeError(ValueError):
     """A payload that is not valid msgpack or does not match the expected schema."""
 
 
+class EncodeError(ValueError):
+    """A message msgpack cannot carry; the reason names the first offending value's kind."""
+
+
 def encode(message: pydantic.BaseModel) -> bytes:
     """Map-encode a message (field names as keys) so services can deploy independently."""
-    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+    try:
+        return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+    except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise EncodeError(f"{type(message).__name__} cannot be encoded: {type(exc).__name__}: {exc}") from exc
 
 
 def decode(kind: type[T], payload: bytes) -> T:

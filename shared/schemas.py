@@ -8,13 +8,18 @@ Events are past tense, commands imperative. No I/O here.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT64_MAX = 2**63 - 1
+SeedValue = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]  # what msgpack and vLLM carry
+
 
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    """Frozen; unknown fields ignored; NaN and infinities refused in every float field."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- registry
@@ -188,12 +193,22 @@ class InstanceAnswer(Message):
 
 
 class SamplingSpec(Message):
-    max_tokens: int = Field(default=16, ge=1)
+    """vLLM's sampling parameters that the gateway honours (neutral defaults: as if absent)."""
+
+    max_tokens: int = Field(default=16, ge=1, le=INT64_MAX)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] = []
-    seed: int | None = None
+    seed: SeedValue | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=INT64_MAX)
+    top_k: int = Field(default=0, ge=-1, le=INT64_MAX)  # 0 or -1: all tokens
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    min_tokens: int = Field(default=0, ge=0, le=INT64_MAX)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] = []
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = {}  # token id -> bias added to its logit
 
 
 class InferRequest(Message):
@@ -216,6 +231,7 @@ class InferChunk(Message):
     completion_tokens: int = 0
     engine_queue_ms: float = 0.0  # time from receipt by the engine to scheduling
     engine_ttft_ms: float = 0.0  # time from receipt by the engine to the first token
+    instance_id: str = ""  # the instance that sent it (a request re-dispatched elsewhere ignores the old one)
 
 
 class CancelInference(Message):

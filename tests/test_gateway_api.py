@@ -251,15 +251,32 @@ async def test_client_leaving_a_stream_cancels_the_engine_request(make_cluster):
     await eventually(lambda: c.scheduler.instance_load("warm-i0") == 0)
 
 
-async def test_lost_instance_fails_its_requests_at_once(make_cluster):
+async def test_lost_instance_fails_a_stream_that_has_output_with_a_clear_error(make_cluster):
     c = await make_cluster(token_s=0.05)
     async with c.http() as http:
+        async with http.stream("POST", "/v1/completions", json={"model": "warm", "prompt": "x", "max_tokens": 60,
+                                                               "stream": True}) as response:
+            lines = (line async for line in response.aiter_lines() if line.startswith("data:"))
+            first = await anext(lines)
+            await c.node.remove_instance("warm-i0")
+            rest = [line async for line in lines]
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] == " w0"
+    assert "gone" in json.loads(rest[-2].removeprefix("data: "))["error"]["message"] and rest[-1] == "data: [DONE]"
+
+
+async def test_lost_instance_sends_a_request_without_output_elsewhere(make_cluster):
+    c = await make_cluster(token_s=0.5, placer_start_s=None)
+    async with c.http() as http:
         request = asyncio.create_task(http.post("/v1/completions", json={"model": "warm", "prompt": "x",
-                                                                         "max_tokens": 60}))
+                                                                         "max_tokens": 2}))
         await eventually(lambda: c.scheduler.instance_load("warm-i0") == 1)
-        await c.node.remove_instance("warm-i0")
-        response = await asyncio.wait_for(request, 2)
-    assert response.status_code == 503 and "gone" in response.json()["error"]["message"]
+        old = c.node.instances["warm-i0"]
+        await c.node.remove_instance("warm-i0")  # it goes on generating: its chunks must be ignored
+        await eventually(lambda: c.scheduler.queued("warm") == 1)
+        new = await c.node.add_instance("warm", "warm-i1")
+        response = await asyncio.wait_for(request, 5)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == " w0 w1"
+    assert [r.request_id for r in new.received] == [r.request_id for r in old.received] == [response.json()["id"]]
 
 
 # ---------------------------------------------------------------- models, metrics, load samples

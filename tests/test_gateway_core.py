@@ -9,7 +9,8 @@ import pytest
 
 from services.gateway.core.load import LoadMeter
 from services.gateway.core.protocol import ApiError, fit_to_context, parse_request
-from services.gateway.core.scheduler import Abort, AskPlacer, Dispatch, InstanceSeen, Policy, Refuse, Scheduler
+from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, InstanceSeen, Policy, Refuse, Requeue,
+                                             Scheduler)
 from services.gateway.core.warm import model_cards
 from shared.schemas import CopyState, CopyView, InstanceState, InstanceView, ModelInfo, NodeView
 
@@ -93,16 +94,45 @@ def test_timing_splits_instance_start_wait_from_queue_wait():
     assert (third.start_wait_s, third.queue_wait_s) == (0.0, 1.0)
 
 
-def test_newer_observation_wins_and_lost_instances_abort_their_requests():
+def test_newer_observation_wins_and_lost_instances_abort_their_answering_requests():
     s = scheduler()
     s.observe(ready("i1", at_s=10.0), 0)
     stale_view = s.observe_node("n0", [], as_of_s=9.0, now_s=0)  # older heartbeat without i1
     assert stale_view == [] and dispatched(s.admit("r0", "m", 0)) == [("r0", "i1")]
+    s.answering("r0")
     assert s.observe_node("n0", [], as_of_s=11.0, now_s=1) == [Abort("r0", "i1")]
     s.observe(ready("i2", node="n1", at_s=20.0), 2)
     assert s.forget_dead_nodes(alive={"n0"}, stale_before_s=19.0, now_s=3) == []
     s.admit("r1", "m", 3)
+    s.answering("r1")
     assert s.forget_dead_nodes(alive={"n0"}, stale_before_s=21.0, now_s=4) == [Abort("r1", "i2")]
+
+
+def test_a_lost_instance_sends_its_unanswered_requests_elsewhere_in_arrival_order():
+    s = scheduler(b=2, deadline_s=10.0)
+    s.observe(ready("i1", at_s=1), 0)
+    s.observe(ready("i2", node="n1", at_s=1), 0)
+    assert dispatched(s.admit("r0", "m", 0) + s.admit("r1", "m", 1) + s.admit("r2", "m", 2)) == [
+        ("r0", "i1"), ("r1", "i2"), ("r2", "i1")]
+    s.answering("r0")
+    s.admit("r3", "m", 3)  # i2 takes it (one free slot)
+    s.admit("r4", "m", 4)  # both full: waits
+    effects = s.observe(ready("i1", state="stopped", at_s=5), 5)
+    assert [e for e in effects if not isinstance(e, Dispatch)][:2] == [Abort("r0", "i1"), Requeue("r2", "i1")]
+    assert s.queued("m") == 2 and s.ready_instances("m") == ["i2"]
+    assert dispatched(s.finish("r1", 6)) == [("r2", "i2")]  # r2 arrived before r4: it goes first
+    assert [e.request_id for e in s.tick(13.9) if isinstance(e, Refuse)] == []
+    assert [e.request_id for e in s.tick(14) if isinstance(e, Refuse)] == ["r4"]  # its deadline is kept: 4 + 10 s
+
+
+def test_an_instance_that_refuses_a_request_takes_no_more_and_the_request_goes_elsewhere():
+    s = scheduler(b=1)
+    s.observe(ready("i1", at_s=1), 0)
+    s.observe(ready("i2", node="n1", at_s=1), 0)
+    assert dispatched(s.admit("r0", "m", 0)) == [("r0", "i1")]
+    assert dispatched(s.instance_refused("r0", "i1", 1)) == [("r0", "i2")]
+    assert s.ready_instances("m") == ["i2"] and s.instance_load("i1") == 0
+    assert s.instance_refused("r0", "i1", 2) == []  # a late refusal from where it no longer is
 
 
 def test_a_stopped_instance_is_not_revived_by_an_older_view():
@@ -150,11 +180,67 @@ def body(**fields) -> bytes:
     ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
     ({"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
      "stream_options.include_usage"),
+    ({"model": "m", "prompt": "x", "seed": 2**70}, "seed"),
+    ({"model": "m", "prompt": "x", "max_tokens": 2**64}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "n": 2}, "n"),
+    ({"model": "m", "prompt": "\ud800abc"}, "prompt"),
+    ({"model": "\udfff", "prompt": "x"}, "model"),
+    ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "m", "prompt": "x", "suffix": "s"}, "suffix"),
+    ({"model": "m", "prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"model": "m", "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"model": "m", "prompt": "x", "min_tokens": 20, "max_tokens": 10}, "min_tokens"),
 ])
 def test_invalid_fields_are_named(fields, param):
     with pytest.raises(ApiError) as info:
         parse_request(body(**fields), chat=False)
     assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("fields", [
+    {"logprobs": True}, {"top_logprobs": 3}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"tool_choice": "required"}, {"response_format": {"type": "json_object"}}, {"modalities": ["audio"]},
+    {"store": True}, {"use_beam_search": True}, {"guided_json": {}},
+])
+def test_chat_parameters_that_would_be_ignored_are_refused_by_name(fields):
+    with pytest.raises(ApiError) as info:
+        parse_request(body(model="m", messages=[{"role": "user", "content": "q"}], **fields), chat=True)
+    [name] = fields
+    assert info.value.status == 400 and info.value.param == name and name in info.value.message
+
+
+def test_default_valued_and_metadata_parameters_are_accepted_and_sampling_ones_carried():
+    request = parse_request(body(
+        model="m", messages=[{"role": "user", "content": "q"}], logprobs=False, n=1, tools=[], tool_choice="none",
+        response_format={"type": "text"}, user="u1", metadata={"k": "v"}, store=False, presence_penalty=0.5,
+        frequency_penalty=-0.5, repetition_penalty=1.1, top_k=5, min_p=0.1, min_tokens=2, stop_token_ids=[7],
+        logit_bias={"11": -100}, seed=-(2**63)), chat=True)
+    spec = request.sampling
+    assert (spec.presence_penalty, spec.frequency_penalty, spec.repetition_penalty, spec.top_k, spec.min_p,
+            spec.min_tokens, spec.stop_token_ids, spec.logit_bias, spec.seed) == (
+        0.5, -0.5, 1.1, 5, 0.1, 2, [7], {11: -100.0}, -(2**63))
+
+
+@pytest.mark.parametrize("raw,problem", [
+    (b'{"model": "m", "prompt": "x", "temperature": NaN}', "non-finite"),
+    (b'{"model": "m", "prompt": "x", "temperature": Infinity}', "non-finite"),
+    (b'{"model": "m", "prompt": "x", "temperature": 1e999}', "non-finite"),
+    (b'{"model": "m", "prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    (b'{"model": "m", "prompt": "x", "metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}", "nested"),
+    (b'{"model": "m", "prompt": "x", "user": "\udfff"}', "Unicode"),
+    (b'{"model": "m", "prompt": "x", "metadata": {"\ud800": 1}}', "Unicode"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[1]", "JSON object"),
+])
+def test_hostile_bodies_are_400s_naming_the_problem(raw, problem):
+    with pytest.raises(ApiError) as info:
+        parse_request(raw, chat=False)
+    assert info.value.status == 400 and problem in info.value.message
 
 
 def test_defaults_and_context_fitting():

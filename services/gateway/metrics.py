@@ -33,6 +33,8 @@ class GatewayMetrics:
                                 ["model", "endpoint", "status"], registry=self.registry)
         self.placer_asks = Counter("warmserve_gateway_placer_asks", "instance requests sent to the placer",
                                    ["model"], registry=self.registry)
+        self.requeued = Counter("warmserve_gateway_requeued", "requests sent elsewhere because their instance "
+                                "went away (or refused them) before any output", ["model"], registry=self.registry)
         self.queued = Gauge("warmserve_gateway_queued_requests", "requests waiting for an instance",
                             ["model"], registry=self.registry)
         self.outstanding = Gauge("warmserve_gateway_outstanding_requests", "queued + running requests",

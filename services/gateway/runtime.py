@@ -12,22 +12,28 @@ import itertools
 import time
 import uuid
 
+import pydantic
+
+from services.gateway.core.errors import ApiError
 from services.gateway.core.protocol import CompletionRequest
-from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, Effect, InstanceSeen, Policy, Refuse,
+from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, Effect, InstanceSeen, Policy, Refuse, Requeue,
                                              Scheduler)
 from services.gateway.metrics import GatewayMetrics
-from shared.bus import Bus, BusError
+from shared.bus import Bus
+from shared.codec import EncodeError, encode
 from shared.logs import get_logger
 from shared.runner import pause
 from shared.schemas import (CancelInference, Event, InferChunk, InferRequest, InstanceAnswer, InstanceNeed,
                             ModelInfo, NodeView)
 from shared.settings import Settings
-from shared.state import State, StateError
+from shared.state import State
 
 log = get_logger("gateway")
 INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready", "instance_draining": "draining",
                    "instance_stopped": "stopped", "instance_failed": "stopped"}
 CLIENT_LEFT = object()  # mailbox marker: the HTTP client disconnected
+INSTANCE_GONE_CODE = 503  # an engine's refusal that means "not serving this instance": send the request elsewhere
+PUBLISH_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between tries of a publish the bus refused (then 1 s each)
 
 
 class Refused(Exception):
@@ -45,12 +51,15 @@ class ClientGone(Exception):
 class Generation:
     """One request's mailbox: its dispatch notice, the engine's chunks or a refusal arrive in order."""
 
-    def __init__(self, request: InferRequest, arrived_s: float, idle_timeout_s: float):
+    def __init__(self, request: InferRequest, payload: bytes, arrived_s: float, idle_timeout_s: float):
         self.request = request
+        self.payload = payload  # the request, encoded once at admission (so it is known to be sendable)
         self.arrived_s = arrived_s
         self.idle_timeout_s = idle_timeout_s
-        self.mailbox: asyncio.Queue[Dispatch | Refuse | InferChunk | object] = asyncio.Queue()
+        self.mailbox: asyncio.Queue[Dispatch | Refuse | Requeue | InferChunk | object] = asyncio.Queue()
         self.dispatch: Dispatch | None = None
+        self.routed_to = ""  # the instance whose chunks are accepted (set when dispatched, cleared when requeued)
+        self.answering = False  # its instance has sent output
         self.finished = False  # the engine sent its last chunk
 
     async def next_chunk(self) -> InferChunk:
@@ -67,6 +76,8 @@ class Generation:
                                            f"for {self.idle_timeout_s:g} s")
             if isinstance(item, Dispatch):
                 self.dispatch = item
+            elif isinstance(item, Requeue):
+                self.dispatch = None  # waiting again: the scheduler's deadline bounds the wait
             elif isinstance(item, Refuse):
                 raise Refused(item)
             elif item is CLIENT_LEFT:
@@ -91,7 +102,8 @@ class Generation:
             item = self.mailbox.get_nowait()
             if item is CLIENT_LEFT:
                 raise ClientGone()
-            ready.append(self._accept(item))
+            if isinstance(item, InferChunk):  # (once answering, no dispatch notice can follow)
+                ready.append(self._accept(item))
         return ready
 
     def _accept(self, chunk: InferChunk) -> InferChunk:
@@ -117,7 +129,7 @@ class GatewayRuntime:
         self._open: dict[str, Generation] = {}
         self._models: dict[str, ModelInfo] = {}
         self._ids = itertools.count()
-        self._outbox: asyncio.Queue[tuple[str, InferRequest | CancelInference]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue()  # subject, payload, request id
         self._tasks: set[asyncio.Task] = set()
         self._deadline: asyncio.TimerHandle | None = None
         self.data: Bus | None = None
@@ -141,13 +153,16 @@ class GatewayRuntime:
         while not stopping.is_set():
             await pause(stopping, interval_s)
             for sample in self.scheduler.sample(self.now(), time.time()):
-                await self.bus.publish(self.subjects.load_samples(), sample)
                 self.metrics.outstanding.labels(sample.model).set(self.scheduler.outstanding(sample.model))
                 self.metrics.queued.labels(sample.model).set(self.scheduler.queued(sample.model))
+                try:
+                    await self.bus.publish(self.subjects.load_samples(), sample)
+                except Exception as exc:  # noqa: BLE001 - NATS away: this interval's sample is lost, not the loop
+                    log.warning("load_sample_lost", model=sample.model, reason=f"{type(exc).__name__}: {exc}")
             try:
                 await self.refresh()
-            except StateError as exc:
-                log.warning("cluster_refresh_failed", reason=str(exc))
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep routing on what we know
+                log.warning("cluster_refresh_failed", reason=f"{type(exc).__name__}: {exc}")
             self._apply(self.scheduler.tick(self.now()))
 
     def refuse_waiting(self) -> None:
@@ -187,10 +202,14 @@ class GatewayRuntime:
     def submit(self, request: CompletionRequest, arrived_s: float) -> Generation:
         """Admit a request; its mailbox receives the dispatch, then the engine's chunks (or a refusal)."""
         request_id = f"{'chatcmpl' if request.chat else 'cmpl'}-{self.gateway_id}-{next(self._ids):08d}"
-        infer = InferRequest(request_id=request_id, model=request.model,
-                             reply_to=self.subjects.infer_reply(self.gateway_id, request_id),
-                             prompt=request.prompt, messages=request.messages, sampling=request.sampling)
-        generation = Generation(infer, arrived_s, self.settings.infer_idle_timeout_s)
+        try:
+            infer = InferRequest(request_id=request_id, model=request.model,
+                                 reply_to=self.subjects.infer_reply(self.gateway_id, request_id),
+                                 prompt=request.prompt, messages=request.messages, sampling=request.sampling)
+            payload = encode(infer)
+        except (pydantic.ValidationError, EncodeError) as exc:  # the parser should have caught it: still a 400
+            raise ApiError(400, f"request cannot be sent to an engine: {exc}", code="invalid_value") from exc
+        generation = Generation(infer, payload, arrived_s, self.settings.infer_idle_timeout_s)
         self._open[request_id] = generation
         self._apply(self.scheduler.admit(request_id, request.model, self.now()))
         return generation
@@ -200,9 +219,9 @@ class GatewayRuntime:
         request_id = generation.request.request_id
         if self._open.pop(request_id, None) is None:
             return
-        if generation.dispatch is not None and not generation.finished:
-            self._outbox.put_nowait((self.subjects.infer_cancel(generation.dispatch.instance_id),
-                                     CancelInference(request_id=request_id)))
+        if generation.routed_to and not generation.finished:
+            self._outbox.put_nowait((self.subjects.infer_cancel(generation.routed_to),
+                                     encode(CancelInference(request_id=request_id)), request_id))
         self._apply(self.scheduler.finish(request_id, self.now()))
 
     # ------------------------------------------------------------ effects
@@ -211,8 +230,17 @@ class GatewayRuntime:
         for effect in effects:
             if isinstance(effect, Dispatch):
                 generation = self._open[effect.request_id]
-                self._outbox.put_nowait((self.subjects.infer(effect.instance_id), generation.request))
+                generation.routed_to = effect.instance_id
+                self._outbox.put_nowait((self.subjects.infer(effect.instance_id), generation.payload,
+                                         effect.request_id))
                 generation.mailbox.put_nowait(effect)
+            elif isinstance(effect, Requeue):
+                generation = self._open.get(effect.request_id)
+                if generation is not None:
+                    log.info("request_requeued", request_id=effect.request_id, instance_id=effect.instance_id)
+                    self.metrics.requeued.labels(generation.request.model).inc()
+                    generation.routed_to = ""
+                    generation.mailbox.put_nowait(effect)
             elif isinstance(effect, Refuse):
                 generation = self._open.get(effect.request_id)
                 if generation is not None:
@@ -240,13 +268,13 @@ class GatewayRuntime:
     async def _ask_placer(self, ask: AskPlacer) -> None:
         self.metrics.placer_asks.labels(ask.model).inc()
         log.info("instance_requested", model=ask.model, waiting=ask.waiting)
-        await self.bus.publish_event("gateway", Event(name="instance_requested", at_s=time.time(),
-                                                      model=ask.model, detail={"waiting": ask.waiting}))
-        try:
+        try:  # whatever goes wrong, the scheduler hears an answer (else it never asks again)
+            await self.bus.publish_event("gateway", Event(name="instance_requested", at_s=time.time(),
+                                                          model=ask.model, detail={"waiting": ask.waiting}))
             answer = await self.bus.request(self.subjects.instance_need(),
                                             InstanceNeed(model=ask.model, waiting=ask.waiting), InstanceAnswer)
-        except BusError as exc:
-            answer = InstanceAnswer(status="error", reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - BusError, or NATS reconnecting
+            answer = InstanceAnswer(status="error", reason=f"{type(exc).__name__}: {exc}")
         if answer.status == "error":
             log.warning("instance_request_failed", model=ask.model, reason=answer.reason)
         ready = [InstanceSeen(r.instance_id, r.model, r.node, "ready", time.time())
@@ -267,14 +295,31 @@ class GatewayRuntime:
 
     async def _on_reply(self, chunk: InferChunk) -> None:
         generation = self._open.get(chunk.request_id)
-        if generation is not None:  # else: the request is over (late chunks are dropped)
-            generation.mailbox.put_nowait(chunk)
+        if generation is None or not generation.routed_to or chunk.instance_id not in ("", generation.routed_to):
+            return  # the request is over or waits again, or the chunk is from an instance it was taken from
+        if not generation.answering and chunk.error is not None and chunk.error_code == INSTANCE_GONE_CODE:
+            self._apply(self.scheduler.instance_refused(chunk.request_id, generation.routed_to, self.now()))
+            return  # "not serving this instance" before any output: it goes elsewhere
+        if not generation.answering and (chunk.text or chunk.finish_reason or chunk.error is not None):
+            generation.answering = True
+            self.scheduler.answering(chunk.request_id)
+        generation.mailbox.put_nowait(chunk)
 
     async def _send_outbox(self) -> None:
-        """Publish requests and cancellations in exactly the order the scheduler released them."""
+        """Publish requests and cancellations in exactly the order the scheduler released them; a
+        publish the bus refuses (disconnected, buffer full) is retried while its request is open."""
         while True:
-            subject, message = await self._outbox.get()
-            await self.data.publish(subject, message)
+            subject, payload, request_id = await self._outbox.get()
+            for attempt in itertools.count():
+                try:
+                    await self.data.publish_bytes(subject, payload)
+                    break
+                except Exception as exc:  # noqa: BLE001 - nothing may end this task
+                    if request_id not in self._open:
+                        break
+                    log.warning("publish_failed", subject=subject, request_id=request_id, attempt=attempt,
+                                reason=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(PUBLISH_RETRY_S[min(attempt, len(PUBLISH_RETRY_S) - 1)])
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

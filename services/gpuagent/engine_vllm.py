@@ -174,9 +174,16 @@ class VllmHost:
         slot, info = entry
         prompt = self._prompt(slot, request)
         spec = request.sampling
-        params = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                                stop=spec.stop or None, seed=spec.seed, ignore_eos=spec.ignore_eos,
-                                output_kind=RequestOutputKind.DELTA)
+        try:
+            params = SamplingParams(
+                max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, stop=spec.stop or None,
+                seed=spec.seed, ignore_eos=spec.ignore_eos, presence_penalty=spec.presence_penalty,
+                frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
+                top_k=spec.top_k, min_p=spec.min_p, min_tokens=spec.min_tokens,
+                stop_token_ids=spec.stop_token_ids or None, logit_bias=spec.logit_bias or None,
+                output_kind=RequestOutputKind.DELTA)
+        except ValueError as exc:  # vLLM's own checks of the combination
+            raise BadRequest(f"invalid sampling parameters: {exc}") from exc
         prompt_tokens = len(slot.engine.get_tokenizer().encode(prompt))
         if prompt_tokens + spec.max_tokens > info.max_model_len:
             raise BadRequest(f"prompt has {prompt_tokens} tokens and max_tokens is {spec.max_tokens}: "

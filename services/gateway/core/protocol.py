@@ -10,30 +10,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from shared.schemas import SamplingSpec
+from services.gateway.core.body import load_body
+from services.gateway.core.errors import ApiError, invalid
+from services.gateway.core.params import check_parameters
+from shared.schemas import INT64_MAX, SamplingSpec
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat has no fixed default upstream; clipped to the context length
 MAX_STOP_SEQUENCES = 4
+MAX_TOKEN_LIST = 1024  # stop_token_ids entries
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 DONE_EVENT = b"data: [DONE]\n\n"
-
-
-class ApiError(Exception):
-    """An error answered to the client in OpenAI's format."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-        self.param, self.code, self.retry_after_s = param, code, retry_after_s
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def invalid(param: str, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
 @dataclass(frozen=True)
@@ -50,31 +38,38 @@ class CompletionRequest:
 
 def parse_request(body: bytes, chat: bool) -> CompletionRequest:
     """Validate a request body; raise ApiError(400) naming the first offending field."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    data = load_body(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model", "required, a non-empty string")
-    _integer(data, "n", 1, 1, 1)  # only one choice per request is supported
+    check_parameters(data, chat)
+    if _integer(data, "n", 1, 1) != 1:
+        raise invalid("n", "only one choice per request (n=1) is supported")
     stream = _boolean(data, "stream", False)
     options = data.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
         raise invalid("stream_options", "an object, allowed only with stream=true")
     include_usage = _boolean(options or {}, "include_usage", False, "stream_options.include_usage")
-    max_key = "max_completion_tokens" if chat and "max_completion_tokens" in data else "max_tokens"
+    max_key = "max_completion_tokens" if chat and data.get("max_completion_tokens") is not None else "max_tokens"
     default_max = CHAT_DEFAULT_MAX_TOKENS if chat else COMPLETION_DEFAULT_MAX_TOKENS
     sampling = SamplingSpec(
         max_tokens=_integer(data, max_key, default_max, 1),
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(data, "top_p", 1.0, 0.0, 1.0, low_open=True),
         stop=_stop(data.get("stop")),
-        seed=_integer(data, "seed", None, None),
+        seed=_integer(data, "seed", None, -INT64_MAX - 1),
         ignore_eos=_boolean(data, "ignore_eos", False),
+        presence_penalty=_number(data, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(data, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(data, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
+        top_k=_integer(data, "top_k", 0, -1),
+        min_p=_number(data, "min_p", 0.0, 0.0, 1.0),
+        min_tokens=_integer(data, "min_tokens", 0, 0),
+        stop_token_ids=_token_ids(data.get("stop_token_ids")),
+        logit_bias=_logit_bias(data.get("logit_bias")),
     )
+    if sampling.min_tokens > sampling.max_tokens:
+        raise invalid("min_tokens", f"must be at most max_tokens ({sampling.max_tokens})")
     return CompletionRequest(
         chat=chat, model=model,
         prompt=None if chat else _prompt(data.get("prompt")),
@@ -95,14 +90,14 @@ def fit_to_context(request: CompletionRequest, max_model_len: int) -> Completion
     return CompletionRequest(**{**request.__dict__, "sampling": sampling})
 
 
-def _integer(data: dict, name: str, default: int | None, low: int | None, high: int | None = None) -> Any:
+def _integer(data: dict, name: str, default: int | None, low: int, high: int = INT64_MAX) -> Any:
     value = data.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, "must be an integer")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise invalid(name, f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+    if not low <= value <= high:
+        raise invalid(name, f"must be between {low} and {high}")
     return value
 
 
@@ -135,6 +130,30 @@ def _stop(value: Any) -> list[str]:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise invalid("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
     return stops
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TOKEN_LIST or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in value):
+        raise invalid("stop_token_ids", f"a list of at most {MAX_TOKEN_LIST} token ids (integers >= 0)")
+    return value
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise invalid("logit_bias", f"an object of at most {MAX_LOGIT_BIAS} token ids to biases")
+    bias = {}
+    for token, amount in value.items():
+        if not (token.isascii() and token.isdigit()) or int(token) > INT64_MAX:
+            raise invalid("logit_bias", f"key {token[:40]!r} is not a token id")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not -100 <= amount <= 100:
+            raise invalid(f"logit_bias.{token}", "a number in [-100, 100]")
+        bias[int(token)] = float(amount)
+    return bias
 
 
 def _prompt(value: Any) -> str:

@@ -65,7 +65,16 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Abort:
-    """The request's instance is gone: fail it (its engine will never answer)."""
+    """The request's instance is gone after it answered in part: fail it (it cannot be resumed)."""
+
+    request_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """The request's instance is gone (or refused it) before any output: it waits again, keeping its
+    place by arrival and its deadline; a later Dispatch sends it elsewhere."""
 
     request_id: str
     instance_id: str
@@ -79,7 +88,7 @@ class AskPlacer:
     waiting: int
 
 
-Effect = Dispatch | Refuse | Abort | AskPlacer
+Effect = Dispatch | Refuse | Abort | Requeue | AskPlacer
 
 
 # ---------------------------------------------------------------- state
@@ -101,6 +110,7 @@ class _Request:
     deadline_s: float
     cold: bool  # the model had no ready instance when the request arrived
     instance_id: str = ""  # set once dispatched
+    answering: bool = False  # its instance has sent output: it can no longer be sent elsewhere
 
 
 @dataclass
@@ -147,6 +157,24 @@ class Scheduler:
         elif not request.instance_id:
             self._models[request.model].queue.remove(request_id)
         return self._release(request.model, now_s)
+
+    def answering(self, request_id: str) -> None:
+        """The request's instance sent its first output: from now on it cannot be re-dispatched."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            request.answering = True
+
+    def instance_refused(self, request_id: str, instance_id: str, now_s: float) -> list[Effect]:
+        """The instance said it does not serve (stopping, or gone from its worker): stop routing to it
+        until a newer observation says otherwise, and send the request elsewhere."""
+        instance = self._instances.get(instance_id)
+        request = self._requests.get(request_id)
+        if instance is None or request is None or request.instance_id != instance_id:
+            return []
+        instance.state = "draining"
+        instance.running.discard(request_id)
+        requeued = self._requeue(instance.model, [request_id])
+        return requeued + self._instances_changed(instance.model, now_s) + self._maybe_ask(instance.model, now_s)
 
     def tick(self, now_s: float) -> list[Effect]:
         """Refuse requests whose deadline passed (503) and retry failed placer asks."""
@@ -292,8 +320,24 @@ class Scheduler:
         if instance is None:
             return []
         self._models[instance.model].instances.discard(instance_id)
-        aborts: list[Effect] = [Abort(request_id, instance_id) for request_id in sorted(instance.running)]
-        return aborts + self._instances_changed(instance.model, now_s)
+        running = sorted(instance.running)
+        aborts: list[Effect] = [Abort(r, instance_id) for r in running if self._requests[r].answering]
+        requeued = self._requeue(instance.model, [r for r in running if not self._requests[r].answering])
+        effects = aborts + requeued + self._instances_changed(instance.model, now_s)
+        return effects + (self._maybe_ask(instance.model, now_s) if requeued else [])
+
+    def _requeue(self, model: str, request_ids: list[str]) -> list[Effect]:
+        """Put dispatched requests back in the model's queue, in arrival order among the waiting."""
+        if not request_ids:
+            return []
+        effects: list[Effect] = []
+        for request_id in request_ids:
+            request = self._requests[request_id]
+            effects.append(Requeue(request_id, request.instance_id))
+            request.instance_id = ""
+        m = self._models[model]
+        m.queue = deque(sorted([*m.queue, *request_ids], key=lambda r: (self._requests[r].arrived_s, r)))
+        return effects
 
     def _instances_changed(self, model: str, now_s: float) -> list[Effect]:
         m = self._models[model]
