@@ -37,6 +37,10 @@ class Keys:
     def plan(self) -> str:
         return self._k("desired", "plan")
 
+    # the placer lease: the token of the placer that leads, with a TTL
+    def placer_lease(self) -> str:
+        return self._k("lease", "placer")
+
     # forecaster: hash window_start -> WindowStats per model, hash model -> Forecast
     def window_history(self, model: str) -> str:
         return self._k("forecast", "history", model)

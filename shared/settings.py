@@ -101,6 +101,10 @@ class Settings:
     scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
     scale_down_keep_s: float = _setting(0.0, "scale-downs spare instances younger than this (0: the paper's rule)",
                                         _non_negative)
+    placer_lease_ttl_s: float = _setting(3.0, "placer leadership lease: a standby placer takes over this long after "
+                                              "the leader stops renewing", _positive)
+    placer_lease_renew_s: float = _setting(1.0, "how often the leading placer renews its lease (and a standby tries "
+                                                "to take it); well under placer_lease_ttl_s", _positive)
 
     # gpuagent
     node: str = _setting("node0", "this agent's node name",

@@ -1,7 +1,8 @@
 """The Redis runtime: the only module that imports redis.
 
 Typed access to cluster state: the model registry, observed node views (agents) with a liveness
-key under TTL, the desired plan (placer), and generic typed hashes for the forecaster's history.
+key under TTL, the desired plan (placer, written under its lease), leases, and generic typed
+hashes for the forecaster's history.
 Values are codec-encoded messages; keys come from `shared.keys`.
 """
 
@@ -136,3 +137,38 @@ class State:
 
     async def plan(self) -> Plan | None:
         return await self.get(self.keys.plan(), Plan)
+
+    async def put_plan_if_leader(self, plan: Plan, token: str) -> bool:
+        """Write the plan only while `token` holds the placer lease, atomically (a fenced write:
+        a placer that lost its lease unseen never overwrites its successor's plan)."""
+        written = await self.client.eval(_SET_IF_HOLDER, 2, self.keys.placer_lease(), self.keys.plan(),
+                                         token.encode(), encode(plan))
+        return bool(written)
+
+    # ------------------------------------------------------------ leases: one holder at a time
+
+    async def acquire_lease(self, key: str, token: str, ttl_s: float) -> bool:
+        """Take the lease for `token` (for `ttl_s` from now) unless another token holds it."""
+        return bool(await self.client.eval(_TAKE_UNLESS_HELD, 1, key, token.encode(), _ms(ttl_s)))
+
+    async def renew_lease(self, key: str, token: str, ttl_s: float) -> bool:
+        """Extend the lease to `ttl_s` from now if `token` still holds it."""
+        return bool(await self.client.eval(_EXTEND_IF_HOLDER, 1, key, token.encode(), _ms(ttl_s)))
+
+    async def release_lease(self, key: str, token: str) -> None:
+        """Give the lease up if `token` holds it (another holder's lease is left alone)."""
+        await self.client.eval(_DELETE_IF_HOLDER, 1, key, token.encode())
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+# compare-and-act scripts: KEYS[1] is the lease, ARGV[1] the caller's token
+_TAKE_UNLESS_HELD = ("local h = redis.call('get', KEYS[1]) if h == false or h == ARGV[1] then "
+                     "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0")
+_EXTEND_IF_HOLDER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                     "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+_DELETE_IF_HOLDER = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_SET_IF_HOLDER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                  "redis.call('set', KEYS[2], ARGV[2]) return 1 end return 0")

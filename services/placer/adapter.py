@@ -39,7 +39,7 @@ def model_spec(info: ModelInfo, forecast: Forecast | None, settings: Settings) -
 
 
 def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo], forecasts: Mapping[str, Forecast],
-                  loads: Mapping[str, float], settings: Settings) -> Snapshot:
+                  loads: Mapping[str, float], settings: Settings, unmeasured: frozenset[str] = frozenset()) -> Snapshot:
     nodes = []
     for name in sorted(views):
         view = views[name]
@@ -57,7 +57,7 @@ def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo]
         copies = tuple(copy for model, devices in held.items() for copy in _tp_groups(model, name, devices, models[model].tp))
         nodes.append(Node(name, gpus, instances, copies))
     specs = tuple(model_spec(models[m], forecasts.get(m), settings) for m in sorted(models))
-    return Snapshot(tuple(nodes), specs, dict(loads))
+    return Snapshot(tuple(nodes), specs, dict(loads), unmeasured)
 
 
 def _tp_groups(model: str, node: str, devices: dict[int, bool], tp: int) -> list[Copy]:

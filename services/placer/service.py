@@ -2,21 +2,29 @@
 registry, forecasts, load samples), overlays commands in flight, runs the core, sends the effects
 and writes the Plan; it answers InstanceNeed at once. Re-reading observed state every tick makes
 the plan converge after a placer restart or an agent's death (dead agents' views are removed).
+
+Several placers may run: the one holding the Redis lease leads (ticks, commands agents, answers
+InstanceNeed, writes the plan only while its lease holds); the others are ready standbys that
+keep hearing load samples, so a standby that takes over knows the load. A placer that has not
+heard a whole scale window of samples yet scales nothing down (it would read busy as idle).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
 from services.placer import adapter
 from services.placer.core import LoadPoint, Snapshot, allocate, apply_effects, plan_tick, windowed_load
 from services.placer.dispatch import Dispatcher
+from services.placer.leader import ELECTED, Leadership
 from shared.runner import Service, every
 from shared.schemas import (Event, Forecast, InstanceAnswer, InstanceNeed, InstanceRoute, LoadSample, ModelInfo,
                             NodeView, Plan)
+from shared.state import StateError
 
 
 @dataclass(frozen=True)
@@ -38,26 +46,80 @@ class PlacerService(Service):
         self.dispatcher: Dispatcher | None = None
         self.last_plan: Plan | None = None
         self.ticks = 0
+        self.token = uuid.uuid4().hex  # this placer's lease token
+        self.leadership = Leadership(settings.placer_lease_ttl_s)
+        self.lease_lock = asyncio.Lock()  # one lease operation at a time; stop() releases under it
+        self.released = False
+        self.need_subscription = None  # InstanceNeed is subscribed only while leading
+        self.hearing_since_s = 0.0  # load samples are heard from then on
 
     async def start(self) -> None:
         self.dispatcher = Dispatcher(self.bus, self.settings.request_timeout_s, lambda node: node in self.alive)
         await self.bus.ensure_event_stream()
         self.last_plan = await self.state.plan()
+        self.hearing_since_s = time.time()
         await self.bus.subscribe(self.bus.subjects.load_samples(), LoadSample, self.on_sample, concurrent=False)
-        await self.bus.subscribe(self.bus.subjects.instance_need(), InstanceNeed, self.on_need)
+        await self.keep_lease()
         if self.settings.kv_prewarm:
             self.log.info("kv_prewarm_disabled", reason="agents cannot lend KV space yet")
 
     async def run(self, stopping: asyncio.Event) -> None:
-        # one bad tick (Redis hiccup, bad data) must not end the loop
-        await every(self.settings.placer_tick_s, stopping, self.tick, self.log, "tick_failed")
+        # one bad tick or lease round (Redis hiccup, bad data) must not end the loops
+        lease = asyncio.create_task(every(self.settings.placer_lease_renew_s, stopping, self.keep_lease, self.log,
+                                          "lease_failed"))
+        try:
+            await every(self.settings.placer_tick_s, stopping, self.tick, self.log, "tick_failed")
+        finally:
+            await lease
 
     async def stop(self) -> None:
         await self.dispatcher.drain()
+        async with self.lease_lock:
+            self.released = True
+            if self.leadership.leading:
+                await self.state.release_lease(self.state.keys.placer_lease(), self.token)
+                await self._lead(self.leadership.answered(time.time(), False), "released")
+
+    # ------------------------------------------------------------ leadership
+
+    async def keep_lease(self) -> None:
+        """Renew the lease while leading, else try to take it; act on a change."""
+        async with self.lease_lock:
+            if self.released:
+                return
+            key, ttl_s, asked_s = self.state.keys.placer_lease(), self.settings.placer_lease_ttl_s, time.time()
+            try:
+                if self.leadership.leading:
+                    held = await self.state.renew_lease(key, self.token, ttl_s)
+                else:
+                    held = await self.state.acquire_lease(key, self.token, ttl_s)
+            except StateError as exc:
+                await self._lead(self.leadership.unanswered(time.time()), f"lease unreachable: {exc}")
+                return
+            await self._lead(self.leadership.answered(asked_s, held), "lease taken" if held else "lease held elsewhere")
+            if self.leadership.leading and self.need_subscription is None:  # also retries a failed subscribe
+                self.need_subscription = await self.bus.subscribe(self.bus.subjects.instance_need(), InstanceNeed,
+                                                                  self.on_need)
+
+    async def _lead(self, change: str | None, reason: str) -> None:
+        if change is None:
+            return
+        if change == ELECTED:
+            self.log.info(change, placer=self.token, reason=reason)
+        else:
+            self.log.warning(change, placer=self.token, reason=reason)
+            subscription, self.need_subscription = self.need_subscription, None
+            if subscription is not None:
+                await self.bus.unsubscribe(subscription)
+        await self.bus.publish_event("placer", Event(name=change, at_s=time.time(), reason=reason,
+                                                     detail={"placer": self.token}))
 
     # ------------------------------------------------------------ inputs
 
     async def on_sample(self, sample: LoadSample) -> None:
+        if sample.model not in self.samples and await self.state.model(sample.model) is None:
+            self.log.debug("load_sample_ignored", model=sample.model, reason="model not registered")
+            return
         points = self.samples.setdefault(sample.model, deque())
         points.append(LoadPoint(sample.at_s, sample.interval_s, sample.avg_outstanding))
         while points and points[0].at_s < sample.at_s - 2 * self.settings.scale_window_s:
@@ -75,6 +137,8 @@ class PlacerService(Service):
             self.log.warning("node_lost", node=node)
         self.alive = set(views)
         models = await self.state.models()
+        for model in set(self.samples) - set(models):  # unregistered since
+            del self.samples[model]
         forecasts = await self.state.hgetall(self.state.keys.forecasts(), Forecast)
         return Observation(at_s, views, models, forecasts)
 
@@ -82,18 +146,28 @@ class PlacerService(Service):
         """Observed state with the commands still in flight applied (call without awaiting in
         between this and submitting what it decides, so concurrent decisions see each other)."""
         loads = {m: windowed_load(p, now_s, self.settings.scale_window_s) for m, p in self.samples.items()}
-        observed = adapter.snapshot_from(seen.views, seen.models, seen.forecasts, loads, self.settings)
+        heard_window = now_s - self.hearing_since_s >= self.settings.scale_window_s
+        observed = adapter.snapshot_from(seen.views, seen.models, seen.forecasts, loads, self.settings,
+                                         frozenset() if heard_window else frozenset(seen.models))
         return apply_effects(observed, self.dispatcher.overlay(seen.at_s), now_s)
 
     # ------------------------------------------------------------ planning tick
 
-    async def tick(self) -> Plan:
+    async def tick(self) -> Plan | None:
+        """One planning round, led only (a standby does nothing); None when not leading."""
+        if not self.leadership.holds(time.time()):
+            return None
         seen = await self.observe()
         now = time.time()
+        if not self.leadership.holds(now):  # lost while observing
+            return None
         result = plan_tick(self.snapshot(seen, now), now, self.config)
         self.dispatcher.submit(list(result.effects))
         plan = adapter.plan_from(result, now)
-        await self.state.put_plan(plan)
+        if not await self.state.put_plan_if_leader(plan, self.token):
+            async with self.lease_lock:
+                await self._lead(self.leadership.answered(now, False), "plan write refused: lease held elsewhere")
+            return None
         if self._changed(plan):
             await self.bus.publish_event("placer", Event(name="plan_changed", at_s=now, detail={
                 "copies": len(plan.copies), "instances": plan.instances, "effects": len(result.effects)}))
@@ -109,9 +183,11 @@ class PlacerService(Service):
 
     # ------------------------------------------------------------ gateway requests
 
-    async def on_need(self, need: InstanceNeed) -> InstanceAnswer:
+    async def on_need(self, need: InstanceNeed) -> InstanceAnswer | None:
         """"ready" while some instance has room, else "starting" (one is on its way, or is ordered
-        now; never waits for it), else "error" with the reason."""
+        now; never waits for it), else "error" with the reason. Not leading: no answer (the leader answers)."""
+        if not self.leadership.holds(time.time()):
+            return None
         seen = await self.observe()
         if need.model not in seen.models:
             return InstanceAnswer(status="error", reason=f"unknown model {need.model!r}")

@@ -1,7 +1,7 @@
 """Autoscaler (DESIGN §3.3) and KV-space reclaim (§3.4). Scale up above 0.8*B*n, down below
 0.5*B*n to the count that keeps load under the scale-up line (zero without load), never touching
-instances younger than `protect_s` (nor, for scale-downs, `keep_s`); a scale-down demotes (drain,
-the weights stay as a copy).
+instances younger than `protect_s` (nor, for scale-downs, `keep_s`), nor models whose load is
+unmeasured; a scale-down demotes (drain, the weights stay as a copy).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from services.placer.core.allocate import allocate_in
 from services.placer.core.cluster import Cluster
 
 
-def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> list[fx.Effect]:
+def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float,
+              unmeasured: frozenset[str] = frozenset()) -> list[fx.Effect]:
     config = cluster.config
     effects: list[fx.Effect] = []
     for model in sorted(cluster.models):
@@ -27,7 +28,7 @@ def autoscale(cluster: Cluster, loads: Mapping[str, float], now_s: float) -> lis
                 if not allocation.found:
                     break
                 effects += allocation.effects
-        elif n and load < config.scale_down_at * config.capacity * n:
+        elif n and model not in unmeasured and load < config.scale_down_at * config.capacity * n:
             keep = max(config.protect_s, config.keep_s)
             removable = sorted((o for o in serving if o.instance.ready and now_s - o.instance.started_at_s >= keep),
                                key=lambda o: (o.instance.inflight, -o.instance.started_at_s, o.instance.instance_id))

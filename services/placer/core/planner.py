@@ -55,7 +55,7 @@ def _planned(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | No
     cluster = Cluster(snapshot, config, reuse)
     cluster.rescore()
     effects = reclaim_kv(cluster)
-    effects += autoscale(cluster, snapshot.loads, now_s)
+    effects += autoscale(cluster, snapshot.loads, now_s, snapshot.unmeasured)
     cluster.rescore()  # instance counts changed: copies' ranks score against the new n_f, n_b
     if config.prewarm:
         effects += plan_prewarms(cluster)

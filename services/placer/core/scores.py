@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -65,16 +66,19 @@ def windowed_load(points: Iterable[LoadPoint], now_s: float, window_s: float) ->
     """Time-weighted mean outstanding requests over (now_s - window_s, now_s].
 
     Each sample weighs by how much of its interval lies in the window; time no sample covers
-    does not count (0.0 when nothing covers the window).
+    does not count (0.0 when nothing covers the window). Samples with a non-finite field are
+    skipped, and the mean is finite: no sample can break the arithmetic downstream.
     """
     start = now_s - window_s
     weighted = covered = 0.0
     for p in points:
+        if not all(map(math.isfinite, (p.at_s, p.interval_s, p.avg))):
+            continue
         overlap = min(p.at_s, now_s) - max(p.at_s - p.interval_s, start)
         if overlap > 0:
             weighted += p.avg * overlap
             covered += overlap
-    return weighted / covered if covered > 0 else 0.0
+    return min(weighted / covered, sys.float_info.max) if covered > 0 else 0.0
 
 
 def kv_reserve_bytes(capacity_bytes: int, requests: int, used_bytes: int, max_requests: int) -> int:

@@ -72,6 +72,8 @@ class Snapshot:
     nodes: tuple[Node, ...]
     models: tuple[ModelSpec, ...]
     loads: dict[str, float] = field(default_factory=dict)  # model -> time-weighted load (see windowed_load)
+    unmeasured: frozenset[str] = frozenset()  # models whose load the shell has not heard for a whole scale
+    #   window yet (a placer just started or elected): their low load may be unmeasured, so they never scale down
 
     @property
     def instances(self) -> tuple[Instance, ...]:
