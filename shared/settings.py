@@ -123,6 +123,12 @@ class Settings:
     heartbeat_s: float = _setting(1.0, "agent heartbeat interval", _positive)
     heartbeat_ttl_s: float = _setting(5.0, "agent considered dead after this", _positive)
     demote_timeout_s: float = _setting(30.0, "how long demote waits for in-flight requests", _positive)
+    fake_worker_processes: bool = _setting(False, "fake engine: run device workers as child processes, as vLLM's "
+                                                  "always are (tests of worker supervision)")
+    worker_restart_s: float = _setting(0.5, "delay before a dead device worker is started again (doubles while "
+                                            "workers keep dying soon after their start)", _non_negative)
+    worker_restart_max_s: float = _setting(30.0, "longest delay before a dead device worker is started again",
+                                           _positive)
 
     @property
     def accepted_api_keys(self) -> frozenset[str]:

@@ -11,7 +11,7 @@ from services.gpuagent.service import AgentService
 from shared.bus import Bus
 from shared.runner import Running
 from shared.state import State
-from shared.schemas import (AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, ModelInfo,
+from shared.schemas import (AgentCommand, CommandKind, CommandResult, Event, InferChunk, InferRequest, ModelInfo,
                             SamplingSpec)
 
 
@@ -51,6 +51,36 @@ async def infer(bus: Bus, instance_id: str, prompt: str | None = "hello", max_to
         sampling=SamplingSpec(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
     await asyncio.wait_for(task, timeout_s)
     return chunks
+
+
+@contextlib.asynccontextmanager
+async def agent_events(bus: Bus, name: str):
+    """A queue that receives every agent event called `name` while the context is open."""
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    async def collect():
+        async for event in bus.stream(bus.subjects.event("agent", name), Event):
+            events.put_nowait(event)
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.05)  # let the subscription reach the server
+    await bus.nc.flush()
+    try:
+        yield events
+    finally:
+        task.cancel()
+
+
+async def eventually(check, timeout_s: float, what: str, pause_s: float = 0.05):
+    """Poll `check()` (sync or async) until it returns something truthy; that value, or fail after `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = check()
+        value = await value if asyncio.iscoroutine(value) else value
+        if value:
+            return value
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(pause_s)
 
 
 @contextlib.asynccontextmanager

@@ -4,29 +4,31 @@ Commands (prewarm / evict / promote / demote / cold_start) arrive by request/rep
 idempotent by command id and are answered when done (or refused with a reason). The ledger
 core decides memory; device workers do the work; every change is an event, and a NodeView is
 written to Redis with a TTL'd liveness key each heartbeat (a restart starts from an empty view).
+A dead device worker costs only its device: its instance is reported failed, it is started again
+(with backoff) and warmed again. Redis or NATS failures never abort a command: the next
+heartbeat writes the whole view again. /readyz is ready only while every device worker is up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import OrderedDict
 
 from services.gpuagent.core.ledger import DeviceLedger, Refused, instance_kv_bytes, page_bytes
-from shared.bus import Bus, BusError
+from services.gpuagent.workers import DeviceWorkers
+from shared.bus import BusError
 from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
                             DeviceOp, DeviceView, Event, InstanceState, InstanceView, ModelInfo, NodeView)
+from shared.state import StateError
 
 
 REMEMBERED_COMMANDS = 10_000
-WORKER_START_TIMEOUT_S = 300.0
 LONG_CALL_TIMEOUT_S = 900.0
-WORKER_STOP_TIMEOUT_S = 3.0
+STATUS_TIMEOUT_S = 2.0
+WORKER_WATCH_S = 0.5  # a dead device worker is noticed within this (and reported at once)
 
 
 class AgentService(Service):
@@ -37,8 +39,7 @@ class AgentService(Service):
         self.node = settings.node
         self.boot_id = uuid.uuid4().hex[:12]
         self.ledgers: list[DeviceLedger] = []
-        self.workers: list = []  # in-process DeviceWorker objects (fake engine)
-        self.processes: list[subprocess.Popen] = []  # device worker processes (vLLM)
+        self.workers: DeviceWorkers | None = None
         self.inflight: dict[str, int] = {}
         self._commands: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._loads: dict[tuple[int, str], asyncio.Future] = {}
@@ -46,6 +47,7 @@ class AgentService(Service):
         self._ready = False
         self._stopping = False
         self._warming: asyncio.Task | None = None
+        self._revivals: dict[int, asyncio.Task] = {}  # device -> its worker's restart (and warming)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -53,7 +55,9 @@ class AgentService(Service):
         s = self.settings
         await self.bus.ensure_event_stream()
         await self.state.drop_node(self.node)  # whatever a previous boot left: we hold nothing yet
-        budgets = await self._start_workers(self._device_count())
+        self.workers = DeviceWorkers(s, self.bus, self.log)
+        budgets = await self.workers.start(self._device_count())
+        self.log.info("device_workers_ready", devices=len(budgets), budgets=budgets)
         self.ledgers = [DeviceLedger(i, budget) for i, budget in enumerate(budgets)]
         await self._publish_view()
         await self.bus.subscribe(self.bus.subjects.agent_command(self.node), AgentCommand, self.on_command)
@@ -61,16 +65,16 @@ class AgentService(Service):
         await self._event("agent_started", detail={"devices": len(self.ledgers), "engine": s.engine,
                                                    "boot_id": self.boot_id})
         if s.warm_engines:
-            self._warming = asyncio.create_task(self._warm_engines())
+            self._warming = asyncio.create_task(self._warm_engines(self.ledgers))
 
-    async def _warm_engines(self) -> None:
+    async def _warm_engines(self, ledgers: list[DeviceLedger]) -> None:
         """Device prewarming: one idle engine per registered architecture per device, in the
         background (commands are served meanwhile); smaller architectures first."""
         models = sorted((await self.state.models()).values(), key=lambda m: (m.size_bytes, m.name))
         archs = {m.arch: m for m in reversed(models) if m.tp == 1}
         for info in sorted(archs.values(), key=lambda m: m.size_bytes):
             kv = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, self.settings.kv_cache_bytes)
-            for ledger in self.ledgers:
+            for ledger in ledgers:
                 if self._stopping or not ledger.reserve_engine(info.arch, info.size_bytes, kv, time.time()):
                     continue
                 result = await self._call(ledger.index, DeviceCall(op=DeviceOp.warm_engine, model=info, kv_bytes=kv))
@@ -83,7 +87,9 @@ class AgentService(Service):
                 await self._publish_view()
 
     def is_ready(self) -> bool:
-        return self._ready
+        """Ready while every device worker is up: a node with a restarting worker serves from its
+        other devices, but says it is not whole."""
+        return self._ready and self.workers.all_up()
 
     def _device_count(self) -> int:
         if self.settings.device_kind == "cuda":
@@ -92,74 +98,74 @@ class AgentService(Service):
             return torch.cuda.device_count()
         return self.settings.devices
 
-    async def _start_workers(self, count: int) -> list[int]:
-        """Start one worker per device; return each device's memory budget (as its worker reports it)."""
-        s = self.settings
-        if s.engine == "fake":
-            from services.gpuagent.engine_fake import FakeHost
-            from services.gpuagent.worker import DeviceWorker
-
-            for i in range(count):  # own connection each, as a worker process would have
-                bus = await Bus.connect(s, f"gpuagent-{self.node}-dev{i}")
-                worker = DeviceWorker(bus, s, i, FakeHost(s.fake_load_bytes_s, s.fake_token_s),
-                                      s.device_memory_bytes)
-                await worker.start()
-                self.workers.append(worker)
-            return [s.device_memory_bytes] * count
-        env = dict(os.environ, **s.as_env())
-        for i in range(count):
-            if s.device_kind == "cuda":
-                env["CUDA_VISIBLE_DEVICES"] = str(i)  # each worker sees its own GPU as cuda:0
-            self.processes.append(subprocess.Popen(  # worker logs (and vLLM's) go to our stderr
-                [sys.executable, "-m", "services.gpuagent.worker", "--device-index", str(i),
-                 "--parent-pid", str(os.getpid())], env=env,
-                stdout=sys.stderr, start_new_session=True))  # we stop workers ourselves, after draining
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        budgets = []
-        for i, proc in enumerate(self.processes):
-            while True:  # wait until the worker answers (vLLM imported, device initialised)
-                if proc.poll() is not None:
-                    raise RuntimeError(f"device worker {i} exited with code {proc.returncode}")
-                try:
-                    status = await self._call(i, DeviceCall(op=DeviceOp.status), timeout_s=1.0)
-                    budgets.append(status.detail["memory_bytes"])
-                    break
-                except BusError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"device worker {i} did not start within {WORKER_START_TIMEOUT_S} s")
-        self.log.info("device_workers_ready", devices=len(self.processes), budgets=budgets)
-        return budgets
-
     async def run(self, stopping: asyncio.Event) -> None:
-        await every(self.settings.heartbeat_s, stopping, self._heartbeat, self.log, "heartbeat_failed")
+        await asyncio.gather(
+            every(self.settings.heartbeat_s, stopping, self._heartbeat, self.log, "heartbeat_failed"),
+            every(WORKER_WATCH_S, stopping, self._watch_workers, self.log, "worker_watch_failed"))
 
     async def _heartbeat(self) -> None:
         await self._refresh_inflight()
         await self._publish_view()
 
+    # ------------------------------------------------------------ device workers
+
+    async def _watch_workers(self) -> None:
+        """Report dead workers (reaped) and start again those whose backoff is over."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        for index, code in self.workers.reap(now):
+            await self._worker_died(index, code)
+        for index in self.workers.due(now):
+            self._revivals[index] = asyncio.create_task(self._revive(index))
+
+    async def _worker_died(self, index: int, code: int) -> None:
+        """Its copies, engines and instance died with it: a fresh ledger, the instance reported failed.
+        Commands still running on the old ledger finish on it, unseen (their device calls fail)."""
+        lost = self.ledgers[index]
+        self.ledgers[index] = DeviceLedger(index, lost.budget_bytes)
+        instance = lost.instance
+        self.log.error("device_worker_died", device=index, exit_code=code, copies=sorted(lost.copies),
+                       instance_id=instance.instance_id if instance else "")
+        reason = f"device {index} worker exited with code {code}"
+        if instance:
+            await self._event("instance_failed", model=instance.model, devices=[index],
+                              instance_id=instance.instance_id, reason=reason)
+        await self._event("device_worker_died", devices=[index], reason=reason,
+                          detail={"copies": sorted(lost.copies), "engines": sorted(lost.engines)})
+        await self._publish_view()
+
+    async def _revive(self, index: int) -> None:
+        """Start the device's worker again, then warm its engines again (device prewarming)."""
+        try:
+            budget = await self.workers.restart(index)
+            if budget is None:  # died again: the watch tries again after a longer pause
+                self.log.warning("device_worker_restart_failed", device=index)
+                return
+            self.ledgers[index] = DeviceLedger(index, budget)
+            await self._event("device_worker_restarted", devices=[index], detail={"pid": self.workers.pid(index)})
+            await self._publish_view()
+            if self.settings.warm_engines and not self._stopping:
+                await self._warm_engines([self.ledgers[index]])
+        except Exception:  # never leave a device dead silently
+            self.log.exception("device_revive_failed", device=index)
+        finally:
+            self._revivals.pop(index, None)
+
     async def stop(self) -> None:
         self._ready = False
         self._stopping = True
-        if self._warming is not None:
-            await asyncio.gather(self._warming, return_exceptions=True)
+        for task in self._revivals.values():
+            task.cancel()
+        await asyncio.gather(*[t for t in (self._warming, *self._revivals.values()) if t], return_exceptions=True)
         for ledger in self.ledgers:
             if ledger.instance:
-                try:
-                    await self._demote(ledger, ledger.instance.instance_id, "agent_stopping")
-                except BusError as exc:  # the worker is gone already: nothing left to drain
-                    self.log.warning("demote_on_stop_failed", device=ledger.index, reason=str(exc))
-        for worker in self.workers:
-            await worker.bus.drain_subscriptions()
-            await worker.bus.close()
-        for proc in self.processes:
-            proc.terminate()
-        for proc in self.processes:
-            try:
-                await asyncio.to_thread(proc.wait, WORKER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.log.warning("device_worker_killed", pid=proc.pid)
-                proc.kill()
-        await self.state.drop_node(self.node)
+                await self._demote(ledger, ledger.instance.instance_id, "agent_stopping")
+        await self.workers.stop()
+        try:
+            await self.state.drop_node(self.node)
+        except StateError as exc:  # the view expires with its liveness key
+            self.log.warning("node_view_drop_failed", reason=str(exc))
         await self._event("agent_stopped")
 
     # ------------------------------------------------------------ commands
@@ -181,8 +187,9 @@ class AgentService(Service):
                 raise Refused("agent is not ready")
             detail = await self._dispatch(cmd)
             ok, reason = True, ""
-        except Refused as exc:
-            detail, ok, reason = {}, False, str(exc)
+        except (Refused, StateError) as exc:
+            detail, ok = {}, False
+            reason = str(exc) if isinstance(exc, Refused) else f"state store unavailable: {exc}"  # registry read
             await self._event("command_refused", model=cmd.model, devices=cmd.devices, reason=reason,
                               detail={"command": cmd.kind.value, "command_id": cmd.command_id})
         result = CommandResult(command_id=cmd.command_id, ok=ok, reason=reason, detail=detail,
@@ -223,6 +230,9 @@ class AgentService(Service):
         bad = [d for d in devices if not 0 <= d < len(self.ledgers)]
         if bad or len(set(devices)) != len(devices):
             raise Refused(f"bad device list {devices}: this node has devices 0..{len(self.ledgers) - 1}")
+        down = [d for d in devices if not self.workers.is_up(d)]
+        if down:
+            raise Refused(f"device {down[0]} is down: its worker died and is being restarted")
         return [self.ledgers[d] for d in devices]
 
     # ------------------------------------------------------------ copies
@@ -340,23 +350,49 @@ class AgentService(Service):
     # ------------------------------------------------------------ plumbing
 
     async def _call(self, device: int, call: DeviceCall, timeout_s: float = LONG_CALL_TIMEOUT_S) -> CommandResult:
-        return await self.bus.request(self.bus.subjects.device_call(self.node, device), call, CommandResult,
-                                      timeout_s=timeout_s)
+        """The worker's answer; a failed result (never an exception) if it is down, dies meanwhile or
+        does not answer in time."""
+        def failed(reason: str) -> CommandResult:
+            return CommandResult(command_id=call.op.value, ok=False, reason=reason)
+
+        if not self.workers.is_up(device):
+            return failed(f"device {device} is down: its worker died and is being restarted")
+        lost = self.workers.lost(device)
+        request = asyncio.ensure_future(self.bus.request(self.bus.subjects.device_call(self.node, device), call,
+                                                         CommandResult, timeout_s=timeout_s))
+        try:
+            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not request.done():
+                request.cancel()
+        if not request.done() or request.cancelled():
+            return failed(f"device {device} worker died (exit code {lost.result()}) during {call.op.value}")
+        if request.exception() is not None:
+            if isinstance(request.exception(), BusError):
+                return failed(f"device {device} did not answer {call.op.value}: {request.exception()}")
+            raise request.exception()
+        return request.result()
 
     async def _refresh_inflight(self) -> None:
+        """Requests in flight per instance; a device that does not answer is left out, not fatal."""
+        ledgers = [ledger for ledger in self.ledgers if ledger.instance]
+        results = await asyncio.gather(*[self._call(ledger.index, DeviceCall(op=DeviceOp.status),
+                                                    timeout_s=STATUS_TIMEOUT_S) for ledger in ledgers])
         counts: dict[str, int] = {}
-        for ledger in self.ledgers:
-            if ledger.instance:
-                result = await self._call(ledger.index, DeviceCall(op=DeviceOp.status), timeout_s=2.0)
+        for ledger, result in zip(ledgers, results):
+            if result.ok:
                 counts.update(result.detail.get("inflight", {}))
+            else:
+                self.log.warning("device_status_failed", device=ledger.index, reason=result.reason)
         self.inflight = counts
 
     def view(self) -> NodeView:
         devices, copies, instances = [], [], []
         for d in self.ledgers:
-            devices.append(DeviceView(index=d.index, budget_bytes=d.budget_bytes, free_bytes=d.reclaimable_free_bytes,
-                                      idle_engine_bytes=d.idle_engine_bytes,
-                                      kind=self.settings.device_kind))
+            up = self.workers.is_up(d.index)  # a down device offers no room until its worker is back
+            devices.append(DeviceView(index=d.index, budget_bytes=d.budget_bytes,
+                                      free_bytes=d.reclaimable_free_bytes if up else 0,
+                                      idle_engine_bytes=d.idle_engine_bytes, kind=self.settings.device_kind))
             copies += [CopyView(model=c.model, content_hash=c.content_hash, devices=[d.index], state=c.state,
                                 bytes=c.bytes, progress=c.progress) for c in d.copies.values()]
             if d.instance:
@@ -368,9 +404,23 @@ class AgentService(Service):
                         boot_id=self.boot_id)
 
     async def _publish_view(self) -> None:
+        """Write the whole view to Redis and announce it. Never fails: what does not land now is
+        written by the next heartbeat, which keeps trying while Redis is down."""
         view = self.view()
-        await self.state.put_node_view(view, self.settings.heartbeat_ttl_s)
-        await self.bus.publish(self.bus.subjects.agent_heartbeat(), view)
+        try:
+            await self.state.put_node_view(view, self.settings.heartbeat_ttl_s)
+        except StateError as exc:
+            self.log.warning("node_view_write_failed", reason=str(exc))
+        await self._best_effort(self.bus.publish(self.bus.subjects.agent_heartbeat(), view), "heartbeat")
 
     async def _event(self, name: str, **fields) -> None:
-        await self.bus.publish_event("agent", Event(name=name, at_s=time.time(), node=self.node, **fields))
+        event = Event(name=name, at_s=time.time(), node=self.node, **fields)
+        await self._best_effort(self.bus.publish_event("agent", event), name)
+
+    async def _best_effort(self, publish, what: str) -> None:
+        """Await a publish; a NATS outage must not abort a command half-way (the client buffers while it
+        reconnects; what it cannot take is logged and lost, and the next view supersedes it)."""
+        try:
+            await publish
+        except Exception as exc:  # nats-py's errors are not exported by shared.bus
+            self.log.warning("publish_failed", what=what, reason=f"{type(exc).__name__}: {exc}")

@@ -24,6 +24,7 @@ from shared.settings import Settings, add_arguments, load_settings
 
 log = get_logger("gpuagent.worker")
 CUDA_MEMORY_SHARE = 0.9  # of the GPU memory free at start: the rest is the CUDA context and allocator slack
+RETIRED_KEEP_S = 60.0  # a stopped instance answers late requests with a 503 for this long (gateway idle timeout: 30 s)
 
 
 class DeviceWorker:
@@ -32,10 +33,16 @@ class DeviceWorker:
         self.memory_bytes = memory_bytes  # the budget this device offers its agent
         self.node = settings.node
         self._instance_subs: dict[str, list] = {}
+        self._closing: set[str] = set()  # draining or stopped instances: new requests get a 503
+        self._retired: dict[str, tuple[float, list]] = {}  # stopped: (when, subscriptions kept for late requests)
         self._generations: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
         await self.bus.subscribe(self.bus.subjects.device_call(self.node, self.index), DeviceCall, self.on_call)
+
+    async def close(self) -> None:
+        await self.bus.drain_subscriptions()
+        await self.bus.close()
 
     # ------------------------------------------------------------ device calls
 
@@ -69,7 +76,9 @@ class DeviceWorker:
             return await self.host.drop_engine(call.arch)
         if call.op == DeviceOp.stop_instance:
             await self._drain_instance(call.instance_id, call.drain_timeout_s)
-            return await self.host.stop_instance(call.instance_id)
+            detail = await self.host.stop_instance(call.instance_id)
+            await self._retire(call.instance_id)
+            return detail
         raise BadRequest(f"unknown op {call.op}")
 
     def _progress_reporter(self, model: str):
@@ -90,6 +99,11 @@ class DeviceWorker:
 
     async def _serve_instance(self, instance_id: str) -> None:
         async def on_request(request: InferRequest) -> None:
+            if instance_id in self._closing:  # never silence: the gateway re-dispatches on a 503
+                await self.bus.publish(request.reply_to, InferChunk(
+                    request_id=request.request_id, seq=0, instance_id=instance_id, error_code=503,
+                    error=f"instance {instance_id} is stopping"))
+                return
             task = asyncio.create_task(self._generate(instance_id, request))
             self._generations[request.request_id] = task
             task.add_done_callback(lambda _: self._generations.pop(request.request_id, None))
@@ -106,17 +120,25 @@ class DeviceWorker:
         ]
 
     async def _drain_instance(self, instance_id: str, timeout_s: float) -> None:
-        """Stop taking requests, let in-flight ones finish (bounded), then cancel the rest."""
-        subs = self._instance_subs.pop(instance_id, [])
-        if subs:
-            await self.bus.unsubscribe(subs[0])
+        """Refuse new requests (503), let accepted ones finish (bounded), then cancel the rest."""
+        self._closing.add(instance_id)
         deadline = time.monotonic() + timeout_s
-        while self.host.inflight(instance_id) and time.monotonic() < deadline:
+        while self._generations and time.monotonic() < deadline:  # one instance per device: all are its own
             await asyncio.sleep(0.02)
         for task in list(self._generations.values()):
-            task.cancel()  # only this instance's can remain: one instance per device
-        for sub in subs[1:]:
-            await self.bus.unsubscribe(sub)
+            task.cancel()
+
+    async def _retire(self, instance_id: str) -> None:
+        """Keep a stopped instance's subscriptions for RETIRED_KEEP_S, so that a request routed to it
+        before its stop was seen gets a 503 instead of silence; drop older ones."""
+        now = time.monotonic()
+        self._retired[instance_id] = (now, self._instance_subs.pop(instance_id, []))
+        for old, (since, subs) in list(self._retired.items()):
+            if now - since > RETIRED_KEEP_S:
+                del self._retired[old]
+                self._closing.discard(old)
+                for sub in subs:
+                    await self.bus.unsubscribe(sub)
 
     async def _generate(self, instance_id: str, request: InferRequest) -> None:
         received = time.perf_counter()
@@ -140,7 +162,10 @@ class DeviceWorker:
         except BadRequest as exc:
             await send(error=str(exc), error_code=exc.code)
         except asyncio.CancelledError:
-            await send(finish_reason="cancelled", completion_tokens=completion)
+            if seq == 0 and instance_id in self._closing:  # a demote's drain ended it before any output
+                await send(error=f"instance {instance_id} stopped before serving the request", error_code=503)
+            else:
+                await send(finish_reason="cancelled", completion_tokens=completion)
         except Exception as exc:
             log.exception("generation_failed", instance_id=instance_id, request_id=request.request_id)
             await send(error=f"{type(exc).__name__}: {exc}", error_code=500)
@@ -156,7 +181,12 @@ def _die_with_parent() -> None:
         pass  # elsewhere the parent-pid watch below still ends us within a second
 
 
-async def _run_process(settings: Settings, index: int, parent: int) -> None:
+def _host(settings: Settings) -> tuple[EngineHost, int]:
+    """This process's engine host and the memory budget it offers."""
+    if settings.engine == "fake":
+        from services.gpuagent.engine_fake import FakeHost
+
+        return FakeHost(settings.fake_load_bytes_s, settings.fake_token_s), settings.device_memory_bytes
     from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
 
     device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
@@ -166,8 +196,13 @@ async def _run_process(settings: Settings, index: int, parent: int) -> None:
 
         torch.zeros(1, device=device)  # initialise the CUDA context now, not on the first request
         memory_bytes = int(torch.cuda.mem_get_info()[0] * CUDA_MEMORY_SHARE)
+    return VllmHost(device, settings.kv_cache_bytes), memory_bytes
+
+
+async def _run_process(settings: Settings, index: int, parent: int) -> None:
+    host, memory_bytes = _host(settings)
     bus = await Bus.connect(settings, f"gpuagent-{settings.node}-dev{index}")
-    worker = DeviceWorker(bus, settings, index, VllmHost(device, settings.kv_cache_bytes), memory_bytes)
+    worker = DeviceWorker(bus, settings, index, host, memory_bytes)
     await worker.start()
     log.info("device_worker_ready", device=index, pid=os.getpid())
     stop = asyncio.Event()
@@ -181,8 +216,7 @@ async def _run_process(settings: Settings, index: int, parent: int) -> None:
             await asyncio.wait_for(stop.wait(), 1.0)
         except asyncio.TimeoutError:
             pass
-    await bus.drain_subscriptions()
-    await bus.close()
+    await worker.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,101 @@
+"""GPU agent under faults, fake engine: a kill -9'd device worker (child processes, as with vLLM) is
+reported, reaped, started again and warmed again while the other device serves; a demoting
+instance answers requests with a 503, never silence; the restart backoff policy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from services.gpuagent.core.restarts import RestartPolicy, WorkerLife
+from shared.schemas import CommandKind, CommandResult, DeviceCall, DeviceOp
+from tests.agent_helpers import agent_events, command, eventually, fake_model, infer, running_agent
+
+MiB = 1 << 20
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False  # reaped: no such process any more
+
+
+@pytest.mark.parametrize("deaths_after_s,delays", [
+    ([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], [1, 2, 4, 8, 10, 10, 10]),  # dying young: doubling, capped
+    ([0.1, 0.1, 100, 0.1], [1, 2, 1, 2]),  # up for a while: forgiven
+])
+def test_restart_backoff(deaths_after_s, delays):
+    policy, life, now = RestartPolicy(base_s=1, max_s=10, stable_s=60), WorkerLife(), 0.0
+    for up_s, delay in zip(deaths_after_s, delays):
+        life.started(now)
+        now += up_s
+        assert life.died(now, policy) == now + delay
+        now += delay
+
+
+async def test_killed_worker_is_reported_reaped_restarted_and_warmed_while_the_other_serves(settings):
+    s = settings.with_overrides(engine="fake", fake_worker_processes=True, devices=2, device_memory_bytes=64 * MiB,
+                                kv_cache_bytes=2 * MiB, fake_token_s=0.001, fake_load_bytes_s=1e9, heartbeat_s=0.2,
+                                heartbeat_ttl_s=1.0, worker_restart_s=2.0, warm_engines=True)
+    async with running_agent(s, [fake_model("m1")]) as (running, bus, state):
+        agent = running.service
+        await asyncio.wait_for(agent._warming, 10)
+        for device, instance_id in ((0, "i0"), (1, "i1")):
+            assert (await command(bus, s.node, CommandKind.cold_start, "m1", devices=(device,),
+                                  instance_id=instance_id)).ok
+        assert agent.is_ready()
+        pid = agent.workers.pid(0)
+        async with agent_events(bus, "instance_failed") as failed:
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            event = await asyncio.wait_for(failed.get(), 5)
+        assert time.monotonic() - killed_at < 2.0
+        assert (event.instance_id, event.model, event.devices, event.node) == ("i0", "m1", [0], s.node)
+        assert not agent.is_ready()
+        assert not is_zombie(pid)
+        refused = await command(bus, s.node, CommandKind.prewarm, "m1", devices=(0,))
+        assert not refused.ok and "device 0 is down" in refused.reason
+
+        # the other device keeps serving, and the node stays alive in Redis past a liveness TTL
+        await asyncio.sleep(s.heartbeat_ttl_s * 1.2)
+        assert agent.workers.pid(0) == pid  # still down (restart backoff 2 s): the test covers the outage
+        view = (await state.node_views())[s.node]
+        assert [(i.instance_id, i.devices) for i in view.instances] == [("i1", [1])]
+        assert view.devices[0].free_bytes == 0 and [c.devices for c in view.copies] == [[1]]
+        assert (await infer(bus, "i1", max_tokens=3))[-1].finish_reason == "length"
+
+        # back: a new worker answers, its engine is warmed again, the device takes commands again
+        await eventually(agent.is_ready, 30, "the worker restarted")
+        new_pid = agent.workers.pid(0)
+        assert new_pid != pid
+        status = await bus.request(bus.subjects.device_call(s.node, 0), DeviceCall(op=DeviceOp.status), CommandResult)
+        assert status.detail["pid"] == new_pid
+        await eventually(lambda: not agent._revivals, 10, "engine warmed again")
+        assert set(agent.ledgers[0].engines) == {"a1"}
+        again = await command(bus, s.node, CommandKind.cold_start, "m1", devices=(0,), instance_id="i0b")
+        assert again.ok and again.detail["path"] == "warm_engine"
+        assert (await infer(bus, "i0b", max_tokens=2))[-1].finish_reason == "length"
+
+
+async def test_a_stopping_instance_answers_503_never_silence(settings):
+    s = settings.with_overrides(engine="fake", devices=1, device_memory_bytes=64 * MiB, kv_cache_bytes=2 * MiB,
+                                fake_token_s=0.01, fake_load_bytes_s=1e9, warm_engines=False)
+    async with running_agent(s, [fake_model("m1")]) as (running, bus, state):
+        assert (await command(bus, s.node, CommandKind.cold_start, "m1", instance_id="i1")).ok
+        worker = running.service.workers.workers[0].inproc
+        accepted = asyncio.create_task(infer(bus, "i1", max_tokens=60))  # 0.6 s: still running when the demote comes
+        await eventually(lambda: worker._generations, 5, "generation started")
+        demote = asyncio.create_task(command(bus, s.node, CommandKind.demote, instance_id="i1"))
+        await eventually(lambda: "i1" in worker._closing, 5, "instance draining")
+        late = await infer(bus, "i1", timeout_s=5)
+        assert [(c.error_code, c.instance_id) for c in late] == [(503, "i1")]
+        assert (await demote).ok
+        assert (await accepted)[-1].finish_reason == "length"  # accepted before the demote: served in full
+        after = await infer(bus, "i1", timeout_s=5)  # routed before the stop was seen
+        assert after[-1].error_code == 503
