@@ -3,7 +3,9 @@
 Starts (unless their URLs are configured) an embedded nats-server with JetStream and a
 redis-server, each keeping data under `data_dir`; builds and registers the demo models if
 needed; starts the four services as separate processes; waits until every /readyz answers;
-prints the gateway URL and an example request; on Ctrl-C stops everything in reverse order.
+prints the gateway URL and an example request. Then it supervises: whatever dies (a service or
+an embedded server) is started again as before, after a backoff (warmserve.supervision), until
+one crashes too often. On Ctrl-C it stops everything in reverse order.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from shared import credentials
 from shared.settings import Settings, SettingsError, add_arguments, env_name, load_settings
 from warmserve import infra
+from warmserve.supervision import GiveUp, Supervisor
 
 SERVICE_ORDER = ("gpuagent", "forecaster", "placer", "gateway")
 READY_TIMEOUT_S = 600.0
+SUPERVISE_POLL_S = 0.25
 
 
 def _configured(name: str, flags: dict) -> bool:
@@ -55,23 +60,29 @@ class Stack:
         self.logs = self.data / "logs"
         self.servers: list[infra.Server] = []
         self.services: dict[str, tuple[subprocess.Popen, int]] = {}
+        self.service_envs: dict[str, dict[str, str]] = {}  # what each service was started with
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     def start_infra(self) -> None:
-        """Start an embedded server for each local URL nobody listens on; use configured ones as they are."""
+        """Start an embedded server for each local URL nobody listens on (requiring the credentials
+        kept in the data directory, unless embedded_auth is off); use configured ones as they are."""
         self.logs.mkdir(parents=True, exist_ok=True)
+        auth, embedded = self.settings.embedded_auth, {}
         for name, url, start in (("nats_url", self.settings.nats_url, infra.start_nats),
                                  ("redis_url", self.settings.redis_url, infra.start_redis)):
             host, port = _host_port(url)
             configured = _configured(name, self.flags)
             if host not in ("127.0.0.1", "localhost") or (configured and infra.port_in_use(port)):
-                self.say(f"using {url}")
+                self.say(f"using {credentials.redact(url)}")
                 continue
-            server = start(self.data, port, self.logs / f"{server_name(name)}.log")  # port conflicts raise here
+            server = start(self.data, port, self.logs / f"{server_name(name)}.log", auth)  # port conflicts raise here
             self.servers.append(server)
-            self.say(f"{server_name(name)}-server on {server.url}, data in {self.data / server.name}")
+            embedded[server.name] = url
+            self.say(f"{server_name(name)}-server on {server.url}, data in {self.data / server.name}"
+                     + (", credentials required" if auth else ""))
+        credentials.record_servers(self.data, embedded if auth else {})  # what `identity` logs in to
 
     def build_models(self) -> None:
         from warmserve.models import build_demo, register
@@ -83,12 +94,18 @@ class Stack:
         base_env = dict(os.environ, PYTHONUNBUFFERED="1", **self.settings.as_env())
         for name in SERVICE_ORDER:
             port = self.settings.gateway_port if name == "gateway" else infra.free_port()
-            env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0)})
-            log = open(self.logs / f"{name}.log", "ab")
+            env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0),
+                                    env_name("identity"): name})  # its own credentials and permissions
+            proc = self.launch(name, port, env)
+            self.say(f"started {name} (pid {proc.pid}), log {self.logs / (name + '.log')}")
+
+    def launch(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+        """Start service `name` with its health port and environment (remembered for restarts)."""
+        with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "warmserve.cli", "service", name], env=env,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.services[name] = (proc, port)
-            self.say(f"started {name} (pid {proc.pid}), log {self.logs / (name + '.log')}")
+        self.services[name], self.service_envs[name] = (proc, port), env
+        return proc
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -103,6 +120,59 @@ class Stack:
             if time.monotonic() > deadline:
                 raise infra.InfraError(f"not ready after {READY_TIMEOUT_S:.0f} s: {', '.join(pending)}")
             time.sleep(0.25)
+
+    def supervise(self, supervisor: Supervisor) -> str:
+        """Restart what dies, after its backoff, and report it; return why the stack must stop."""
+        unready: set[str] = set()  # restarted services whose /readyz has not answered yet
+        while True:
+            now = time.monotonic()
+            for name, proc in self._processes():
+                if not supervisor.waiting(name) and proc.poll() is not None:
+                    stop = self._crashed(supervisor, name, f"exited with code {proc.returncode}", now)
+                    if stop:
+                        return stop
+            for name in supervisor.due(now):
+                try:
+                    pid = self.restart(name)
+                except infra.InfraError as exc:
+                    stop = self._crashed(supervisor, name, f"did not start: {exc}", time.monotonic())
+                    if stop:
+                        return stop
+                    continue
+                self.say(f"restarted {name} (pid {pid})")
+                unready.add(name)
+            for name in sorted(unready):
+                if not supervisor.waiting(name) and (name not in self.services or _ready(self.services[name][1])):
+                    unready.discard(name)
+                    self.say(f"{name} ready again")
+            time.sleep(SUPERVISE_POLL_S)
+
+    def _processes(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(s.name, s.proc) for s in self.servers] + [(n, proc) for n, (proc, _) in self.services.items()]
+
+    def _crashed(self, supervisor: Supervisor, name: str, what: str, now: float) -> str | None:
+        decision = supervisor.crashed(name, now)
+        log = self.logs / f"{name}.log"
+        if isinstance(decision, GiveUp):
+            return (f"{name} crashed {decision.crashes} times in {decision.window_s:.0f} s; see {log}; "
+                    f"stopping the stack")
+        self.say(f"{name} {what}; restarting in {decision.delay_s:g} s (crash {decision.crashes} in "
+                 f"{supervisor.window_s:.0f} s; the stack stops at {supervisor.max_crashes}), log {log}")
+        return None
+
+    def restart(self, name: str) -> int:
+        """Start `name` again as it was: a service with its port and environment, an embedded
+        server with its command line (the same port, data directory and configuration)."""
+        if name in self.services:
+            return self.launch(name, self.services[name][1], self.service_envs[name]).pid
+        server = next(s for s in self.servers if s.name == name)
+        if infra.port_in_use(server.port):
+            raise infra.InfraError(f"port {server.port} for {name}-server is in use by another process")
+        with open(self.logs / f"{name}.log", "ab") as log:
+            server.proc = subprocess.Popen(server.proc.args, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        infra.wait_for_port(server.port, 15, server.proc, f"{name}-server")
+        return server.proc.pid
 
     def stop(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not abandon the clean-up
@@ -160,10 +230,7 @@ def main(argv: list[str]) -> int:
         stack.start_services()
         stack.wait_ready()
         print(stack.banner(), flush=True)
-        while all(proc.poll() is None for proc, _ in stack.services.values()):
-            time.sleep(0.5)
-        dead = [n for n, (p, _) in stack.services.items() if p.poll() is not None]
-        stack.say(f"service exited: {', '.join(dead)}; stopping the stack")
+        stack.say(stack.supervise(Supervisor()))
         return 1
     except infra.InfraError as exc:
         stack.say(f"error: {exc}")
