@@ -1,6 +1,7 @@
 """Supervision by `warmserve up`: the restart rules without processes (backoff doubling to a cap,
 giving up after repeated crashes inside the window, the window sliding), then the real stack
-(fake engine): a service, nats-server and redis-server are kill -9'd and each comes back ready."""
+(fake engine): a service, nats-server and redis-server are kill -9'd and each comes back ready;
+the compose file restarts every long-running container and runs a standby placer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.test_up import alive, descendants
 from warmserve import infra
@@ -43,6 +45,14 @@ def test_crashes_older_than_the_window_are_forgotten():
     for t in (0.0, 10.0, 20.0, 30.0):
         sup.crashed("placer", t)
     assert sup.crashed("placer", 75.0) == Restart(delay_s=2.0, crashes=3)  # 0 and 10 left the window
+
+
+def test_compose_restarts_every_long_running_container_and_runs_two_placers():
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+    for name, svc in compose["services"].items():
+        one_shot = svc.get("command") == ["models", "build-demo"]
+        assert svc.get("restart") == ("no" if one_shot else "unless-stopped"), name
+    assert compose["services"]["placer"]["deploy"]["replicas"] == 2
 
 
 # ------------------------------------------------------------------ the real stack
