@@ -174,7 +174,8 @@ def _message(index: int, message: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise invalid(where, "must be an object")
-    if message.get("role") not in CHAT_ROLES:
+    role = message.get("role")
+    if not isinstance(role, str) or role not in CHAT_ROLES:
         raise invalid(f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text is supported
