@@ -1,16 +1,25 @@
 """GPU agent with real vLLM (CPU build) on the demo models: prewarm -> promote -> stream ->
 demote -> promote again, a weight swap between two checkpoints of one architecture, eviction
 (idle engines first) under memory pressure, refusal of an oversized prewarm, restart
-reconciliation, no orphaned workers."""
+reconciliation, a kill -9'd device worker (reported, reaped, restarted), no orphaned workers."""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from services.gpuagent.service import AgentService
 from shared.runner import Running
-from shared.schemas import CommandKind
-from tests.agent_helpers import command, infer, running_agent
+from shared.schemas import CommandKind, CommandResult, DeviceCall, DeviceOp
+from tests.agent_helpers import agent_events, command, eventually, infer, running_agent
+from tests.test_gpuagent_supervision import is_zombie
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MiB = 1 << 20
@@ -82,15 +91,43 @@ async def test_memory_pressure_oversize_refusal_and_restart(vllm_agent):
     await restarted.shutdown()
 
 
+async def test_killed_device_worker_is_reported_reaped_and_restarted_while_the_other_serves(settings, demo_models):
+    """kill -9 one device worker: its instance is reported failed at once, it is reaped, the other
+    device keeps serving and heartbeating, /readyz says not ready until the worker is back."""
+    s = settings.with_overrides(engine="vllm", devices=2, device_memory_bytes=700 * MiB, heartbeat_s=0.5,
+                                heartbeat_ttl_s=2.0, kv_cache_bytes=32 * MiB, warm_engines=False,
+                                worker_restart_s=3.0)
+    async with running_agent(s, list(demo_models.values())) as (running, bus, state):
+        agent = running.service
+        for device in (0, 1):
+            started = await command(bus, s.node, CommandKind.cold_start, "demo-small-a", devices=(device,),
+                                    instance_id=f"i{device}", timeout_s=300)
+            assert started.ok, started.reason
+        assert agent.is_ready()
+        pid = agent.workers.pid(0)
+        async with agent_events(bus, "instance_failed") as failed:
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            event = await asyncio.wait_for(failed.get(), 10)
+        assert time.monotonic() - killed_at < 2.0
+        assert (event.instance_id, event.model, event.devices) == ("i0", "demo-small-a", [0])
+        assert not agent.is_ready() and not is_zombie(pid)
+        refused = await command(bus, s.node, CommandKind.prewarm, "demo-small-b", devices=(0,))
+        assert not refused.ok and "device 0 is down" in refused.reason
+
+        await asyncio.sleep(s.heartbeat_ttl_s * 1.2)  # past a liveness TTL: the node is still there
+        view = (await state.node_views())[s.node]
+        assert [(i.instance_id, i.devices) for i in view.instances] == [("i1", [1])]
+        text_of(await infer(bus, "i1", prompt="hello", max_tokens=4))
+
+        await eventually(agent.is_ready, 300, "device 0's worker restarted", pause_s=0.5)
+        status = await bus.request(bus.subjects.device_call(s.node, 0), DeviceCall(op=DeviceOp.status), CommandResult)
+        assert status.detail["pid"] == agent.workers.pid(0) != pid
+        assert view.devices[0].free_bytes == 0 and agent.view().devices[0].free_bytes > 0
+
+
 def test_device_workers_die_with_a_killed_agent(settings):
     """No orphans: SIGKILL the agent process; its vLLM device workers exit on their own."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     env = dict(os.environ, **settings.with_overrides(devices=2, engine="vllm").as_env())
     agent = subprocess.Popen([sys.executable, "-m", "services.gpuagent"], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
