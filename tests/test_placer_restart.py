@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from services.placer.core import Config, Demote, Gpu, Instance, LoadPoint, ModelSpec, Node, snapshot_of, tick, windowed_load
+from services.placer.core import (Config, Demote, Gpu, Instance, LoadPoint, ModelSpec, Node, snapshot_of, tick,
+                                  windowed_load)
 from shared.schemas import Event, LoadSample
 from tests.test_placer_service import _collect, _stop, cluster, eventually  # noqa: F401 (cluster is a fixture)
 

@@ -170,8 +170,9 @@ async def _crash(running: Running) -> None:
     running.stopping.set()
     await running._run_task
     service = running.service
-    for worker in service.workers:
-        await worker.bus.close()
+    for worker in service.workers.workers:
+        if worker.inproc is not None:
+            await worker.inproc.bus.close()
     await service.bus.close()
     await service.state.close()
 

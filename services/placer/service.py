@@ -76,15 +76,17 @@ class PlacerService(Service):
         await self.dispatcher.drain()
         async with self.lease_lock:
             self.released = True
+            change = None
             if self.leadership.leading:
                 await self.state.release_lease(self.state.keys.placer_lease(), self.token)
-                await self._lead(self.leadership.answered(time.time(), False), "released")
+                change = self.leadership.answered(time.time(), False)
+        await self._lead(change, "released")
 
     # ------------------------------------------------------------ leadership
 
     async def keep_lease(self) -> None:
         """Renew the lease while leading, else try to take it; act on a change."""
-        async with self.lease_lock:
+        async with self.lease_lock:  # lease I/O and the leadership it decides only: nothing that waits on NATS
             if self.released:
                 return
             key, ttl_s, asked_s = self.state.keys.placer_lease(), self.settings.placer_lease_ttl_s, time.time()
@@ -93,26 +95,25 @@ class PlacerService(Service):
                     held = await self.state.renew_lease(key, self.token, ttl_s)
                 else:
                     held = await self.state.acquire_lease(key, self.token, ttl_s)
+                change = self.leadership.answered(asked_s, held)
+                reason = "lease taken" if held else "lease held elsewhere"
             except StateError as exc:
-                await self._lead(self.leadership.unanswered(time.time()), f"lease unreachable: {exc}")
-                return
-            await self._lead(self.leadership.answered(asked_s, held), "lease taken" if held else "lease held elsewhere")
-            if self.leadership.leading and self.need_subscription is None:  # also retries a failed subscribe
-                self.need_subscription = await self.bus.subscribe(self.bus.subjects.instance_need(), InstanceNeed,
-                                                                  self.on_need)
+                change, reason = self.leadership.unanswered(time.time()), f"lease unreachable: {exc}"
+        await self._lead(change, reason)
 
     async def _lead(self, change: str | None, reason: str) -> None:
-        if change is None:
-            return
-        if change == ELECTED:
-            self.log.info(change, placer=self.token, reason=reason)
-        else:
-            self.log.warning(change, placer=self.token, reason=reason)
+        """Report a leadership change; subscribe to InstanceNeed only while leading (each lease round
+        checks it again, so a subscription that failed is retried)."""
+        if change is not None:
+            (self.log.info if change == ELECTED else self.log.warning)(change, placer=self.token, reason=reason)
+            await self.bus.publish_event("placer", Event(name=change, at_s=time.time(), reason=reason,
+                                                         detail={"placer": self.token}))
+        if self.leadership.leading and self.need_subscription is None:
+            self.need_subscription = await self.bus.subscribe(self.bus.subjects.instance_need(), InstanceNeed,
+                                                              self.on_need)
+        elif not self.leadership.leading and self.need_subscription is not None:
             subscription, self.need_subscription = self.need_subscription, None
-            if subscription is not None:
-                await self.bus.unsubscribe(subscription)
-        await self.bus.publish_event("placer", Event(name=change, at_s=time.time(), reason=reason,
-                                                     detail={"placer": self.token}))
+            await self.bus.unsubscribe(subscription)
 
     # ------------------------------------------------------------ inputs
 
@@ -166,7 +167,8 @@ class PlacerService(Service):
         plan = adapter.plan_from(result, now)
         if not await self.state.put_plan_if_leader(plan, self.token):
             async with self.lease_lock:
-                await self._lead(self.leadership.answered(now, False), "plan write refused: lease held elsewhere")
+                change = self.leadership.answered(now, False)
+            await self._lead(change, "plan write refused: lease held elsewhere")
             return None
         if self._changed(plan):
             await self.bus.publish_event("placer", Event(name="plan_changed", at_s=now, detail={
