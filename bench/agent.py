@@ -157,8 +157,8 @@ def fresh_server_ttft_s(path: str, kv_bytes: int, max_model_len: int) -> float:
 
 def worker_peak_rss(agent: AgentService) -> list[int]:
     peaks = []
-    for proc in agent.processes:
-        status = Path(f"/proc/{proc.pid}/status").read_text()
+    for index in range(len(agent.ledgers)):
+        status = Path(f"/proc/{agent.workers.pid(index)}/status").read_text()
         peaks.append(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024)
     return peaks
 
@@ -180,7 +180,7 @@ async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoS
         running = await Running.start(AgentService(settings), with_health=False)
         bus = await Bus.connect(settings, "bench")
         b = Bench(bus, settings.node)
-        devices = len(running.service.processes)  # cuda: the visible GPUs; one GPU measures both pairs
+        devices = len(running.service.ledgers)  # cuda: the visible GPUs; one GPU measures both pairs
         results = []
         for i, (model, other) in enumerate(pairs):
             results.append(await measure_model(b, model, other, i % devices))

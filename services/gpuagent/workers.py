@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from services.gpuagent.core.restarts import RestartPolicy, WorkerLife
+from services.gpuagent.engine_fake import FakeHost
+from services.gpuagent.worker import DeviceWorker
 from shared.bus import Bus, BusError
 from shared.schemas import CommandResult, DeviceCall, DeviceOp
 
@@ -28,7 +30,7 @@ STABLE_S = 60.0  # a worker up this long is healthy: its next death restarts it 
 class Worker:
     index: int
     proc: subprocess.Popen | None = None  # None: in-process (fake engine)
-    inproc: object | None = None  # the in-process DeviceWorker
+    inproc: DeviceWorker | None = None
     up: bool = False
     restart_at_s: float | None = None  # monotonic; set while dead and waiting for its restart
     lost: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -78,9 +80,6 @@ class DeviceWorkers:
         return budgets
 
     async def _start_inproc(self, w: Worker) -> int:
-        from services.gpuagent.engine_fake import FakeHost
-        from services.gpuagent.worker import DeviceWorker
-
         s = self.settings  # own connection, as a worker process would have
         bus = await Bus.connect(s, f"gpuagent-{s.node}-dev{w.index}")
         w.inproc = DeviceWorker(bus, s, w.index, FakeHost(s.fake_load_bytes_s, s.fake_token_s), s.device_memory_bytes)
