@@ -1,7 +1,7 @@
 """Two placers, one leader: the lease rules without I/O, then two PlacerServices over the session's
 real NATS and Redis with real agents: exactly one leads and answers InstanceNeed, the standby keeps
 hearing load, takes over within 5 s of the leader's death (or at once after a clean stop), and a
-stale leader's plan write is refused."""
+stale leader's plan write is refused, after which it commands nothing more."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import asyncio
 import math
 import time
 
+from services.placer.core import Prewarm
+from services.placer.dispatch import Dispatcher
 from services.placer.leader import ELECTED, LOST, Leadership
+from shared.bus import Bus
 from shared.runner import Running
 from shared.schemas import Event, InstanceNeed, LoadSample, Plan
 from tests.test_placer_service import _collect, _stop, cluster, eventually, need  # noqa: F401 (cluster is a fixture)
@@ -97,9 +100,21 @@ async def test_a_leader_that_lost_its_lease_unseen_cannot_write_the_plan(cluster
     before = await state.plan()
     assert await a.service.tick() is None  # its plan write is refused: it steps down
     assert not a.service.leadership.leading and a.service.need_subscription is None
+    assert a.service.dispatcher.overlay(0.0) == [] and not a.service.dispatcher.tasks  # it commands nothing more
     assert (await state.plan()) == before
     await eventually(lambda: asyncio.sleep(0, bool(lost)), what="leader_lost event")
     await _stop(watcher)
+
+
+async def test_a_placer_that_loses_the_lead_abandons_its_commands(settings):
+    bus = await Bus.connect(settings, "placer-abandon")
+    dispatcher = Dispatcher(bus, attempt_timeout_s=0.2, node_alive=lambda node: True)  # nobody answers: retries
+    dispatcher.submit([Prewarm("m1", "nz", (0,), 1.0, "prewarm_foundation")])
+    await asyncio.sleep(0.3)
+    dispatcher.abandon()
+    await asyncio.wait_for(dispatcher.drain(), 2)
+    assert dispatcher.overlay(0.0) == [] and not dispatcher.tasks
+    await bus.close()
 
 
 async def test_a_clean_stop_hands_over_at_once(cluster):

@@ -121,6 +121,12 @@ class Dispatcher:
                 detail={"command_id": command_id, "kind": cmd.kind.value}))
         return result
 
+    def abandon(self) -> None:
+        """Send nothing more (leadership lost): cancel every chain and forget what was pending."""
+        for task in list(self.tasks):
+            task.cancel()
+        self.pending.clear()
+
     async def drain(self) -> None:
         if self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from services.placer import adapter
 from services.placer.core import LoadPoint, Snapshot, allocate, apply_effects, plan_tick, windowed_load
 from services.placer.dispatch import Dispatcher
-from services.placer.leader import ELECTED, Leadership
+from services.placer.leader import ELECTED, LOST, Leadership
 from shared.runner import Service, every
 from shared.schemas import (Event, Forecast, InstanceAnswer, InstanceNeed, InstanceRoute, LoadSample, ModelInfo,
                             NodeView, Plan)
@@ -106,6 +106,8 @@ class PlacerService(Service):
         checks it again, so a subscription that failed is retried)."""
         if change is not None:
             (self.log.info if change == ELECTED else self.log.warning)(change, placer=self.token, reason=reason)
+            if change == LOST:
+                self.dispatcher.abandon()  # only the leader commands agents
             await self.bus.publish_event("placer", Event(name=change, at_s=time.time(), reason=reason,
                                                          detail={"placer": self.token}))
         if self.leadership.leading and self.need_subscription is None:
