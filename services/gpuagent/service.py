@@ -18,7 +18,6 @@ from collections import OrderedDict
 
 from services.gpuagent.core.ledger import DeviceLedger, Refused, instance_kv_bytes, page_bytes
 from services.gpuagent.workers import DeviceWorkers
-from shared.bus import BusError
 from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
                             DeviceOp, DeviceView, Event, InstanceState, InstanceView, ModelInfo, NodeView)
@@ -150,7 +149,8 @@ class AgentService(Service):
         except Exception:  # never leave a device dead silently
             self.log.exception("device_revive_failed", device=index)
         finally:
-            self._revivals.pop(index, None)
+            if self._revivals.get(index) is asyncio.current_task():  # not a later revival of the device
+                del self._revivals[index]
 
     async def stop(self) -> None:
         self._ready = False
@@ -367,10 +367,9 @@ class AgentService(Service):
                 request.cancel()
         if not request.done() or request.cancelled():
             return failed(f"device {device} worker died (exit code {lost.result()}) during {call.op.value}")
-        if request.exception() is not None:
-            if isinstance(request.exception(), BusError):
-                return failed(f"device {device} did not answer {call.op.value}: {request.exception()}")
-            raise request.exception()
+        error = request.exception()
+        if error is not None:  # BusError, or a NATS error while the connection is down
+            return failed(f"device {device} did not answer {call.op.value}: {type(error).__name__}: {error}")
         return request.result()
 
     async def _refresh_inflight(self) -> None:
