@@ -132,9 +132,6 @@ class State:
 
     # ------------------------------------------------------------ desired plan
 
-    async def put_plan(self, plan: Plan) -> None:
-        await self.put(self.keys.plan(), plan)
-
     async def plan(self) -> Plan | None:
         return await self.get(self.keys.plan(), Plan)
 

@@ -184,8 +184,8 @@ async def test_restarted_placer_converges_to_observed_state(cluster):
     await eventually(lambda: _copies_of(state, "m2", 1), what="a copy of m2")
     await first.shutdown()
     # a stale plan claims copies and instances nobody holds
-    await state.put_plan(Plan(at_s=0, copies=[PlannedCopy(model="m3", node="n1", devices=[1], score=9.0)],
-                              instances={"m3": 2}))
+    stale = Plan(at_s=0, copies=[PlannedCopy(model="m3", node="n1", devices=[1], score=9.0)], instances={"m3": 2})
+    await state.put(state.keys.plan(), stale)
     orders = []
     stream = asyncio.create_task(_collect(bus, "prewarm_ordered", orders))
     await asyncio.sleep(0.1)
