@@ -75,6 +75,7 @@ class DeviceWorkers:
         for w in self.workers:
             budget = await self._wait_ready(w)
             if budget is None:
+                await self.stop()
                 raise RuntimeError(f"device worker {w.index} did not start (exit code {w.proc.returncode})")
             budgets.append(budget)
         return budgets
