@@ -1,6 +1,7 @@
 """GPU agent under faults, fake engine: a kill -9'd device worker (child processes, as with vLLM) is
-reported, reaped, started again and warmed again while the other device serves; a demoting
-instance answers requests with a 503, never silence; the restart backoff policy."""
+reported, reaped, started again and warmed again while the other device serves, and the gateway
+sends its requests without output elsewhere; a demoting instance answers requests with a 503,
+never silence; the restart backoff policy."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from services.gateway.service import GatewayService
 from services.gpuagent.core.restarts import RestartPolicy, WorkerLife
+from shared.runner import Running
 from shared.schemas import CommandKind, CommandResult, DeviceCall, DeviceOp
 from tests.agent_helpers import agent_events, command, eventually, fake_model, infer, running_agent
 
@@ -99,3 +103,28 @@ async def test_a_stopping_instance_answers_503_never_silence(settings):
         assert (await accepted)[-1].finish_reason == "length"  # accepted before the demote: served in full
         after = await infer(bus, "i1", timeout_s=5)  # routed before the stop was seen
         assert after[-1].error_code == 503
+
+
+async def test_a_request_without_output_on_a_killed_worker_is_served_by_another_instance(settings):
+    """With the gateway: kill -9 the worker serving a request that has no token yet; the agent's
+    instance_failed lets the gateway send it to the instance on the other device."""
+    s = settings.with_overrides(engine="fake", fake_worker_processes=True, devices=2, device_memory_bytes=64 * MiB,
+                                kv_cache_bytes=2 * MiB, fake_token_s=1.0, fake_load_bytes_s=1e9, heartbeat_s=0.2,
+                                warm_engines=False, gateway_port=0, sample_interval_s=0.2)
+    async with running_agent(s, [fake_model("m1")]) as (running, bus, state):
+        gateway = await Running.start(GatewayService(s), with_health=False)
+        try:
+            assert (await command(bus, s.node, CommandKind.cold_start, "m1", devices=(0,), instance_id="i0")).ok
+            scheduler = gateway.service.runtime.scheduler
+            await eventually(lambda: scheduler.ready_instances("m1") == ["i0"], 5, "the gateway sees i0")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.service.port}", timeout=30) as http:
+                request = asyncio.create_task(http.post("/v1/completions", json={
+                    "model": "m1", "prompt": "x", "max_tokens": 2}))
+                await eventually(lambda: scheduler.instance_load("i0") == 1, 5, "the request reached i0")
+                assert (await command(bus, s.node, CommandKind.cold_start, "m1", devices=(1,), instance_id="i1")).ok
+                os.kill(running.service.workers.pid(0), signal.SIGKILL)  # before i0's first token (1 s)
+                response = await asyncio.wait_for(request, 20)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == " t0 t1"
+        finally:
+            await gateway.shutdown()
