@@ -2,7 +2,8 @@
 
 One per device. With the vLLM engine it is a long-lived process started by the agent at boot
 (vLLM imported and the device initialised once, so no request waits for a spawn or an import);
-with the fake engine it runs inside the agent's process. Same code either way.
+with the fake engine it runs inside the agent's process unless `fake_worker_processes` is set.
+Same code either way. A draining or stopped instance answers requests with a 503, never silence.
 `python -m services.gpuagent.worker --device-index N [settings flags]`.
 """
 
