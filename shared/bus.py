@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageT
 from pydantic import BaseModel
 
 from shared.codec import DecodeError, decode, encode
+from shared.credentials import nats_options
 from shared.logs import get_logger
 from shared.schemas import Event
 from shared.settings import Settings
@@ -49,10 +50,23 @@ class Bus:
 
     @classmethod
     async def connect(cls, settings: Settings, name: str) -> "Bus":
-        nc = await nats.connect(
-            settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=5, allow_reconnect=True,
-        )
+        """Connect (waiting for the server as long as it takes) with this process's credentials.
+        Refused credentials end the wait with a BusError: they would be refused forever."""
+        nc, connected = nats.NATS(), False
+
+        async def on_error(exc: Exception) -> None:  # also how a permission violation is reported
+            if not connected and "authorization violation" in str(exc).lower():
+                raise BusError(f"{settings.nats_url} refused the credentials of {name}: {exc} "
+                               f"(settings: identity and data_dir, or nats_user, or nats_creds)")
+            log.warning("nats_error", connection=name, error=str(exc))
+
+        try:
+            await nc.connect(settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                             connect_timeout=5, allow_reconnect=True, error_cb=on_error, **nats_options(settings))
+        except BusError:
+            await nc.close()
+            raise
+        connected = True
         return cls(nc, Subjects(settings.namespace), settings.request_timeout_s, name)
 
     # ------------------------------------------------------------ publish
@@ -166,9 +180,13 @@ class Bus:
             await js.update_stream(config)
 
     async def replay_events(self, since_s: float | None = None) -> AsyncIterator[tuple[str, bytes]]:
-        """Yield stored events (subject, payload) from the stream, oldest first, then stop."""
+        """Yield stored events (subject, payload) from the stream, oldest first, then stop (at once
+        if nobody created the stream yet)."""
         js = self.nc.jetstream()
-        info = await js.stream_info(self.subjects.stream_name())
+        try:
+            info = await js.stream_info(self.subjects.stream_name())
+        except nats.js.errors.NotFoundError:
+            return
         last = info.state.last_seq
         if last == 0:
             return

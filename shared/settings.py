@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from shared.credentials import IDENTITIES
+
 ENV_PREFIX = "WARMSERVE_"
 
 
@@ -41,6 +43,10 @@ def _url(*schemes: str) -> Callable[[str], str | None]:
     return check
 
 
+def _file(value: str) -> str | None:
+    return None if not value or os.path.isfile(value) else "no such file"
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
@@ -61,6 +67,16 @@ class Settings:
     request_timeout_s: float = _setting(5.0, "timeout of NATS request/reply calls", _positive)
     data_dir: str = _setting("var", "where embedded NATS/Redis keep data and services write files")
     models_dir: str = _setting("models", "where demo models are built")
+    identity: str = _setting("", "whose credentials (in data_dir, written by `warmserve up`) this process uses on the "
+                                 "embedded NATS/Redis (empty: admin; watch and status: monitor)",
+                             _one_of("", *IDENTITIES))
+    embedded_auth: bool = _setting(True, "`warmserve up`: embedded NATS/Redis require credentials and enforce "
+                                         "each identity's permissions")
+    nats_user: str = _setting("", "NATS user on a server you run (empty: the identity's on embedded NATS)")
+    nats_password: str = _setting("", "password of nats_user")
+    nats_creds: str = _setting("", "NATS credentials file (user JWT and nkey seed) for a server you run", _file)
+    nats_tls_ca: str = _setting("", "CA certificate that signed the NATS server's (turns TLS on)", _file)
+    metrics_auth: bool = _setting(False, "gateway: /metrics also requires one of api_keys")
 
     # gateway
     gateway_host: str = _setting("127.0.0.1", "gateway listen address")

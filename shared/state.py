@@ -15,6 +15,7 @@ import redis.exceptions
 from pydantic import BaseModel
 
 from shared.codec import DecodeError, decode, encode
+from shared.credentials import redis_options
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.schemas import ModelInfo, NodeView, Plan
@@ -33,8 +34,8 @@ class State:
 
     @classmethod
     async def connect(cls, settings: Settings) -> "State":
-        client = aioredis.from_url(settings.redis_url, decode_responses=False,
-                                   socket_connect_timeout=5, health_check_interval=30)
+        client = aioredis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=5,
+                                   health_check_interval=30, **redis_options(settings))
         await client.ping()
         return cls(client, Keys(settings.namespace))
 

@@ -74,3 +74,31 @@ class Subjects:
     def infer_replies(self, gateway_id: str) -> str:
         """Wildcard over every reply stream of one gateway process (demultiplexed by request id)."""
         return self._s("infer", "reply", _token(gateway_id), "*")
+
+    # wildcards for the NATS server's per-identity permissions (shared.credentials); Subjects("*")
+    # spans every namespace
+    def domain(self, domain: str) -> str:
+        return self._s(domain, ">")
+
+    def agent_commands(self) -> str:
+        return self._s("agent", "cmd", "execute", "*")
+
+    def infer_requests(self) -> str:
+        return self._s("infer", "req", ">")
+
+    def infer_cancels(self) -> str:
+        return self._s("infer", "cmd", ">")
+
+    def all_infer_replies(self) -> str:
+        return self._s("infer", "reply", ">")
+
+
+def inbox_prefix(identity: str) -> str:
+    """Reply inboxes of one identity: it reads its own replies and no one else's."""
+    return f"_INBOX.{_token(identity)}"
+
+
+# nats-server's own JetStream API: what creating the event stream needs, and what reading it needs
+JS_STREAM_SETUP = ("$JS.API.STREAM.CREATE.*", "$JS.API.STREAM.UPDATE.*", "$JS.API.STREAM.INFO.*")
+JS_STREAM_READ = ("$JS.API.STREAM.INFO.*", "$JS.API.STREAM.NAMES", "$JS.API.CONSUMER.CREATE.>",
+                  "$JS.API.CONSUMER.INFO.>", "$JS.API.CONSUMER.DELETE.>", "$JS.FC.>")

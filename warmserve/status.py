@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 
+from shared.credentials import with_identity
 from shared.settings import add_arguments, load_settings
 from shared.state import State
 
@@ -60,6 +61,6 @@ def main(argv: list[str]) -> int:
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     as_json = args.pop("as_json")
-    snap = asyncio.run(snapshot(load_settings(args)))
+    snap = asyncio.run(snapshot(with_identity(load_settings(args), "monitor")))
     print(json.dumps(snap, indent=1) if as_json else render(snap))
     return 0

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from shared import credentials
 from shared.settings import Settings, SettingsError, add_arguments, env_name, load_settings
 from warmserve import infra
 from warmserve.supervision import GiveUp, Supervisor
@@ -65,18 +66,23 @@ class Stack:
         print(text, file=sys.stderr, flush=True)
 
     def start_infra(self) -> None:
-        """Start an embedded server for each local URL nobody listens on; use configured ones as they are."""
+        """Start an embedded server for each local URL nobody listens on (requiring the credentials
+        kept in the data directory, unless embedded_auth is off); use configured ones as they are."""
         self.logs.mkdir(parents=True, exist_ok=True)
+        auth, embedded = self.settings.embedded_auth, {}
         for name, url, start in (("nats_url", self.settings.nats_url, infra.start_nats),
                                  ("redis_url", self.settings.redis_url, infra.start_redis)):
             host, port = _host_port(url)
             configured = _configured(name, self.flags)
             if host not in ("127.0.0.1", "localhost") or (configured and infra.port_in_use(port)):
-                self.say(f"using {url}")
+                self.say(f"using {credentials.redact(url)}")
                 continue
-            server = start(self.data, port, self.logs / f"{server_name(name)}.log")  # port conflicts raise here
+            server = start(self.data, port, self.logs / f"{server_name(name)}.log", auth)  # port conflicts raise here
             self.servers.append(server)
-            self.say(f"{server_name(name)}-server on {server.url}, data in {self.data / server.name}")
+            embedded[server.name] = url
+            self.say(f"{server_name(name)}-server on {server.url}, data in {self.data / server.name}"
+                     + (", credentials required" if auth else ""))
+        credentials.record_servers(self.data, embedded if auth else {})  # what `identity` logs in to
 
     def build_models(self) -> None:
         from warmserve.models import build_demo, register
@@ -88,7 +94,8 @@ class Stack:
         base_env = dict(os.environ, PYTHONUNBUFFERED="1", **self.settings.as_env())
         for name in SERVICE_ORDER:
             port = self.settings.gateway_port if name == "gateway" else infra.free_port()
-            env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0)})
+            env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0),
+                                    env_name("identity"): name})  # its own credentials and permissions
             proc = self.launch(name, port, env)
             self.say(f"started {name} (pid {proc.pid}), log {self.logs / (name + '.log')}")
 

@@ -10,6 +10,7 @@ import time
 
 from shared.bus import Bus
 from shared.codec import DecodeError, decode
+from shared.credentials import with_identity
 from shared.schemas import Event
 from shared.settings import add_arguments, load_settings
 
@@ -45,7 +46,6 @@ async def watch(settings, model: str | None, as_json: bool, since_s: float | Non
         live = bus.raw_events(bus.subjects.all_events())
         first = asyncio.ensure_future(live.__anext__())  # subscribe before replaying: nothing falls between
         if since_s is not None:
-            await bus.ensure_event_stream()
             async for subject, payload in bus.replay_events(time.time() - since_s):
                 show(subject, payload)
         subject, payload = await first
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     own = {k: args.pop(k) for k in ("watch_model", "as_json", "since_s")}
-    settings = load_settings(args)
+    settings = with_identity(load_settings(args), "monitor")
     try:
         asyncio.run(watch(settings, own["watch_model"], own["as_json"], own["since_s"]))
     except KeyboardInterrupt:

@@ -70,7 +70,9 @@ def create_app(settings: Settings, runtime: GatewayRuntime, metrics: GatewayMetr
         return PlainTextResponse("ready") if ready() else PlainTextResponse("not ready", status_code=503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(http: Request) -> Response:
+        if settings.metrics_auth:
+            check_api_key(http)
         return Response(metrics.render(), media_type=PROMETHEUS_TEXT)
 
     @app.exception_handler(ApiError)

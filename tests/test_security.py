@@ -1,0 +1,315 @@
+"""Security by default: real nats-server and redis-server started as `warmserve up` starts them
+(generated credentials, per-identity permissions) refuse strangers and hold every identity to its
+permissions, while each service identity can still do its job (the whole stack serves requests).
+Outsiders are raw nats-py / redis-py clients here: an attacker does not use our runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import httpx
+import nats
+import nats.errors
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from services.forecaster.service import ForecasterService
+from services.gateway.app import create_app
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.service import GatewayService
+from services.gpuagent.service import AgentService
+from services.placer.service import PlacerService
+from shared import credentials
+from shared.bus import Bus, BusError
+from shared.runner import Running
+from shared.schemas import Event
+from shared.settings import Settings, load_settings
+from shared.state import State
+from shared.subjects import Subjects
+from tests.agent_helpers import fake_model
+from warmserve import infra
+from warmserve.up import Stack
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """Embedded servers with auth, and the credentials file that tells clients about them."""
+    data = tmp_path_factory.mktemp("secured")
+    nats_server = infra.start_nats(data, infra.free_port(), data / "nats.log", auth=True)
+    redis_server = infra.start_redis(data, infra.free_port(), data / "redis.log", auth=True)
+    credentials.record_servers(data, {"nats": nats_server.url, "redis": redis_server.url})
+    yield data, nats_server, redis_server
+    nats_server.stop()
+    redis_server.stop()
+
+
+@pytest.fixture
+def ns() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def as_identity(secured, ns: str, identity: str = "", data_dir: Path | None = None) -> Settings:
+    data, nats_server, redis_server = secured
+    return load_settings({"namespace": ns, "nats_url": nats_server.url, "redis_url": redis_server.url,
+                          "data_dir": str(data_dir or data), "identity": identity, "drain_timeout_s": 5.0}, env={})
+
+
+class Raw:
+    """A plain NATS connection (optionally as an identity) that keeps the server's error reports."""
+
+    def __init__(self):
+        self.nc = nats.NATS()
+        self.errors: list[str] = []
+        self._reported = asyncio.Condition()
+
+    @classmethod
+    async def connect(cls, secured, identity: str | None = None) -> "Raw":
+        data, nats_server, _ = secured
+        raw = cls()
+        login = {}
+        if identity:
+            login = dict(user=identity, password=credentials.ensure(data)[identity],
+                         inbox_prefix=f"_INBOX.{identity}")
+        await raw.nc.connect(nats_server.url, allow_reconnect=False, error_cb=raw._on_error, **login)
+        return raw
+
+    async def _on_error(self, exc: Exception) -> None:
+        async with self._reported:
+            self.errors.append(str(exc).lower())  # nats-py lowercases the server's -ERR text
+            self._reported.notify_all()
+
+    def violations(self) -> list[str]:
+        return [e for e in self.errors if "permissions violation" in e]
+
+    async def violation(self, subject: str) -> str:
+        """The server's report that an operation on `subject` was refused (it may follow a PONG)."""
+        async with asyncio.timeout(5), self._reported:
+            await self._reported.wait_for(lambda: any(f'"{subject.lower()}"' in v for v in self.violations()))
+        return next(v for v in self.violations() if f'"{subject.lower()}"' in v)
+
+
+async def reaches(sender: Raw, subject: str, watcher: Raw, ns: str) -> bool:
+    """Whether `sender` publishing on `subject` reaches a subscriber of everything: the watcher's
+    marker, sent after the sender's publish was processed, bounds the wait."""
+    marker = f"{ns}.test.marker"
+    sub = await watcher.nc.subscribe(f"{ns}.>")
+    await watcher.nc.flush()
+    await sender.nc.publish(subject, b"x")
+    await sender.nc.flush()  # the server has handled the publish (and reported a violation) before its PONG
+    await watcher.nc.publish(marker, b"")
+    seen = []
+    while (msg := await sub.next_msg(timeout=5)).subject != marker:
+        seen.append(msg.subject)
+    await sub.unsubscribe()
+    return subject in seen
+
+
+# ---------------------------------------------------------------- the files
+
+
+def test_credentials_are_private_and_kept_across_restarts(secured):
+    data = secured[0]
+    first = credentials.ensure(data)
+    assert set(first) == set(credentials.IDENTITIES) and len(set(first.values())) == len(first)
+    assert credentials.ensure(data) == first  # a restarted server or service logs in as before
+    for secret in (credentials.path(data), data / "nats" / "auth.conf", data / "redis" / "users.acl"):
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600, secret
+    assert first["gateway"] not in (data / "redis" / "users.acl").read_text()  # Redis keeps hashes only
+
+
+def test_redact_hides_passwords_in_urls():
+    assert credentials.redact("rediss://svc:s3cret@db:6380/0") == "rediss://svc:***@db:6380/0"
+    assert credentials.redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+# ---------------------------------------------------------------- strangers
+
+
+async def test_unauthenticated_nats_client_is_refused(secured, ns, tmp_path):
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(secured[1].url, allow_reconnect=False)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(secured[1].url, allow_reconnect=False, user="placer", password="guessed")
+    with pytest.raises(BusError, match="refused the credentials"):  # no credentials file: no waiting forever
+        await asyncio.wait_for(Bus.connect(as_identity(secured, ns, data_dir=tmp_path), "stranger"), 10)
+
+
+async def test_unauthenticated_redis_client_is_refused(secured, ns, tmp_path):
+    stranger = aioredis.from_url(secured[2].url)
+    with pytest.raises(redis.exceptions.AuthenticationError):  # NOAUTH
+        await stranger.ping()
+    await stranger.aclose()
+    guesser = aioredis.from_url(secured[2].url, username="admin", password="guessed")
+    with pytest.raises(redis.exceptions.AuthenticationError):  # WRONGPASS
+        await guesser.ping()
+    await guesser.aclose()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        await State.connect(as_identity(secured, ns, data_dir=tmp_path))
+
+
+# ---------------------------------------------------------------- who may publish what
+
+ONLY_PLACER_COMMANDS_AGENTS = "agent_command"
+ONLY_GATEWAY_INFERS = "infer"
+
+
+def subject_of(kind: str, ns: str) -> str:
+    s = Subjects(ns)
+    return {"agent_command": s.agent_command("n0"), "infer": s.infer("i1"), "cancel": s.infer_cancel("i1"),
+            "infer_reply": s.infer_reply("gw1", "r1"), "plan_event": s.event("placer", "plan_changed")}[kind]
+
+
+@pytest.mark.parametrize("identity,kind,allowed", [
+    ("placer", "agent_command", True),
+    ("gateway", "agent_command", False),
+    ("gpuagent", "agent_command", False),
+    ("forecaster", "agent_command", False),
+    ("monitor", "agent_command", False),
+    ("gateway", "infer", True),
+    ("gateway", "cancel", True),
+    ("placer", "infer", False),
+    ("gpuagent", "infer", False),
+    ("monitor", "infer", False),
+    ("monitor", "cancel", False),
+    ("gpuagent", "infer_reply", True),
+    ("monitor", "infer_reply", False),
+    ("gateway", "plan_event", False),
+    ("placer", "plan_event", True),
+])
+async def test_publish_permissions(secured, ns, identity, kind, allowed):
+    sender, watcher = await Raw.connect(secured, identity), await Raw.connect(secured, "admin")
+    subject = subject_of(kind, ns)
+    try:
+        assert await reaches(sender, subject, watcher, ns) == allowed
+        if allowed:
+            assert not sender.violations(), sender.errors
+        else:
+            assert "publish" in await sender.violation(subject)
+    finally:
+        await sender.nc.close()
+        await watcher.nc.close()
+
+
+async def test_monitor_reads_events_but_not_inference(secured, ns):
+    placer = await Bus.connect(as_identity(secured, ns, "placer"), "placer")
+    monitor = await Bus.connect(as_identity(secured, ns, "monitor"), "monitor")
+    raw_monitor, admin = await Raw.connect(secured, "monitor"), await Raw.connect(secured, "admin")
+    s = Subjects(ns)
+    try:
+        await placer.ensure_event_stream()
+        await placer.publish_event("placer", Event(name="plan_changed", at_s=1.0, model="old"))
+        await placer.nc.flush()
+        replayed = [subject async for subject, _ in monitor.replay_events()]  # JetStream, read-only
+        assert replayed == [s.event("placer", "plan_changed")]
+
+        prompts = await raw_monitor.nc.subscribe(f"{ns}.infer.>")
+        everything = await raw_monitor.nc.subscribe(f"{ns}.>")
+        events = await raw_monitor.nc.subscribe(s.all_events())
+        await raw_monitor.nc.publish(f"$JS.API.STREAM.DELETE.{s.stream_name()}", b"")
+        await raw_monitor.nc.flush()
+        for subject in (f"{ns}.infer.>", f"{ns}.>"):
+            assert "subscription" in await raw_monitor.violation(subject)
+        assert "publish" in await raw_monitor.violation(f"$JS.API.STREAM.DELETE.{s.stream_name()}")
+        await admin.nc.publish(s.infer("i1"), b"a prompt")
+        await admin.nc.publish(s.event("gateway", "marker"), b"")
+        await admin.nc.flush()
+        assert (await events.next_msg(timeout=5)).subject == s.event("gateway", "marker")  # live events: yes
+        assert prompts.pending_msgs == 0 and everything.pending_msgs == 0  # the prompt before it: no
+    finally:
+        for bus in (placer, monitor):
+            await bus.close()
+        for raw in (raw_monitor, admin):
+            await raw.nc.close()
+
+
+# ---------------------------------------------------------------- Redis identities
+
+
+async def test_redis_identities_read_write_and_admin_commands(secured, ns):
+    placer = await State.connect(as_identity(secured, ns, "placer"))
+    monitor = await State.connect(as_identity(secured, ns, "monitor"))
+    try:
+        await placer.register_model(fake_model("m1"))
+        assert list(await monitor.models()) == ["m1"]
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await monitor.register_model(fake_model("m2"))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await placer.client.flushall()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await placer.client.execute_command("ACL", "LIST")
+    finally:
+        await placer.close()
+        await monitor.close()
+
+
+# ---------------------------------------------------------------- each service can do its job
+
+
+@pytest.mark.slow
+async def test_the_stack_serves_with_each_service_on_its_own_identity(secured, ns):
+    def s(identity: str, **changes) -> Settings:
+        return as_identity(secured, ns, identity).with_overrides(
+            engine="fake", devices=2, device_memory_bytes=64 * MiB, fake_token_s=0.001, fake_load_bytes_s=1e9,
+            heartbeat_s=0.2, heartbeat_ttl_s=1.0, kv_cache_bytes=2 * MiB, placer_tick_s=0.2, gateway_port=0,
+            **changes)
+
+    admin = await State.connect(s("admin"))
+    for name in ("m1", "m2"):
+        await admin.register_model(fake_model(name, 8 * MiB))
+    services = [await Running.start(AgentService(s("gpuagent", node="n0")), with_health=False)]
+    services += [await Running.start(cls(s(identity)), with_health=False) for cls, identity in (
+        (ForecasterService, "forecaster"), (PlacerService, "placer"), (GatewayService, "gateway"))]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{services[-1].service.port}", timeout=60) as http:
+            answers = await asyncio.gather(*[
+                http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4})
+                for model in ("m1", "m2") for _ in range(2)])
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers if a.status_code != 200]
+        assert sorted(i.model for v in (await admin.node_views()).values() for i in v.instances) == ["m1", "m2"]
+    finally:
+        for running in reversed(services):
+            await running.shutdown()
+        await admin.close()
+
+
+async def test_up_starts_the_embedded_servers_with_credentials(tmp_path):
+    settings = load_settings({"data_dir": str(tmp_path / "var"), "nats_url": f"nats://127.0.0.1:{infra.free_port()}",
+                              "redis_url": f"redis://127.0.0.1:{infra.free_port()}/0"}, env={})
+    stack = Stack(settings, {"nats_url": settings.nats_url, "redis_url": settings.redis_url})
+    stack.start_infra()  # auth is on by default
+    stranger = aioredis.from_url(settings.redis_url)
+    try:
+        recorded = json.loads(credentials.path(stack.data).read_text())["servers"]
+        assert recorded == {"nats": settings.nats_url, "redis": settings.redis_url}
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await stranger.ping()
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(settings.nats_url, allow_reconnect=False)
+        state, bus = await State.connect(settings), await Bus.connect(settings, "cli")  # the CLI: admin
+        await state.close()
+        await bus.close()
+    finally:
+        await stranger.aclose()
+        for server in stack.servers:
+            server.stop()
+
+
+# ---------------------------------------------------------------- the gateway's /metrics
+
+
+@pytest.mark.parametrize("metrics_auth,key,status", [
+    (False, None, 200), (True, None, 401), (True, "wrong", 401), (True, "k1", 200)])
+async def test_metrics_need_an_api_key_when_asked(metrics_auth, key, status):
+    settings = load_settings({"api_keys": "k1", "metrics_auth": str(metrics_auth)}, env={})
+    app = create_app(settings, runtime=None, metrics=GatewayMetrics(), ready=lambda: True)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        assert (await http.get("/metrics", headers=headers)).status_code == status
