@@ -102,3 +102,13 @@ async def test_absurd_and_unknown_samples_do_not_break_ticks(cluster):
     assert "nope" not in placer.samples
     ticks = placer.ticks
     assert await placer.tick() is not None and placer.ticks == ticks + 1
+
+
+async def test_hearing_starts_again_after_a_nats_outage(cluster, monkeypatch):
+    s, state, bus, agents, start_placer = cluster
+    placer = (await start_placer(scale_window_s=0.5)).service
+    started = placer.hearing_since_s
+    with monkeypatch.context() as patch:
+        patch.setattr(type(placer.bus.nc), "is_connected", property(lambda nc: False))
+        await placer.keep_lease()
+    assert placer.hearing_since_s > started  # a whole window after the outage before any scale-down

@@ -6,7 +6,8 @@ the plan converge after a placer restart or an agent's death (dead agents' views
 Several placers may run: the one holding the Redis lease leads (ticks, commands agents, answers
 InstanceNeed, writes the plan only while its lease holds); the others are ready standbys that
 keep hearing load samples, so a standby that takes over knows the load. A placer that has not
-heard a whole scale window of samples yet scales nothing down (it would read busy as idle).
+heard a whole scale window of samples yet (since it started, or since NATS came back) scales
+nothing down: it would read busy as idle.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class PlacerService(Service):
         self.lease_lock = asyncio.Lock()  # one lease operation at a time; stop() releases under it
         self.released = False
         self.need_subscription = None  # InstanceNeed is subscribed only while leading
-        self.hearing_since_s = 0.0  # load samples are heard from then on
+        self.hearing_since_s = 0.0  # load samples are heard without a break from then on
 
     async def start(self) -> None:
         self.dispatcher = Dispatcher(self.bus, self.settings.request_timeout_s, lambda node: node in self.alive)
@@ -86,6 +87,8 @@ class PlacerService(Service):
 
     async def keep_lease(self) -> None:
         """Renew the lease while leading, else try to take it; act on a change."""
+        if not self.bus.nc.is_connected:  # no sample arrives while NATS is away: hearing starts again after
+            self.hearing_since_s = time.time()
         async with self.lease_lock:  # lease I/O and the leadership it decides only: nothing that waits on NATS
             if self.released:
                 return
