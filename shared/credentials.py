@@ -33,7 +33,7 @@ def nats_permissions() -> dict[str, dict[str, Any]]:
     exclusive = {s.agent_commands(): "placer", s.infer_requests(): "gateway", s.infer_cancels(): "gateway"}
     grants = {  # identity: (publish, subscribe, answers requests)
         "gateway": ([s.infer_requests(), s.infer_cancels(), s.load_samples(), s.instance_need(), s.domain("gateway")],
-                    [s.all_infer_replies(), s.agent_heartbeat(), s.domain("agent")], False),
+                    [s.all_infer_replies(), s.agent_heartbeat(), s.domain_events("agent")], False),
         "placer": ([s.agent_commands(), s.domain("placer"), *JS_STREAM_SETUP],
                    [s.load_samples(), s.instance_need()], True),
         "forecaster": ([s.domain("forecast")], [s.load_samples(), s.forecast_query()], True),
@@ -133,7 +133,8 @@ def nats_options(settings: "Settings") -> dict[str, Any]:
     if settings.nats_creds:
         options["user_credentials"] = settings.nats_creds
     elif settings.nats_user:
-        options.update(user=settings.nats_user, password=settings.nats_password)
+        options.update(user=settings.nats_user, password=settings.nats_password,
+                       inbox_prefix=inbox_prefix(settings.nats_user))
     elif embedded := _embedded(settings, "nats", settings.nats_url):
         identity, password = embedded
         options.update(user=identity, password=password, inbox_prefix=inbox_prefix(identity))

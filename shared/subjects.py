@@ -80,6 +80,9 @@ class Subjects:
     def domain(self, domain: str) -> str:
         return self._s(domain, ">")
 
+    def domain_events(self, domain: str) -> str:
+        return self._s(domain, "evt", ">")
+
     def agent_commands(self) -> str:
         return self._s("agent", "cmd", "execute", "*")
 

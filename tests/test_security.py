@@ -313,3 +313,29 @@ async def test_metrics_need_an_api_key_when_asked(metrics_auth, key, status):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
         assert (await http.get("/metrics", headers=headers)).status_code == status
+
+
+# ---------------------------------------------------------------- docker compose
+
+
+def test_compose_servers_hold_every_identity_to_the_same_permissions():
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    password = {i: f"${{{i.upper()}_PASSWORD:?see README, Security}}" for i in credentials.IDENTITIES}
+    nats_conf = (root / "deploy" / "nats-auth.conf").read_text()
+    assert nats_conf.endswith(infra.nats_auth_config({i: f"${i.upper()}_PASSWORD" for i in credentials.IDENTITIES}))
+    assert "/etc/nats/auth.conf" in compose["nats"]["command"]
+    assert set(compose["nats"]["environment"]) == {f"{i.upper()}_PASSWORD" for i in credentials.IDENTITIES}
+    redis_command = " ".join(compose["redis"]["command"])
+    assert "--user default off" in redis_command
+    for identity, rules in credentials.redis_rules().items():
+        assert f"--user {identity} on >{password[identity]} {rules}" in redis_command
+    expected = {"demo-models": "admin", "gpuagent-cpu": "gpuagent"}
+    for name, svc in compose.items():
+        if svc.get("command", [None])[0] in ("service", "models"):
+            identity = expected.get(name, svc["command"][-1])
+            env = svc["environment"]
+            assert env["WARMSERVE_NATS_USER"] == identity and env["WARMSERVE_NATS_PASSWORD"] == password[identity]
+            assert env["WARMSERVE_REDIS_URL"] == f"redis://{identity}:{password[identity]}@redis:6379/0"

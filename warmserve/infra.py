@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -113,10 +114,12 @@ def _private_file(path: Path, text: str) -> str:
 
 
 def nats_auth_config(passwords: dict[str, str]) -> str:
-    """nats-server configuration (JSON is valid syntax): one user per identity, with its permissions."""
+    """nats-server configuration (JSON is valid syntax): one user per identity, with its permissions.
+    A password written `$NAME` stays a reference to the server's environment variable NAME."""
     users = [{"user": identity, "password": passwords[identity], "permissions": permissions}
              for identity, permissions in credentials.nats_permissions().items()]
-    return json.dumps({"authorization": {"users": users}}, indent=1)
+    text = json.dumps({"authorization": {"users": users}}, indent=1)
+    return re.sub(r'"password": "(\$\w+)"', r'"password": \1', text) + "\n"
 
 
 def start_nats(data_dir: Path, port: int, log_path: Path | None = None, auth: bool = False) -> Server:
