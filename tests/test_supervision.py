@@ -17,9 +17,11 @@ import httpx
 import pytest
 import yaml
 
+from shared.settings import load_settings
 from tests.test_up import alive, descendants
 from warmserve import infra
 from warmserve.supervision import GiveUp, Restart, Supervisor
+from warmserve.up import Stack
 
 # ------------------------------------------------------------------ the rules
 
@@ -56,6 +58,27 @@ def test_compose_restarts_every_long_running_container_and_runs_two_placers():
 
 
 # ------------------------------------------------------------------ the real stack
+
+
+def test_the_stack_gives_up_on_a_process_that_keeps_crashing(tmp_path):
+    stack = Stack(load_settings({"data_dir": str(tmp_path)}, env={}), {})
+    stack.logs.mkdir(parents=True)
+    said: list[str] = []
+    stack.say = said.append
+
+    def launch(name: str, port: int, env: dict) -> subprocess.Popen:  # a service that dies at once
+        proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        stack.services[name], stack.service_envs[name] = (proc, port), env
+        return proc
+
+    stack.launch = launch
+    launch("gpuagent", 0, {})
+    reason = stack.supervise(Supervisor(first_backoff_s=0.01))
+    log = tmp_path / "logs" / "gpuagent.log"
+    assert reason == f"gpuagent crashed 5 times in 60 s; see {log}; stopping the stack"
+    assert said[0] == (f"gpuagent exited with code 3; restarting in 0.01 s (crash 1 in 60 s; the stack stops at 5), "
+                       f"log {log}")
+    assert [line.split(" (pid")[0] for line in said if line.startswith("restarted")] == ["restarted gpuagent"] * 4
 
 
 class Lines:

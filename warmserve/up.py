@@ -171,7 +171,11 @@ class Stack:
         with open(self.logs / f"{name}.log", "ab") as log:
             server.proc = subprocess.Popen(server.proc.args, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
-        infra.wait_for_port(server.port, 15, server.proc, f"{name}-server")
+        try:
+            infra.wait_for_port(server.port, 15, server.proc, f"{name}-server")
+        except infra.InfraError:
+            server.stop(timeout_s=1)  # one that never listened is not left running beside its retry
+            raise
         return server.proc.pid
 
     def stop(self) -> None:
