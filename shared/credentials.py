@@ -2,7 +2,8 @@
 
 `warmserve up` keeps one password per identity in `{data_dir}/credentials.json` (mode 0600, made
 once, reused on restart) with the URLs of the embedded servers they are for; `Bus.connect` and
-`State.connect` take their options from here. Tables and options only: no sockets, no servers.
+`State.connect` take their options from here. Tables, that file and client options: no sockets,
+no servers (warmserve.infra writes the servers' configurations from these tables).
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def _embedded(settings: "Settings", server: str, url: str) -> tuple[str, str] | 
 # ------------------------------------------------------------ client options
 
 
+def with_identity(settings: "Settings", identity: str) -> "Settings":
+    """`settings` with `identity` unless one was chosen (how watch and status default to monitor)."""
+    return settings if settings.identity else settings.with_overrides(identity=identity)
+
+
 def nats_options(settings: "Settings") -> dict[str, Any]:
     """Keyword arguments for `nats.connect`: a creds file, a user and password from settings, or
     this process's identity on an embedded server; TLS when a CA is given."""
@@ -139,11 +145,6 @@ def nats_options(settings: "Settings") -> dict[str, Any]:
         identity, password = embedded
         options.update(user=identity, password=password, inbox_prefix=inbox_prefix(identity))
     return options
-
-
-def with_identity(settings: "Settings", identity: str) -> "Settings":
-    """`settings` with `identity` unless one was chosen (how watch and status default to monitor)."""
-    return settings if settings.identity else settings.with_overrides(identity=identity)
 
 
 def redis_options(settings: "Settings") -> dict[str, Any]:

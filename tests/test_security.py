@@ -11,6 +11,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import nats
@@ -29,7 +30,7 @@ from shared import credentials
 from shared.bus import Bus, BusError
 from shared.runner import Running
 from shared.schemas import Event
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, SettingsError, load_settings
 from shared.state import State
 from shared.subjects import Subjects
 from tests.agent_helpers import fake_model
@@ -128,6 +129,16 @@ def test_credentials_are_private_and_kept_across_restarts(secured):
 def test_redact_hides_passwords_in_urls():
     assert credentials.redact("rediss://svc:s3cret@db:6380/0") == "rediss://svc:***@db:6380/0"
     assert credentials.redact("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_connection_settings_are_validated_and_used(tmp_path):
+    with pytest.raises(SettingsError) as error:
+        load_settings({"nats_creds": "/nonexistent.creds", "nats_tls_ca": "/nonexistent.pem", "identity": "root"},
+                      env={})
+    assert len(error.value.errors) == 3
+    explicit = load_settings({"nats_user": "svc", "nats_password": "pw", "data_dir": str(tmp_path)}, env={})
+    assert credentials.nats_options(explicit) == {"user": "svc", "password": "pw", "inbox_prefix": "_INBOX.svc"}
+    assert credentials.redis_options(explicit) == {}  # credentials for other servers go in the URL
 
 
 # ---------------------------------------------------------------- strangers
@@ -300,6 +311,21 @@ async def test_up_starts_the_embedded_servers_with_credentials(tmp_path):
         await stranger.aclose()
         for server in stack.servers:
             server.stop()
+
+
+def test_up_starts_each_service_as_its_own_identity(tmp_path):
+    stack = Stack(load_settings({"data_dir": str(tmp_path / "var"), "identity": "admin"}, env={}), {})
+    stack.logs.mkdir(parents=True)
+    launched: dict[str, dict[str, str]] = {}
+
+    def launch(name: str, port: int, env: dict[str, str]) -> SimpleNamespace:  # no process: its environment
+        launched[name] = env
+        return SimpleNamespace(pid=0)
+
+    stack.launch = launch
+    stack.start_services()
+    assert {name: env["WARMSERVE_IDENTITY"] for name, env in launched.items()} == {
+        name: name for name in credentials.SERVICES}
 
 
 # ---------------------------------------------------------------- the gateway's /metrics

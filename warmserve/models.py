@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.bus import Bus
+from shared.credentials import redact
 from shared.model_files import checkpoint_info
 from shared.schemas import Event, ModelInfo
 from shared.settings import Settings, add_arguments, load_settings
@@ -163,7 +164,7 @@ def main(argv: list[str]) -> int:
         infos = build_demo(Path(settings.models_dir).resolve(), log=lambda s: print(s, file=sys.stderr))
         if not args.no_register:
             asyncio.run(register(settings, infos))
-            print(f"registered {len(infos)} models in {settings.redis_url}", file=sys.stderr)
+            print(f"registered {len(infos)} models in {redact(settings.redis_url)}", file=sys.stderr)
         return 0
     models = asyncio.run(list_models(settings))
     if args.json:
