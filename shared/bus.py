@@ -74,6 +74,10 @@ class Bus:
     async def publish(self, subject: str, message: BaseModel) -> None:
         await self.nc.publish(subject, encode(message))
 
+    async def publish_bytes(self, subject: str, payload: bytes) -> None:
+        """Publish a message encoded earlier (the caller checked it could be encoded)."""
+        await self.nc.publish(subject, payload)
+
     async def publish_event(self, domain: str, event: Event) -> None:
         """Publish a lifecycle event; the event stream (if set up) keeps it."""
         await self.nc.publish(self.subjects.event(domain, event.name), encode(event))

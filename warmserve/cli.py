@@ -18,6 +18,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "placer"): ("bench.placer", "planning tick wall time"),
     ("bench", "agent"): ("bench.agent", "cold start vs promote vs warm TTFT with real vLLM"),
     ("bench", "gateway"): ("bench.gateway", "gateway added latency, max rate, cold burst"),
+    ("bench", "fuzz"): ("bench.fuzz", "hostile request bodies and bus messages against a running stack"),
+    ("bench", "chaos"): ("bench.chaos", "kill each service, a device worker, NATS and Redis under load"),
     ("sim", "sweep"): ("sim.cli", "max request rate per system under a P99 TTFT SLO"),
     ("sim",): ("sim.cli", "simulate the systems on a trace workload"),
 }

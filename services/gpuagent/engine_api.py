@@ -7,7 +7,7 @@ caller with a status code (400: bad input, 503: instance gone) instead of crashi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from shared.schemas import InferRequest, ModelInfo
 
@@ -29,6 +29,8 @@ class Piece:
 
 
 class EngineHost(Protocol):
+    pool: dict[str, Any]  # model -> its resident copy (the worker reports the names in `status`)
+
     async def load_copy(self, info: ModelInfo, on_progress: Callable[[float], None]) -> dict: ...
 
     async def drop_copy(self, model: str) -> None: ...

@@ -61,7 +61,7 @@ class DeviceWorker:
 
     async def _execute(self, call: DeviceCall) -> dict | None:
         if call.op == DeviceOp.status:
-            return {"pid": os.getpid(), "memory_bytes": self.memory_bytes,
+            return {"pid": os.getpid(), "memory_bytes": self.memory_bytes, "copies": sorted(self.host.pool),
                     "inflight": {i: self.host.inflight(i) for i in self._instance_subs}}
         if call.op == DeviceOp.load_copy:
             return await self.host.load_copy(call.model, self._progress_reporter(call.model.name))
@@ -147,7 +147,8 @@ class DeviceWorker:
 
         async def send(**fields) -> None:
             nonlocal seq
-            await self.bus.publish(request.reply_to, InferChunk(request_id=request.request_id, seq=seq, **fields))
+            await self.bus.publish(request.reply_to, InferChunk(request_id=request.request_id, seq=seq,
+                                                                instance_id=instance_id, **fields))
             seq += 1
 
         try:
