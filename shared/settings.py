@@ -81,6 +81,9 @@ class Settings:
     # gateway
     gateway_host: str = _setting("127.0.0.1", "gateway listen address")
     gateway_port: int = _setting(8000, "gateway listen port", _port)
+    gateway_socket_fd: int = _setting(-1, "listening socket inherited from `warmserve up`, which keeps it across "
+                                          "gateway restarts (-1: bind gateway_host:gateway_port)",
+                                      lambda v: None if v >= -1 else "must be -1 or a file descriptor")
     max_inflight_per_instance: int = _setting(32, "B: requests in flight per instance", _positive)
     queue_limit: int = _setting(1024, "requests a model may hold waiting for an instance", _positive)
     queue_deadline_s: float = _setting(120.0, "how long a request may wait for an instance", _positive)
@@ -92,6 +95,7 @@ class Settings:
 
     # forecaster
     window_s: float = _setting(300.0, "forecast window W", _positive)
+    season_s: float = _setting(86400.0, "forecast season (a day; shorter when a replay compresses time)", _positive)
     forecast_method: str = _setting("ours", "predictor the service publishes",
                                     _one_of("ours", "csp", "seasonal_naive"))
     csp_days: int = _setting(3, "CSP: D previous days in the seasonal term", _positive)

@@ -22,6 +22,7 @@ async def test_every_fault_heals_without_hangs_or_obscure_failures(demo_models, 
     assert [f["fault"] for f in result["faults"]] == list(FAULTS)
     for fault in result["faults"]:
         assert (fault["hung"], fault["obscure_failures"]) == (0, 0), fault
+        assert fault["unreachable"] == 0, fault  # even the gateway's restart: up holds its socket
         assert fault["recovery_s"] is not None and fault["recovery_s"] < RECOVERY_TARGET_S, fault
         assert fault["converged"], fault
         assert fault["ok"] > 0, fault

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from shared import credentials
+from shared.listen import listening_socket
 from shared.settings import Settings, SettingsError, add_arguments, env_name, load_settings
 from warmserve import infra
 from warmserve.supervision import GiveUp, Supervisor
@@ -61,6 +63,7 @@ class Stack:
         self.servers: list[infra.Server] = []
         self.services: dict[str, tuple[subprocess.Popen, int]] = {}
         self.service_envs: dict[str, dict[str, str]] = {}  # what each service was started with
+        self.gateway_socket: socket.socket | None = None  # held across gateway restarts
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -92,18 +95,25 @@ class Stack:
 
     def start_services(self) -> None:
         base_env = dict(os.environ, PYTHONUNBUFFERED="1", **self.settings.as_env())
+        # the gateway's port is bound here, once: a restarted gateway takes over the same socket, so
+        # connections made meanwhile wait in its backlog instead of being refused
+        self.gateway_socket = listening_socket(self.settings.gateway_host, self.settings.gateway_port)
         for name in SERVICE_ORDER:
             port = self.settings.gateway_port if name == "gateway" else infra.free_port()
             env = dict(base_env, **{env_name("health_port"): str(port if name != "gateway" else 0),
                                     env_name("identity"): name})  # its own credentials and permissions
+            if name == "gateway":
+                env[env_name("gateway_socket_fd")] = str(self.gateway_socket.fileno())
             proc = self.launch(name, port, env)
             self.say(f"started {name} (pid {proc.pid}), log {self.logs / (name + '.log')}")
 
     def launch(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen:
         """Start service `name` with its health port and environment (remembered for restarts)."""
         with open(self.logs / f"{name}.log", "ab") as log:
+            inherited = (self.gateway_socket.fileno(),) if name == "gateway" else ()
             proc = subprocess.Popen([sys.executable, "-m", "warmserve.cli", "service", name], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    pass_fds=inherited)
         self.services[name], self.service_envs[name] = (proc, port), env
         return proc
 
@@ -181,6 +191,8 @@ class Stack:
     def stop(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not abandon the clean-up
             signal.signal(sig, signal.SIG_IGN)
+        if self.gateway_socket is not None:  # from now on only the gateway's own copy takes connections
+            self.gateway_socket.close()
         for name in reversed(SERVICE_ORDER):
             if name in self.services:
                 proc, _ = self.services[name]

@@ -8,32 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 
 import uvicorn
 
 from services.gateway.app import create_app
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.runtime import GatewayRuntime
+from shared.listen import BACKLOG, inherited_socket, listening_socket
 from shared.runner import Service
-
-
-BACKLOG = 2048
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen before uvicorn starts: the port is known and early connections queue.
-
-    The socket is created with proto=IPPROTO_TCP, which asyncio requires before it sets TCP_NODELAY
-    on accepted connections (with proto 0 every keep-alive response waits ~40 ms for a delayed ACK).
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         proto=socket.IPPROTO_TCP)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(BACKLOG)
-    return sock
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -60,7 +42,10 @@ class GatewayService(Service):
         self.runtime = GatewayRuntime(s, self.bus, self.state, self.metrics)
         await self.runtime.start()
         app = create_app(s, self.runtime, self.metrics, self.is_ready)
-        sock = listening_socket(s.gateway_host, s.gateway_port)
+        if s.gateway_socket_fd >= 0:
+            sock = inherited_socket(s.gateway_socket_fd)
+        else:
+            sock = listening_socket(s.gateway_host, s.gateway_port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=s.drain_timeout_s, backlog=BACKLOG)
