@@ -69,7 +69,8 @@ def test_closing_a_window_without_samples_gives_zero_load():
     (sample(5.0, avg=3.0, peak=1.0), "peak_outstanding below"),
     (sample(5.0, interval_s=20.0), "longer than the window"),
     (sample(500.0), "future"),
-    (sample(5.0, avg=float("inf"), peak=float("inf")), "non-finite"),
+    (LoadSample.model_construct(model="m", at_s=5.0, interval_s=1.0, avg_outstanding=float("inf"),
+                                peak_outstanding=float("inf")), "non-finite"),  # as a lenient decoder might
     (sample(5.0, model=" "), "empty model"),
 ])
 def test_semantic_sample_problems(bad, reason):
@@ -132,6 +133,15 @@ def test_csp_forecaster_uses_settings_window():
     # P = 3, errors: e1 = 4-2 = 2, e2 = 2-1 = 1 -> 3 + (2 + 0.5)/1.5
     assert predicted.avg == pytest.approx(3 + 2.5 / 1.5) and predicted.method == "csp"
     assert predicted.peak == pytest.approx(2 * predicted.avg)
+
+
+def test_compressed_season_is_the_settings_season():
+    """A day compressed to 40 s with 10 s windows: the seasonal term is four windows back."""
+    forecaster = OnlineForecaster("csp", 10.0, csp_days=1, csp_errors=2, season_s=40.0)
+    assert forecaster.season == 4
+    for t, v in enumerate([1, 2, 3, 4, 2, 4]):
+        forecaster.observe(t, {"m": (v, 2 * v)})
+    assert forecaster.forecast(6)["m"].avg == pytest.approx(3 + 2.5 / 1.5)  # as with 4 windows a day
 
 
 # ---------------------------------------------------------------- seasonal naive

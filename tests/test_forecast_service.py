@@ -1,5 +1,6 @@
 """Forecaster service over real NATS and Redis, in-process, with an injected clock: a restart
-mid-window loses no history, forecasts are published as events and answered on request, and
+mid-window loses no history, forecasts are published as events and answered on request, every
+registered model is forecast whether or not it had requests, and
 malformed samples and those of unregistered models are rejected with a logged reason while
 serving goes on."""
 
@@ -105,8 +106,9 @@ async def test_restart_mid_window_loses_nothing(harness):
     assert (history["100"].avg, history["100"].peak, history["100"].covered_s) == (2.0, 3.0, 10.0)
     assert (history["101"].avg, history["101"].peak, history["101"].covered_s) == (4.0, 6.0, 10.0)
     service = running.service
-    assert service.forecaster.history.lags(service.forecaster.history.avg, 102, np.array([1, 2])).tolist() == [[4.0, 2.0]]
-    answer = await client.request(client.subjects.forecast_query(), ForecastQuery(), ForecastSet)
+    history_of_a = service.forecaster.history.lags(service.forecaster.history.avg, 102, np.array([1, 2]))
+    assert history_of_a[service.forecaster.history.rows["a"]].tolist() == [4.0, 2.0]
+    answer = await client.request(client.subjects.forecast_query(), ForecastQuery(models=["a"]), ForecastSet)
     assert [f.model for f in answer.forecasts] == ["a"]
     current = answer.forecasts[0]
     assert current.window_start_s == 1020.0 and current.window_s == 10.0 and current.method.startswith("ours:")
@@ -157,4 +159,19 @@ async def test_windows_missed_while_down_stay_unknown(harness):
     history = await state.hgetall(state.keys.window_history("a"), WindowStats)
     assert sorted(history) == ["300", "304"]  # 304 was watched (no samples: zero load)
     assert history["304"].avg == 0.0
+    await running.shutdown()
+
+
+async def test_every_registered_model_is_forecast_without_requests(harness):
+    settings, client, state, events = harness
+    clock = FakeClock(4000.5)
+    running = await start(settings, clock)
+    await state.register_model(fake_model("late"))  # registered while running, never requested
+    clock.now_s = 4011.5
+    await wait_for(published(events, 4010.0))
+    answer = await client.request(client.subjects.forecast_query(), ForecastQuery(), ForecastSet)
+    assert [f.model for f in answer.forecasts] == ["a", "bad", "good", "late"]
+    assert all(f.window_start_s == 4010.0 and f.window_s == 10.0 and f.avg == 0.0 for f in answer.forecasts)
+    history = await state.hgetall(state.keys.window_history("late"), WindowStats)
+    assert sorted(history) == ["400"] and history["400"].avg == 0.0
     await running.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.placer import adapter
 from services.placer.core import Copy, Evict, Promote
-from shared.schemas import CommandKind, CopyView, DeviceView, InstanceView, ModelInfo, NodeView
+from shared.schemas import CommandKind, CopyView, DeviceView, Forecast, InstanceView, ModelInfo, NodeView
 from shared.settings import load_settings
 
 SETTINGS = load_settings({}, env={})
@@ -40,3 +40,12 @@ def test_effects_become_commands_with_their_reasons():
     promote = adapter.command_for(Promote("m", "n0", (0,), "m-1", "prewarm_hit", kv_bytes=4, trigger="scale_up"), "c2")
     assert (promote.kind, promote.instance_id, promote.kv_bytes, promote.reason) == (
         CommandKind.promote, "m-1", 4, "prewarm_hit:scale_up")
+
+
+def test_forecasts_older_than_two_windows_are_ignored():
+    def forecast(model: str, start_s: float) -> Forecast:
+        return Forecast(model=model, window_start_s=start_s, window_s=10.0, avg=1.0, peak=2.0, method="csp")
+
+    forecasts = {"now": forecast("now", 100.0), "last": forecast("last", 90.0), "edge": forecast("edge", 85.0),
+                 "stale": forecast("stale", 84.0)}
+    assert sorted(adapter.current_forecasts(forecasts, 105.0)) == ["edge", "last", "now"]

@@ -63,7 +63,7 @@ async def cluster(settings):
 
 async def forecast(state: State, model: str, avg: float, peak: float) -> None:
     await state.hput(state.keys.forecasts(), model,
-                     Forecast(model=model, window_start_s=0, window_s=300, avg=avg, peak=peak, method="test"))
+                     Forecast(model=model, window_start_s=time.time(), window_s=300, avg=avg, peak=peak, method="test"))
 
 
 async def held_copies(state: State) -> list[tuple[str, str, int]]:

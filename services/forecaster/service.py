@@ -1,7 +1,7 @@
 """The forecaster service: load samples in, per-model forecasts out (thin shell over core/).
 
 Samples are validated (those of unregistered models refused), spread over the open windows (kept
-in Redis per sample, so a restart loses nothing), and at each window boundary every known model's
+in Redis per sample, so a restart loses nothing), and at each window boundary every registered model's
 window is recorded in its Redis history and its forecast for the new window is stored
 (Keys.forecasts) and published as a `forecast.evt.forecast_published` event whose `detail` is the
 Forecast. ForecastQuery is answered with the current ForecastSet. The clock is injected; all
@@ -39,7 +39,7 @@ class ForecasterService(Service):
         self.grace_s = min(settings.sample_interval_s, settings.window_s / 4)
         self.tick_s = tick_s if tick_s is not None else min(settings.window_s / 10, 1.0)
         self.forecaster = OnlineForecaster(settings.forecast_method, settings.window_s,
-                                           settings.csp_days, settings.csp_errors)
+                                           settings.csp_days, settings.csp_errors, settings.season_s)
         self.partials: dict[str, PartialWindows] = {}
         self.current: dict[str, Forecast] = {}
         self.next_close = 0  # index of the first window not closed yet
@@ -64,6 +64,7 @@ class ForecasterService(Service):
                                                     if w.window_start_s >= self.next_close * self.window_s - 1e-9])
                          for m, p in self.partials.items()}
         self.log.info("history_loaded", models=len(self.partials), windows=len(windows), next_window=self.next_close)
+        await self.watch_registered()
         await self.bus.subscribe(self.bus.subjects.load_samples(), LoadSample, self.on_sample, concurrent=False)
         await self.bus.subscribe(self.bus.subjects.forecast_query(), ForecastQuery, self.on_query)
 
@@ -84,7 +85,7 @@ class ForecasterService(Service):
             return None
         if sample.model not in self.partials:
             self.forecaster.add_model(sample.model)
-            self.log.info("model_seen", model=sample.model)
+            self.log.info("model_seen", model=sample.model, source="load_sample")
         partial, late_s = add_sample(self.partials.get(sample.model, PartialWindows()), sample,
                                      self.window_s, self.next_close * self.window_s)
         if late_s > 0:
@@ -104,10 +105,18 @@ class ForecasterService(Service):
         if due <= self.next_close:
             return
         self.next_close = max(self.next_close, due - self.forecaster.history.capacity)
+        await self.watch_registered()
         while self.next_close < due:
             await self.close_window(self.next_close)
             self.next_close += 1
         await self.publish_forecasts(due)
+
+    async def watch_registered(self) -> None:
+        """Every registered model is watched (and forecast) from its registration on, requests or not."""
+        for model in sorted(set(await self.state.models()) - set(self.partials)):
+            self.forecaster.add_model(model)
+            self.partials[model] = PartialWindows()
+            self.log.info("model_seen", model=model, source="registry")
 
     async def close_window(self, index: int) -> None:
         """Record window `index` for every known model, or leave it unknown if nobody watched it."""

@@ -1,5 +1,5 @@
 """Translation between wire messages and the placer core (pure, no I/O): NodeViews, registry and
-forecasts into a Snapshot (per-device CopyViews regrouped into TP groups, copies backing a serving
+current forecasts into a Snapshot (per-device CopyViews regrouped into TP groups, copies backing a serving
 instance left out); effects into AgentCommands; a TickPlan into the desired Plan.
 """
 
@@ -36,6 +36,12 @@ def model_spec(info: ModelInfo, forecast: Forecast | None, settings: Settings) -
                      peak=forecast.peak if forecast else 0.0,
                      kv_bytes=instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, settings.kv_cache_bytes),
                      engine_bytes=info.size_bytes // info.tp)
+
+
+def current_forecasts(forecasts: Mapping[str, Forecast], now_s: float) -> dict[str, Forecast]:
+    """Forecasts for a window that began at most two windows ago: an older one (its forecaster
+    stopped, or the model's history ended) says nothing about now and is ignored."""
+    return {m: f for m, f in forecasts.items() if now_s - f.window_start_s <= 2 * f.window_s}
 
 
 def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo], forecasts: Mapping[str, Forecast],

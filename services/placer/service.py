@@ -153,7 +153,8 @@ class PlacerService(Service):
         between this and submitting what it decides, so concurrent decisions see each other)."""
         loads = {m: windowed_load(p, now_s, self.settings.scale_window_s) for m, p in self.samples.items()}
         heard_window = now_s - self.hearing_since_s >= self.settings.scale_window_s
-        observed = adapter.snapshot_from(seen.views, seen.models, seen.forecasts, loads, self.settings,
+        forecasts = adapter.current_forecasts(seen.forecasts, now_s)
+        observed = adapter.snapshot_from(seen.views, seen.models, forecasts, loads, self.settings,
                                          frozenset() if heard_window else frozenset(seen.models))
         return apply_effects(observed, self.dispatcher.overlay(seen.at_s), now_s)
 

@@ -15,7 +15,7 @@ import numpy as np
 from services.forecaster.core.history import LoadHistory
 from services.forecaster.core.ours import LONG_DAYS, Ours
 from services.forecaster.core.predictors import Csp, Predictions, SeasonalNaive
-from services.forecaster.core.windows import season_length
+from services.forecaster.core.windows import DAY_S, season_length
 
 METHODS = ("ours", "csp", "seasonal_naive")
 
@@ -38,10 +38,11 @@ def make_predictor(method: str, season: int, csp_days: int, csp_errors: int):
 
 
 class OnlineForecaster:
-    def __init__(self, method: str, window_s: float, csp_days: int = 3, csp_errors: int = 10):
+    def __init__(self, method: str, window_s: float, csp_days: int = 3, csp_errors: int = 10,
+                 season_s: float = DAY_S):
         self.method = method
         self.window_s = window_s
-        self.season = season_length(window_s)
+        self.season = season_length(window_s, season_s)
         self.predictor = make_predictor(method, self.season, csp_days, csp_errors)
         self.history = LoadHistory((max(LONG_DAYS, csp_days) + 1) * self.season + csp_errors + 1)
 

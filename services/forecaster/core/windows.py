@@ -33,9 +33,12 @@ def window_index(at_s: float, window_s: float) -> int:
     return math.floor(at_s / window_s + 1e-9)
 
 
-def season_length(window_s: float) -> int:
-    """Windows per day (the seasonal period)."""
-    return max(1, round(86400.0 / window_s))
+DAY_S = 86400.0
+
+
+def season_length(window_s: float, season_s: float = DAY_S) -> int:
+    """Windows per season (a day unless time is compressed: the seasonal period)."""
+    return max(1, round(season_s / window_s))
 
 
 def trace_windows(arrival_s: np.ndarray, duration_s: np.ndarray, window_s: float,
