@@ -1,4 +1,4 @@
-"""Service runner: connect, serve /livez and /readyz, run until a signal, then shut down in order.
+"""Service runner: connect, serve /livez, /readyz and /metrics, run until a signal, then shut down in order.
 
 Shutdown is a sequence: stop being ready, drain subscriptions, let the service finish its
 in-flight work (bounded by `drain_timeout_s`), close NATS and Redis. Signal handlers only set an
@@ -11,6 +11,8 @@ import asyncio
 import signal
 from typing import Awaitable, Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from shared.bus import Bus
 from shared.logs import configure_logging, get_logger
 from shared.settings import Settings
@@ -21,6 +23,7 @@ class Service:
     """Base class: subclasses set `name` and override the hooks they need."""
 
     name = "service"
+    metrics = None  # set by a service with metrics: an object whose render() gives Prometheus text (/metrics)
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -62,10 +65,13 @@ async def every(seconds: float, stopping: asyncio.Event, step: Callable[[], Awai
 
 
 class HealthServer:
-    """Minimal HTTP server for /livez and /readyz (no framework needed for two routes)."""
+    """Minimal HTTP server for /livez, /readyz and /metrics (no framework needed for three GET routes).
+    With `api_keys`, /metrics requires one of them as a bearer token."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool]):
+    def __init__(self, host: str, port: int, ready: Callable[[], bool],
+                 metrics: Callable[[], bytes] | None = None, api_keys: frozenset[str] = frozenset()):
         self.host, self.port, self.ready = host, port, ready
+        self.metrics, self.api_keys = metrics, api_keys
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> int:
@@ -73,22 +79,34 @@ class HealthServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    def answer(self, path: str, authorization: str) -> tuple[str, str, bytes]:
+        """(status, content type, body) for a GET of `path`."""
+        text = "text/plain"
+        if path == "/livez":
+            return "200 OK", text, b"ok"
+        if path == "/readyz":
+            return ("200 OK", text, b"ready") if self.ready() else ("503 Service Unavailable", text, b"not ready")
+        if path == "/metrics" and self.metrics is not None:
+            scheme, _, key = authorization.partition(" ")
+            if self.api_keys and (scheme.lower() != "bearer" or key.strip() not in self.api_keys):
+                return "401 Unauthorized", text, b"missing or invalid API key (Authorization: Bearer ...)"
+            return "200 OK", CONTENT_TYPE_LATEST, self.metrics()
+        return "404 Not Found", text, b"not found"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
+            authorization = ""
+            while (header := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                name, _, value = header.decode("latin-1").partition(":")
+                if name.strip().lower() == "authorization":
+                    authorization = value.strip()
             path = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else ""
-            if path == "/livez":
-                status, body = "200 OK", "ok"
-            elif path == "/readyz":
-                status, body = ("200 OK", "ready") if self.ready() else ("503 Service Unavailable", "not ready")
-            else:
-                status, body = "404 Not Found", "not found"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n{body}".encode())
+            status, kind, body = self.answer(path.split("?", 1)[0], authorization)
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, IndexError):
+        except (asyncio.TimeoutError, ConnectionError, IndexError, UnicodeDecodeError):
             pass
         finally:
             writer.close()
@@ -116,7 +134,9 @@ class Running:
         s = service.settings
         service.bus = await Bus.connect(s, service.name)
         service.state = await State.connect(s)
-        running = cls(service, HealthServer(s.health_host, s.health_port, lambda: running.ready())
+        metrics = service.metrics.render if service.metrics is not None else None
+        keys = s.accepted_api_keys if s.metrics_auth else frozenset()
+        running = cls(service, HealthServer(s.health_host, s.health_port, lambda: running.ready(), metrics, keys)
                       if with_health else None)
         if running.health:
             port = await running.health.start()

@@ -76,7 +76,8 @@ class Settings:
     nats_password: str = _setting("", "password of nats_user")
     nats_creds: str = _setting("", "NATS credentials file (user JWT and nkey seed) for a server you run", _file)
     nats_tls_ca: str = _setting("", "CA certificate that signed the NATS server's (turns TLS on)", _file)
-    metrics_auth: bool = _setting(False, "gateway: /metrics also requires one of api_keys")
+    metrics_auth: bool = _setting(False, "/metrics (the gateway's and every service's health port) also "
+                                         "requires one of api_keys")
 
     # gateway
     gateway_host: str = _setting("127.0.0.1", "gateway listen address")

@@ -17,6 +17,7 @@ from typing import Callable
 from services.forecaster.core.online import OnlineForecaster
 from services.forecaster.core.windows import (PartialWindows, WindowStats, add_sample, close_window,
                                               sample_problem, window_index)
+from services.forecaster.metrics import ForecasterMetrics
 from shared.runner import Service, pause
 from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
 from shared.settings import Settings
@@ -42,6 +43,7 @@ class ForecasterService(Service):
                                            settings.csp_days, settings.csp_errors, settings.season_s)
         self.partials: dict[str, PartialWindows] = {}
         self.current: dict[str, Forecast] = {}
+        self.metrics = ForecasterMetrics()
         self.next_close = 0  # index of the first window not closed yet
         self.up_since_s = 0.0
 
@@ -135,6 +137,7 @@ class ForecasterService(Service):
             await self.state.hput(keys.window_history(model), history_field(index), stats)
             await self.state.hdel(keys.window_history(model), history_field(index - self.forecaster.history.capacity))
         await self.state.hput_many(keys.partial_window(), dict(self.partials))
+        self.metrics.window_closed(start_s, loads, self.current)
         self.forecaster.observe(index, loads)
         self.log.debug("window_closed", window_start_s=start_s, models=len(loads))
 
@@ -145,6 +148,7 @@ class ForecasterService(Service):
                                         avg=p.avg, peak=p.peak, method=p.method)
                         for model, p in self.forecaster.forecast(index).items()}
         await self.state.hput_many(self.state.keys.forecasts(), dict(self.current))
+        self.metrics.published(start_s, self.current)
         for forecast in self.current.values():
             await self.bus.publish_event("forecast", Event(name=FORECAST_EVENT, at_s=now, model=forecast.model,
                                                            reason=forecast.method, detail=forecast.model_dump()))

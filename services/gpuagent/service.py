@@ -17,6 +17,7 @@ import uuid
 from collections import OrderedDict
 
 from services.gpuagent.core.ledger import DeviceLedger, Refused, instance_kv_bytes, page_bytes
+from services.gpuagent.metrics import AgentMetrics
 from services.gpuagent.workers import DeviceWorkers
 from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
@@ -37,6 +38,7 @@ class AgentService(Service):
         super().__init__(settings)
         self.node = settings.node
         self.boot_id = uuid.uuid4().hex[:12]
+        self.metrics = AgentMetrics(self.node)
         self.ledgers: list[DeviceLedger] = []
         self.workers: DeviceWorkers | None = None
         self.inflight: dict[str, int] = {}
@@ -123,6 +125,7 @@ class AgentService(Service):
         Commands still running on the old ledger finish on it, unseen (their device calls fail)."""
         lost = self.ledgers[index]
         self.ledgers[index] = DeviceLedger(index, lost.budget_bytes)
+        self.metrics.worker_died(index)
         instance = lost.instance
         self.log.error("device_worker_died", device=index, exit_code=code, copies=sorted(lost.copies),
                        instance_id=instance.instance_id if instance else "")
@@ -194,6 +197,7 @@ class AgentService(Service):
                               detail={"command": cmd.kind.value, "command_id": cmd.command_id})
         result = CommandResult(command_id=cmd.command_id, ok=ok, reason=reason, detail=detail,
                                duration_ms=(time.perf_counter() - started) * 1000)
+        self.metrics.command_done(cmd.kind.value, ok, result.duration_ms / 1000)
         self.log.info("command_done", kind=cmd.kind.value, model=cmd.model, devices=cmd.devices, ok=ok,
                       reason=reason, duration_ms=round(result.duration_ms, 1))
         await self._publish_view()
@@ -262,6 +266,7 @@ class AgentService(Service):
             await self._event("prewarm_failed", model=info.name, devices=[ledger.index], reason=result.reason)
             raise Refused(result.reason)
         ledger.copy_ready(info.name)
+        self.metrics.prewarm_done(info.size_bytes // info.tp, result.duration_ms / 1000)
         await self._event("prewarm_finished", model=info.name, devices=[ledger.index], reason=reason,
                           detail={"duration_ms": round(result.duration_ms, 1), **result.detail})
         return {"device": ledger.index, "duration_ms": result.duration_ms}
@@ -406,6 +411,7 @@ class AgentService(Service):
         """Write the whole view to Redis and announce it. Never fails: what does not land now is
         written by the next heartbeat, which keeps trying while Redis is down."""
         view = self.view()
+        self.metrics.observe(view, self.ledgers)
         try:
             await self.state.put_node_view(view, self.settings.heartbeat_ttl_s)
         except StateError as exc:

@@ -22,6 +22,7 @@ from services.placer import adapter
 from services.placer.core import LoadPoint, Snapshot, allocate, apply_effects, plan_tick, windowed_load
 from services.placer.dispatch import Dispatcher
 from services.placer.leader import ELECTED, LOST, Leadership
+from services.placer.metrics import PlacerMetrics
 from shared.runner import Service, every
 from shared.schemas import (Event, Forecast, InstanceAnswer, InstanceNeed, InstanceRoute, LoadSample, ModelInfo,
                             NodeView, Plan)
@@ -49,6 +50,7 @@ class PlacerService(Service):
         self.ticks = 0
         self.token = uuid.uuid4().hex  # this placer's lease token
         self.leadership = Leadership(settings.placer_lease_ttl_s)
+        self.metrics = PlacerMetrics(lambda: self.leadership.leading)
         self.lease_lock = asyncio.Lock()  # one lease operation at a time; stop() releases under it
         self.released = False
         self.need_subscription = None  # InstanceNeed is subscribed only while leading
@@ -164,6 +166,7 @@ class PlacerService(Service):
         """One planning round, led only (a standby does nothing); None when not leading."""
         if not self.leadership.holds(time.time()):
             return None
+        started = time.perf_counter()
         seen = await self.observe()
         now = time.time()
         if not self.leadership.holds(now):  # lost while observing
@@ -180,6 +183,8 @@ class PlacerService(Service):
             await self.bus.publish_event("placer", Event(name="plan_changed", at_s=now, detail={
                 "copies": len(plan.copies), "instances": plan.instances, "effects": len(result.effects)}))
         self.last_plan, self.ticks = plan, self.ticks + 1
+        self.metrics.decided(result.effects)
+        self.metrics.ticked(time.perf_counter() - started, plan, seen.views)
         self.log.info("tick_done", nodes=len(seen.views), models=len(seen.models), effects=len(result.effects),
                       copies=len(plan.copies), tick=self.ticks)
         return plan
@@ -211,6 +216,7 @@ class PlacerService(Service):
         if starting:
             return InstanceAnswer(status="starting", instances=routes, reason="instance_starting")
         allocation = allocate(snapshot, need.model, now, self.config)
+        self.metrics.decided(allocation.effects)
         if allocation.effects:
             self.dispatcher.submit(list(allocation.effects))  # KV reclaims come even without an instance
         if not allocation.found:
