@@ -1,5 +1,6 @@
-"""The backtest command on a tiny workload (JSON report, table, plot) and the statsmodels
-baselines on small periodic series (one-step-ahead, fitted on the training part only)."""
+"""The backtest command on a tiny workload (JSON report, table, plot), on the synthetic periodic
+trace (our short-period expert foresees the bursts, CSP does not), and the statsmodels baselines on
+small periodic series (one-step-ahead, fitted on the training part only)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def test_backtest_command_reports_every_method(tmp_path, capsys):
     assert backtest.main(["backtest", "--models", "1", "--rate", "0.5", "--window", "2400",
                           "--methods", "csp", "--plot", str(plot)]) == 0
     assert "accuracy = 1 - sum|pred-actual|/sum actual" in capsys.readouterr().out
+
+
+def test_periodic_trace_bursts_are_foreseen_by_ours_only(tmp_path, capsys):
+    argv = ["backtest", "--trace", "periodic", "--models", "4", "--window", "300", "--train-days", "1", "--json",
+            "--methods", "ours,csp", "--plot", str(tmp_path / "p.png")]
+    assert backtest.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, csp = report["results"]["ours"], report["results"]["csp"]
+    assert ours["onsets"] > 50 and ours["onsets_foreseen"] >= 0.9 > csp["onsets_foreseen"]
+    assert ours["peak"]["overall"] > csp["peak"]["overall"]
+    assert any(label.startswith("ours:period") for label in ours["methods_used"])
 
 
 def test_backtest_refuses_unknown_methods():

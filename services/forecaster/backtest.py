@@ -1,8 +1,10 @@
 """`warmserve forecast backtest`: forecast accuracy of every method on a real-trace workload.
 
-Builds the workload (shared.workload), turns each model's requests into per-window average and
-peak outstanding requests (each request lasts prefill + output x decode time), learns on the first
-days and scores one-step-ahead forecasts on the rest. Prints a table (or JSON), writes a PNG.
+Builds the workload (shared.workload; or `--trace periodic`: synthetic batch jobs, each model a
+burst every 12-70 min), turns each model's requests into per-window average and peak outstanding
+requests (each request lasts prefill + output x decode time), learns on the first days and scores
+one-step-ahead forecasts on the rest, and the share of idle-to-busy onsets each method foresaw.
+Prints a table (or JSON), writes a PNG.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from services.forecaster.core.baselines import holt_winters_one_step, sarima_one_step
-from services.forecaster.core.metrics import score
+from services.forecaster.core.metrics import onsets_foreseen, score
 from services.forecaster.core.online import METHODS, OnlineForecaster
 from services.forecaster.core.windows import RequestTiming, season_length, trace_windows
 from shared.traces import AZURE_DIR, SERVEGEN_DIR
@@ -26,11 +28,17 @@ from shared.workload import DAY_S, Workload, build_workload
 STATSMODELS = {"holt_winters": holt_winters_one_step, "sarima": sarima_one_step}
 ALL_METHODS = METHODS + tuple(STATSMODELS)
 PLOTTED_MODELS = 4
+PERIODIC_PERIOD_S = 700.0  # periodic trace: model m bursts every (1 + m % 6) x this (no multiple divides a day)
+PERIODIC_BURST = (10, 30)  # requests per burst (uniform), arriving within PERIODIC_BURST_S
+PERIODIC_BURST_S = 20.0
+PERIODIC_BACKGROUND_RPS = 0.02  # odd models also get a steady Poisson trickle
+PERIODIC_TOKENS = (200, 64)  # prompt and output tokens of every periodic request
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="warmserve forecast backtest", description=__doc__)
-    parser.add_argument("--trace", choices=["servegen"], default="servegen", help="workload source")
+    parser.add_argument("--trace", choices=["servegen", "periodic"], default="servegen",
+                        help="workload source (periodic: synthetic bursts, --train-days learnt, one day scored)")
     parser.add_argument("--models", type=int, default=16, help="number of models")
     parser.add_argument("--alpha", type=float, default=0.5, help="popularity skew (i+1)^-alpha")
     parser.add_argument("--rate", type=float, default=20.0, help="total request rate, req/s")
@@ -61,6 +69,28 @@ def trace_loads(workload: Workload, window_s: float, timing: RequestTiming) -> t
         requests = workload.model_arrivals(m, 0.0, workload.duration_s)
         durations = timing.durations(requests.prompt_tokens, requests.output_tokens)
         avg[m], peak[m] = trace_windows(requests.time_s, durations, window_s, n_windows)
+    return avg, peak
+
+
+def periodic_loads(n_models: int, days: int, window_s: float, timing: RequestTiming,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(avg, peak) per (model, window) of the synthetic periodic trace: batch jobs at a fixed
+    period and random phase, each a burst of requests."""
+    rng = np.random.default_rng(seed)
+    duration_s = days * DAY_S
+    n_windows = int(duration_s // window_s)
+    avg, peak = np.zeros((n_models, n_windows)), np.zeros((n_models, n_windows))
+    prompt, output = PERIODIC_TOKENS
+    for m in range(n_models):
+        period_s = PERIODIC_PERIOD_S * (1 + m % 6)
+        starts = np.arange(rng.uniform(0, period_s), duration_s, period_s)
+        sizes = rng.integers(PERIODIC_BURST[0], PERIODIC_BURST[1] + 1, len(starts))
+        arrivals = [s + rng.uniform(0, PERIODIC_BURST_S, n) for s, n in zip(starts, sizes)]
+        if m % 2:
+            arrivals.append(rng.uniform(0, duration_s, rng.poisson(PERIODIC_BACKGROUND_RPS * duration_s)))
+        time_s = np.sort(np.concatenate(arrivals))
+        durations = timing.durations(np.full(len(time_s), prompt), np.full(len(time_s), output))
+        avg[m], peak[m] = trace_windows(time_s, durations, window_s, n_windows)
     return avg, peak
 
 
@@ -96,9 +126,14 @@ def run_statsmodels(method: str, avg: np.ndarray, peak: np.ndarray, train: int,
 
 
 def backtest(args: argparse.Namespace) -> dict:
-    workload = build_workload(args.models, args.alpha, args.rate, args.seed, args.servegen_dir, args.azure_dir)
     timing = RequestTiming(args.prefill_s_per_token, args.decode_s_per_token)
-    avg, peak = trace_loads(workload, args.window, timing)
+    if args.trace == "periodic":
+        days, models, clients = args.train_days + 1, [f"periodic{m}" for m in range(args.models)], []
+        avg, peak = periodic_loads(args.models, days, args.window, timing, args.seed)
+    else:
+        workload = build_workload(args.models, args.alpha, args.rate, args.seed, args.servegen_dir, args.azure_dir)
+        days, models, clients = workload.days, workload.models, workload.clients
+        avg, peak = trace_loads(workload, args.window, timing)
     season = season_length(args.window)
     train = args.train_days * season
     results, predictions = {}, {}
@@ -110,15 +145,17 @@ def backtest(args: argparse.Namespace) -> dict:
             pred_avg, pred_peak, ms, used = run_online(method, avg, peak, args.window, train,
                                                        args.csp_days, args.csp_errors)
         predictions[method] = pred_peak
+        foreseen, onsets = onsets_foreseen(pred_peak, peak[:, train:])
         results[method] = {"avg": asdict(score(pred_avg, avg[:, train:])),
                            "peak": asdict(score(pred_peak, peak[:, train:])),
+                           "onsets_foreseen": foreseen, "onsets": onsets,
                            "ms_per_window": ms, "methods_used": used}
-    plot_path = Path(args.plot or f"out/forecast_backtest_w{args.window:g}.png")
-    plot(plot_path, peak[:, train:], predictions, args.window, workload.models)
-    return {"workload": {"trace": args.trace, "models": workload.models, "clients": workload.clients,
+    plot_path = Path(args.plot or f"out/forecast_backtest_{args.trace}_w{args.window:g}.png")
+    plot(plot_path, peak[:, train:], predictions, args.window, models)
+    return {"workload": {"trace": args.trace, "models": models, "clients": clients,
                          "alpha": args.alpha, "total_rate_rps": args.rate, "seed": args.seed,
                          "window_s": args.window, "train_days": args.train_days,
-                         "eval_days": workload.days - args.train_days, "timing": asdict(timing),
+                         "eval_days": days - args.train_days, "timing": asdict(timing),
                          "mean_avg_outstanding": avg.mean(axis=1).round(2).tolist()},
             "results": results, "plot": str(plot_path)}
 
@@ -131,7 +168,7 @@ def plot(path: Path, actual_peak: np.ndarray, predicted_peak: dict[str, np.ndarr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    span = int(2 * DAY_S // window_s)
+    span = min(int(2 * DAY_S // window_s), actual_peak.shape[1])
     hours = np.arange(span) * window_s / 3600
     fig, axes = plt.subplots(2, 2, figsize=(14, 8), sharex=True)
     for m, ax in enumerate(axes.flat[:min(PLOTTED_MODELS, len(actual_peak))]):
@@ -150,20 +187,23 @@ def plot(path: Path, actual_peak: np.ndarray, predicted_peak: dict[str, np.ndarr
 
 def table(report: dict) -> str:
     w = report["workload"]
-    lines = [f"workload: {len(w['models'])} models (ServeGen clients {w['clients']}), alpha {w['alpha']}, "
-             f"{w['total_rate_rps']} req/s, window {w['window_s']:g} s, learn {w['train_days']} d, "
-             f"score {w['eval_days']} d",
+    source = (f"ServeGen clients {w['clients']}), alpha {w['alpha']}, {w['total_rate_rps']} req/s"
+              if w["trace"] == "servegen" else "synthetic bursts every 12-70 min)")
+    lines = [f"workload: {len(w['models'])} models ({source}, window {w['window_s']:g} s, "
+             f"learn {w['train_days']} d, score {w['eval_days']} d",
              f"{'method':<16}{'avg acc':>9}{'avg med':>9}{'avg MRE':>9}{'peak acc':>10}{'peak med':>10}"
-             f"{'peak MRE':>10}{'ms/window':>11}   top-4 models avg | peak accuracy"]
+             f"{'peak MRE':>10}{'onsets':>8}{'ms/window':>11}   top-4 models avg | peak accuracy"]
     for method, r in report["results"].items():
         a, p = r["avg"], r["peak"]
         top = " ".join(f"{x:.3f}" for x in a["per_model"][:PLOTTED_MODELS]) + " | " + " ".join(
             f"{x:.3f}" for x in p["per_model"][:PLOTTED_MODELS])
         lines.append(f"{method:<16}{a['overall']:>9.4f}{a['median_model']:>9.4f}{a['mre']:>9.4f}"
-                     f"{p['overall']:>10.4f}{p['median_model']:>10.4f}{p['mre']:>10.4f}{r['ms_per_window']:>11.3f}"
+                     f"{p['overall']:>10.4f}{p['median_model']:>10.4f}{p['mre']:>10.4f}"
+                     f"{r['onsets_foreseen']:>8.3f}{r['ms_per_window']:>11.3f}"
                      f"   {top}")
     lines.append("accuracy = 1 - sum|pred-actual|/sum actual (empty windows included); MRE over non-empty "
-                 "windows only; ms/window = forecast (+ online update) of all models for one window")
+                 "windows only; onsets = share of idle-to-busy windows whose predicted peak was >= 0.5 (a copy is "
+                 "placed); ms/window = forecast (+ online update) of all models for one window")
     lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Our predictor: per-model online selection among cheap experts by their recent absolute error.
 
 Experts per series (average and peak): the paper's CSP, CSP over 7 days (with the day-reset and
-with a continuous correction), the last known value, a recent-weighted mean, seasonal naive; for
+with a continuous correction), the last known value, a recent-weighted mean, seasonal naive, the
+same phase of a period shorter than the season found in the recent windows (core.periods); for
 the peak also the predicted average times the model's peak/average ratio (of EW means). Each model
 follows the expert with the lowest exponentially weighted absolute error on that model; unknown
 windows (new model, gaps) are skipped by every expert. Pure, no I/O; state = the error scores.
@@ -12,11 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 from services.forecaster.core.history import LoadHistory
+from services.forecaster.core.periods import PERIODS_AVERAGED, detect_periods, periodic_mean
 from services.forecaster.core.predictors import Predictions, csp_from_grid, lag_grid, weighted_correction
 
-SERIES_EXPERTS = ("csp", "csp7", "csp7c", "last", "recent", "snaive")
+SERIES_EXPERTS = ("csp", "csp7", "csp7c", "last", "recent", "snaive", "period")
 PEAK_EXPERTS = SERIES_EXPERTS + ("ratio",)
 LONG_DAYS = 7
+MAX_PERIOD_WINDOWS = 288  # longest short period looked for (and at most half a season)
+PERIOD_HISTORY_PERIODS = 4  # periods are detected in the last 4 x the longest period's windows
 
 
 def _grow(array: np.ndarray, rows: int, fill: float) -> np.ndarray:
@@ -38,7 +42,16 @@ class Ours:
 
     # ------------------------------------------------------------ experts
 
-    def _series_experts(self, history: LoadHistory, series: np.ndarray, t: int) -> np.ndarray:
+    @property
+    def max_period(self) -> int:
+        return min(self.season // 2, MAX_PERIOD_WINDOWS)
+
+    def periods(self, history: LoadHistory, t: int) -> np.ndarray:
+        """Per model the period (windows) found in the average load before window t; 0: none."""
+        recent = history.lags(history.avg, t, np.arange(PERIOD_HISTORY_PERIODS * self.max_period, 0, -1))
+        return detect_periods(recent, self.max_period)
+
+    def _series_experts(self, history: LoadHistory, series: np.ndarray, t: int, periods: np.ndarray) -> np.ndarray:
         """(n_models, len(SERIES_EXPERTS)) predictions for window t; NaN where an expert cannot say."""
         grid = lag_grid(history, series, t, self.season, max(LONG_DAYS, self.days), self.errors)
         same_day = min(t % self.season, self.errors)
@@ -56,6 +69,7 @@ class Ours:
             np.where(any_known, last, np.nan),
             np.where(any_known, weighted_correction(recent, self.errors), np.nan),
             grid[:, 0, 1],
+            periodic_mean(history.lags(series, t, np.arange(PERIODS_AVERAGED * self.max_period + 1)), periods),
         ], axis=1)
         return experts
 
@@ -66,10 +80,11 @@ class Ours:
         self.avg_scores = _grow(self.avg_scores, n, 0.0)
         self.peak_scores = _grow(self.peak_scores, n, 0.0)
         self.level = _grow(self.level, n, np.nan)
-        avg = self._series_experts(history, history.avg, t)
+        periods = self.periods(history, t)
+        avg = self._series_experts(history, history.avg, t, periods)
         chosen_avg = _pick(avg, self.avg_scores[:n])
         ratio = self.level[:n, 1] / np.where(self.level[:n, 0] > 0, self.level[:n, 0], np.nan)
-        peak = np.concatenate([self._series_experts(history, history.peak, t),
+        peak = np.concatenate([self._series_experts(history, history.peak, t, periods),
                                (chosen_avg * ratio)[:, None]], axis=1)
         self._cached = (t, n, avg, peak)
         return avg, peak
