@@ -95,6 +95,7 @@ class CopyView(Message):
     state: CopyState
     bytes: int = Field(ge=0)  # pool bytes (rounded to 2 MiB pages) per device
     progress: float = Field(default=1.0, ge=0, le=1)  # fraction loaded
+    origin: str = ""  # why the copy is there: forecast_prewarm | kept_copy | cold_start | commanded
 
 
 class InstanceView(Message):

@@ -21,9 +21,9 @@ def fake_model(name: str, size_bytes: int = 8 << 20, arch: str = "a1") -> ModelI
 
 
 async def command(bus: Bus, node: str, kind: CommandKind, model: str = "", devices=(0,), instance_id: str = "",
-                  command_id: str | None = None, timeout_s: float = 60) -> CommandResult:
+                  command_id: str | None = None, timeout_s: float = 60, reason: str = "") -> CommandResult:
     cmd = AgentCommand(command_id=command_id or uuid.uuid4().hex, kind=kind, model=model, devices=list(devices),
-                       instance_id=instance_id)
+                       instance_id=instance_id, reason=reason)
     return await bus.request(bus.subjects.agent_command(node), cmd, CommandResult, timeout_s=timeout_s)
 
 

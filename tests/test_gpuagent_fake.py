@@ -39,6 +39,22 @@ async def test_prewarm_promote_infer_demote_promote_again(agent):
     assert again.ok and again.detail["path"] == "warm_engine"
 
 
+async def test_instance_starts_say_what_they_found(agent):
+    running, bus, state, s = agent
+    assert (await command(bus, s.node, CommandKind.prewarm, "m1", reason="prewarm_burst")).ok
+    assert [c.origin for c in running.service.view().copies] == ["forecast_prewarm"]
+    promoted = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i1", reason="prewarm_hit")
+    assert promoted.detail["start"] == "forecast_prewarm"
+    assert (await command(bus, s.node, CommandKind.demote, instance_id="i1")).ok
+    assert [c.origin for c in running.service.view().copies] == ["kept_copy"]
+    again = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i2", reason="prewarm_hit")
+    assert again.detail["start"] == "kept_copy"
+    cold = await command(bus, s.node, CommandKind.cold_start, "m2", devices=(1,), instance_id="c1", reason="cold_start")
+    assert cold.detail["start"] == "miss"
+    by_hand = await command(bus, s.node, CommandKind.prewarm, "m2", devices=(0,))
+    assert by_hand.ok and running.service.ledgers[0].copies["m2"].origin == "commanded"
+
+
 async def test_repeated_command_id_executes_once(agent):
     running, bus, state, s = agent
     first, second = await asyncio.gather(

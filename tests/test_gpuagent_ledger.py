@@ -1,12 +1,13 @@
 """The agent's memory ledger: page accounting, refusal reasons, eviction only as far as needed,
-warm engines kept after a demote and dropped first when room is needed."""
+warm engines kept after a demote and dropped first when room is needed, why each copy is there
+and what an instance start finds."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.gpuagent.core.ledger import (PAGE_BYTES, DeviceLedger, Refused, Room, instance_kv_bytes, page_bytes,
-                                           pages)
+from services.gpuagent.core.ledger import (PAGE_BYTES, DeviceLedger, Refused, Room, copy_origin, instance_kv_bytes,
+                                           page_bytes, pages)
 from shared.schemas import CopyState
 
 MiB = 1 << 20
@@ -72,6 +73,30 @@ def test_one_instance_per_device_and_serving_copy_cannot_be_dropped():
     with pytest.raises(Refused, match="demote it first"):
         d.drop_copy("m")
     assert d.end_instance("i1", 1).model == "m" and d.instance is None
+
+
+@pytest.mark.parametrize("reason,origin", [("prewarm_foundation", "forecast_prewarm"), ("prewarm_burst", "forecast_prewarm"),
+                                           ("cold_start:instance_needed", "cold_start"), ("", "commanded"),
+                                           ("by hand", "commanded")])
+def test_a_copy_remembers_why_it_was_loaded(reason, origin):
+    assert copy_origin(reason) == origin
+
+
+def test_instance_start_kinds_follow_the_copy_history():
+    d = DeviceLedger(0, 100 * MiB)
+    assert d.start_kind("m", loading=False) == "miss"
+    d.reserve_copy("m", "h", MiB, 0, origin="forecast_prewarm")
+    assert d.start_kind("m", loading=False) == "loading"  # not ready yet
+    d.copy_ready("m")
+    assert d.start_kind("m", loading=True) == "loading" and d.start_kind("m", loading=False) == "forecast_prewarm"
+    d.reserve_copy("m", "h", MiB, 1, origin="cold_start")  # the same copy again: keeps its origin
+    assert d.copies["m"].origin == "forecast_prewarm"
+    d.start_instance("i1", "m", "arch", MiB, MiB, 2)
+    d.end_instance("i1", 3)
+    assert d.start_kind("m", loading=False) == "kept_copy"
+    d.reserve_copy("c", "h", MiB, 4, origin="cold_start")
+    d.copy_ready("c")
+    assert d.start_kind("c", loading=False) == "kept_copy"  # a cold start's leftover
 
 
 def test_kv_reservation_never_below_one_context():

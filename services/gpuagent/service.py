@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 
-from services.gpuagent.core.ledger import DeviceLedger, Refused, instance_kv_bytes, page_bytes
+from services.gpuagent.core.ledger import DeviceLedger, Refused, copy_origin, instance_kv_bytes, page_bytes
 from services.gpuagent.metrics import AgentMetrics
 from services.gpuagent.workers import DeviceWorkers
 from shared.runner import Service, every
@@ -245,7 +245,8 @@ class AgentService(Service):
         key = (ledger.index, info.name)
         if key in self._loads:  # same copy already loading: wait for that load
             return await asyncio.shield(self._loads[key])
-        engines = ledger.reserve_copy(info.name, info.content_hash, info.size_bytes // info.tp, time.time())
+        engines = ledger.reserve_copy(info.name, info.content_hash, info.size_bytes // info.tp, time.time(),
+                                      copy_origin(reason))
         if engines is None:
             return {"device": ledger.index, "already": True}
         for arch in engines:
@@ -297,17 +298,20 @@ class AgentService(Service):
 
     async def _cold_start(self, ledger: DeviceLedger, info: ModelInfo, instance_id: str, kv: int, reason: str) -> dict:
         started = time.perf_counter()
+        start = ledger.start_kind(info.name, (ledger.index, info.name) in self._loads)
         if info.name not in ledger.copies:  # room for the copy now; the instance frees more if it must
             need = page_bytes(info.size_bytes // info.tp) - ledger.reclaimable_free_bytes
             for victim in ledger.idle_copies_to_free(info.name, need):
                 await self._evict(ledger, victim, f"evicted_for:{info.name}")
             await self._prewarm(ledger, info, reason)
-        detail = await self._start_instance(ledger, info, instance_id, kv, reason)
+        detail = await self._start_instance(ledger, info, instance_id, kv, reason, start)
         return {**detail, "cold_start_ms": (time.perf_counter() - started) * 1000}
 
     async def _start_instance(self, ledger: DeviceLedger, info: ModelInfo, instance_id: str, kv: int,
-                              reason: str) -> dict:
+                              reason: str, start: str = "") -> dict:
+        """`start`: what the instance found (ledger.START_KINDS); by default what is on the device now."""
         load = self._loads.get((ledger.index, info.name))
+        start = start or ledger.start_kind(info.name, load is not None)
         if load is not None:  # promotion of an in-progress prewarm: wait for the weights
             await asyncio.shield(load)
         kv_bytes = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, kv or self.settings.kv_cache_bytes)
@@ -320,7 +324,7 @@ class AgentService(Service):
             await self._evict(ledger, victim, f"evicted_for:{info.name}")
         ledger.start_instance(instance_id, info.name, info.arch, engine_bytes, kv_bytes, time.time())
         await self._event("instance_starting", model=info.name, devices=[ledger.index], instance_id=instance_id,
-                          reason=reason)
+                          reason=reason, detail={"start": start})
         started = time.perf_counter()
         result = await self._call(ledger.index, DeviceCall(op=DeviceOp.start_instance, model=info,
                                                            instance_id=instance_id, kv_bytes=kv_bytes))
@@ -331,7 +335,8 @@ class AgentService(Service):
                               reason=result.reason)
             raise Refused(result.reason)
         ledger.set_instance_state(instance_id, InstanceState.ready)
-        detail = {**result.detail, "promote_ms": (time.perf_counter() - started) * 1000, "instance_id": instance_id}
+        detail = {**result.detail, "promote_ms": (time.perf_counter() - started) * 1000, "instance_id": instance_id,
+                  "start": start}
         await self._event("instance_ready", model=info.name, devices=[ledger.index], instance_id=instance_id,
                           reason=reason, detail=detail)
         return detail
@@ -398,7 +403,7 @@ class AgentService(Service):
                                       free_bytes=d.reclaimable_free_bytes if up else 0,
                                       idle_engine_bytes=d.idle_engine_bytes, kind=self.settings.device_kind))
             copies += [CopyView(model=c.model, content_hash=c.content_hash, devices=[d.index], state=c.state,
-                                bytes=c.bytes, progress=c.progress) for c in d.copies.values()]
+                                bytes=c.bytes, progress=c.progress, origin=c.origin) for c in d.copies.values()]
             if d.instance:
                 i = d.instance
                 instances.append(InstanceView(instance_id=i.instance_id, model=i.model, devices=[d.index],

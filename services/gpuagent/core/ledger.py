@@ -4,7 +4,8 @@ Memory is counted in 2 MiB pages. A device holds prewarmed weight copies (loadin
 evicting), warm engines (one per architecture: weights + KV cache, kept after a demote so the next
 promotion only swaps weights) and at most one serving instance, which runs in the engine of its
 architecture. Idle engines are a cache: they are dropped before anything else when room is
-needed. The ledger says what fits and what to free; the shell applies the answer.
+needed. Each copy remembers why it is here (its origin), so an instance start can say what it
+found. The ledger says what fits and what to free; the shell applies the answer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,23 @@ from dataclasses import dataclass, field
 from shared.schemas import CopyState, InstanceState
 
 PAGE_BYTES = 2 << 20
+
+# why a copy is on the device (CopyRecord.origin), and what an instance start found (start_kind)
+FORECAST_PREWARM = "forecast_prewarm"  # origin and start: placed by the placer from a forecast
+KEPT_COPY = "kept_copy"  # origin and start: left by an instance that stopped (or failed to start)
+COLD_START = "cold_start"  # origin: loaded for an instance that found no copy
+COMMANDED = "commanded"  # origin and start: a prewarm command with no placement reason (by hand)
+LOADING = "loading"  # start: the copy was still loading
+MISS = "miss"  # start: there was no copy
+START_KINDS = (FORECAST_PREWARM, KEPT_COPY, LOADING, MISS, COMMANDED)
+PLACEMENT_REASON_PREFIX = "prewarm_"  # the placer's reasons for a copy (prewarm_foundation, prewarm_burst, ...)
+
+
+def copy_origin(reason: str) -> str:
+    """The origin a new copy remembers, from the reason of the command that loads it."""
+    if reason.startswith(PLACEMENT_REASON_PREFIX):
+        return FORECAST_PREWARM
+    return COLD_START if reason.startswith(COLD_START) else COMMANDED
 
 
 def pages(nbytes: int) -> int:
@@ -43,6 +61,7 @@ class CopyRecord:
     state: CopyState = CopyState.loading
     progress: float = 0.0
     last_used_s: float = 0.0
+    origin: str = COMMANDED  # why it is here: FORECAST_PREWARM | KEPT_COPY | COLD_START | COMMANDED
 
 
 @dataclass
@@ -119,9 +138,10 @@ class DeviceLedger:
 
     # ------------------------------------------------------------ copies
 
-    def reserve_copy(self, model: str, content_hash: str, nbytes: int, now_s: float) -> list[str] | None:
+    def reserve_copy(self, model: str, content_hash: str, nbytes: int, now_s: float,
+                     origin: str = COMMANDED) -> list[str] | None:
         """Start a prewarm: returns the idle engines to drop first ([] usually); None if an
-        identical copy is already here (idempotent)."""
+        identical copy is already here (idempotent: it keeps its origin)."""
         existing = self.copies.get(model)
         if existing and existing.content_hash == content_hash and existing.state != CopyState.evicting:
             return None
@@ -134,7 +154,7 @@ class DeviceLedger:
         engines = self._idle_engines_to_drop(need - self.free_bytes)
         for arch in engines:
             self.engines.pop(arch)
-        self.copies[model] = CopyRecord(model, content_hash, need, last_used_s=now_s)
+        self.copies[model] = CopyRecord(model, content_hash, need, last_used_s=now_s, origin=origin)
         return engines
 
     def idle_copies_to_free(self, model: str, need: int) -> list[str]:
@@ -162,6 +182,16 @@ class DeviceLedger:
         return record
 
     # ------------------------------------------------------------ instances
+
+    def start_kind(self, model: str, loading: bool) -> str:
+        """What an instance of `model` starting now finds here: MISS (no copy), LOADING (`loading`:
+        its load is still running), else the copy's origin (a cold start's leftover is a kept copy)."""
+        copy = self.copies.get(model)
+        if copy is None:
+            return MISS
+        if loading or copy.state == CopyState.loading:
+            return LOADING
+        return KEPT_COPY if copy.origin == COLD_START else copy.origin
 
     def room_for_instance(self, model: str, arch: str, engine_bytes: int, kv_bytes: int) -> Room:
         """What to free so the instance fits, only as much as needed: idle engines of other
@@ -203,10 +233,13 @@ class DeviceLedger:
             self.instance.state = state
 
     def end_instance(self, instance_id: str, now_s: float, keep_engine: bool = True) -> InstanceRecord | None:
-        """The instance stops; its engine stays warm (idle) unless it failed to start."""
+        """The instance stops; its engine stays warm (idle) unless it failed to start; its copy, if
+        any, is now a kept copy."""
         inst = self.instance
         if inst and inst.instance_id == instance_id:
             self.instance = None
+            if inst.model in self.copies:
+                self.copies[inst.model].origin = KEPT_COPY
             if keep_engine:
                 self.engines[inst.arch].last_used_s = now_s
             else:
