@@ -11,11 +11,18 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from shared.credentials import IDENTITIES
 
 ENV_PREFIX = "WARMSERVE_"
+# Settings' fields are declared in sections, in this order; each section after "shared" starts at this field
+SECTION_STARTS = {"gateway": "gateway_host", "forecaster": "window_s", "placer": "placer_tick_s", "gpuagent": "node"}
+SECTIONS = ("shared", *SECTION_STARTS)
+METAVARS = {"int": "N", "float": "NUM", "bool": "BOOL", "str": "TEXT"}
+# what a client of a running stack (status, watch, models) needs to reach it
+CONNECTION = ("namespace", "nats_url", "redis_url", "data_dir", "identity", "nats_user", "nats_password",
+              "nats_creds", "nats_tls_ca")
 
 
 def _setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -184,11 +191,32 @@ def _convert(raw: str, kind: type) -> Any:
     return kind(raw)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one optional flag per setting (default None: fall back to env, then default)."""
+def section_of(name: str) -> str:
+    """The section a setting is declared in (Settings' fields come in SECTIONS order)."""
+    names = [f.name for f in dataclasses.fields(Settings)]
+    starts = [names.index(first) for first in SECTION_STARTS.values()]
+    return SECTIONS[sum(names.index(name) >= start for start in starts)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, shown: Collection[str] = SECTIONS) -> None:
+    """Add one optional flag per setting (default None: fall back to env, then default). --help lists
+    those `shown` (names of sections or of settings), under a heading per section; the rest are
+    accepted but not listed, so each command's help shows what applies to it."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hidden = False
+    parser.usage = parser.usage or "%(prog)s [options]"  # not every flag spelled out
     for f in dataclasses.fields(Settings):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            help=f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]")
+        section = section_of(f.name)
+        listed = section in shown or f.name in shown
+        hidden |= not listed
+        if listed and section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} settings")
+        groups.get(section, parser).add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=METAVARS[str(f.type)],
+            help=f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]" if listed else argparse.SUPPRESS)
+    if hidden:
+        parser.epilog = ("Every other setting (`warmserve up --help` lists them all) is accepted too, as a flag "
+                         "or a WARMSERVE_* variable.")
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -222,9 +250,10 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     return Settings(**values)
 
 
-def settings_from_argv(argv: Sequence[str] | None, description: str) -> Settings:
-    parser = argparse.ArgumentParser(description=description)
-    add_arguments(parser)
+def settings_from_argv(argv: Sequence[str] | None, description: str, shown: Collection[str] = SECTIONS,
+                       prog: str | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser, shown)
     args = parser.parse_args(argv)
     try:
         return load_settings(vars(args))

@@ -19,7 +19,7 @@ from shared.bus import Bus
 from shared.credentials import redact
 from shared.model_files import checkpoint_info
 from shared.schemas import Event, ModelInfo
-from shared.settings import Settings, add_arguments, load_settings
+from shared.settings import CONNECTION, Settings, add_arguments, load_settings
 from shared.state import State
 
 
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("action", choices=["build-demo", "list"])
     parser.add_argument("--no-register", action="store_true", help="build only; do not touch Redis")
     parser.add_argument("--json", action="store_true")
-    add_arguments(parser)
+    add_arguments(parser, (*CONNECTION, "models_dir"))
     args = parser.parse_args(argv)
     settings = load_settings(vars(args))
     if args.action == "build-demo":

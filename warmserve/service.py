@@ -19,9 +19,12 @@ SERVICES = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SERVICES:
-        print(f"usage: warmserve service {{{'|'.join(SERVICES)}}} [flags]", file=sys.stderr)
-        return 2
+        asked = argv[:1] in (["-h"], ["--help"])
+        print(f"usage: warmserve service {{{'|'.join(SERVICES)}}} [flags]\n\n{__doc__}\n"
+              f"`warmserve service NAME --help` lists the settings of that service.", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     module, cls = SERVICES[argv[0]]
-    factory = getattr(importlib.import_module(module), cls)
-    run_service(factory, settings_from_argv(argv[1:], f"WarmServe {argv[0]}"))
+    settings = settings_from_argv(argv[1:], f"Run the WarmServe {argv[0]} in this process.", ("shared", argv[0]),
+                                  prog=f"warmserve service {argv[0]}")
+    run_service(getattr(importlib.import_module(module), cls), settings)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from shared import credentials
 from shared.listen import listening_socket
-from shared.settings import Settings, SettingsError, add_arguments, env_name, load_settings
+from shared.settings import CONNECTION, Settings, SettingsError, add_arguments, env_name, load_settings
 from warmserve import infra
+from warmserve.cli import invocation
 from warmserve.supervision import GiveUp, Supervisor
 
 SERVICE_ORDER = ("gpuagent", "forecaster", "placer", "gateway")
@@ -209,12 +211,18 @@ class Stack:
         self.say("stopped")
 
     def banner(self) -> str:
+        """What to try next, as commands that work when pasted here (this environment's `warmserve`, with
+        the connection flags `up` was given; an API key header when keys are required)."""
         url = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}"
-        return (f"\nWarmServe is up: gateway {url}\n\n"
-                f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        key = " -H 'Authorization: Bearer YOUR_API_KEY'" if self.settings.accepted_api_keys else ""
+        flags = "".join(f" --{name.replace('_', '-')} {shlex.quote(str(self.flags[name]))}"
+                        for name in CONNECTION if self.flags.get(name) is not None)
+        cli = invocation()
+        return (f"\nWarmServe is up: gateway {url} (metrics {url}/metrics)\n\n"
+                f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{key} \\\n"
                 f"    -d '{{\"model\": \"demo-small-a\", \"stream\": true, \"max_tokens\": 16, "
                 f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n\n"
-                f"  warmserve status     warmserve watch     Ctrl-C stops everything\n")
+                f"  {cli} status{flags}\n  {cli} watch{flags}\n  Ctrl-C stops everything\n")
 
 
 def _interrupt(*_) -> None:

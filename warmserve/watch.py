@@ -12,7 +12,18 @@ from shared.bus import Bus
 from shared.codec import DecodeError, decode
 from shared.credentials import with_identity
 from shared.schemas import Event
-from shared.settings import add_arguments, load_settings
+from shared.settings import CONNECTION, add_arguments, load_settings
+
+
+def figure(value: object) -> str:
+    """A detail value for people: floats rounded to what matters (5502.8037 ms -> 5503)."""
+    if isinstance(value, list):
+        return ",".join(map(figure, value))
+    if not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
 def render(subject: str, event: Event, as_json: bool) -> str:
@@ -26,7 +37,7 @@ def render(subject: str, event: Event, as_json: bool) -> str:
     if event.reason:
         parts.append(f"reason={event.reason}")
     if event.detail:
-        parts.append(" ".join(f"{k}={v}" for k, v in event.detail.items()))
+        parts.append(" ".join(f"{k}={figure(v)}" for k, v in event.detail.items()))
     return "  ".join(parts)
 
 
@@ -61,7 +72,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", dest="watch_model", default=None, help="only events of this model")
     parser.add_argument("--json", dest="as_json", action="store_true", help="one JSON object per line")
     parser.add_argument("--since", dest="since_s", type=float, default=None, help="replay the last N seconds first")
-    add_arguments(parser)
+    add_arguments(parser, CONNECTION)
     args = vars(parser.parse_args(argv))
     own = {k: args.pop(k) for k in ("watch_model", "as_json", "since_s")}
     settings = with_identity(load_settings(args), "monitor")
