@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ssl
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import nats
@@ -51,20 +52,26 @@ class Bus:
     @classmethod
     async def connect(cls, settings: Settings, name: str) -> "Bus":
         """Connect (waiting for the server as long as it takes) with this process's credentials.
-        Refused credentials end the wait with a BusError: they would be refused forever."""
+        Refused credentials, or a server certificate the CA does not vouch for, end the wait with a
+        BusError: they would be refused forever."""
         nc, connected = nats.NATS(), False
 
         async def on_error(exc: Exception) -> None:  # also how a permission violation is reported
             if not connected and "authorization violation" in str(exc).lower():
                 raise BusError(f"{settings.nats_url} refused the credentials of {name}: {exc} "
                                f"(settings: identity and data_dir, or nats_user, or nats_creds)")
+            if not connected and isinstance(exc, ssl.SSLCertVerificationError):
+                raise BusError(f"{settings.nats_url} is not the server {name} expects: {exc} (setting: nats_tls_ca)")
             log.warning("nats_error", connection=name, error=str(exc))
 
         try:
             await nc.connect(settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                              connect_timeout=5, allow_reconnect=True, error_cb=on_error, **nats_options(settings))
         except BusError:
-            await nc.close()
+            try:  # a failed TLS handshake can leave nothing to close but a socket that never says so
+                await asyncio.wait_for(nc.close(), DRAIN_TIMEOUT_S)
+            except (asyncio.TimeoutError, nats.errors.Error):
+                pass
             raise
         connected = True
         return cls(nc, Subjects(settings.namespace), settings.request_timeout_s, name)
