@@ -83,6 +83,9 @@ class Subjects:
     def domain_events(self, domain: str) -> str:
         return self._s(domain, "evt", ">")
 
+    def domain_requests(self, domain: str) -> str:
+        return self._s(domain, "req", ">")
+
     def agent_commands(self) -> str:
         return self._s("agent", "cmd", "execute", "*")
 
