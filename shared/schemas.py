@@ -65,6 +65,24 @@ class ForecastQuery(Message):
     models: list[str] = []  # empty: all models
 
 
+class WindowLoad(Message):
+    """One model's load in one past window (forecast history import and export)."""
+
+    window_start_s: float  # start of the window, unix seconds (a multiple of window_s)
+    avg: float = Field(ge=0)  # time-weighted mean outstanding requests
+    peak: float = Field(ge=0)  # peak outstanding requests
+
+
+class HistoryImport(Message):
+    """CLI -> forecaster: seed one model's window history (a trace's learn days, a CSV); answered
+    with a CommandResult."""
+
+    model: str  # a registered model
+    window_s: float = Field(gt=0)  # must be the forecaster's window
+    windows: list[WindowLoad] = []
+    last: bool = True  # the import's last message: the forecaster relearns and publishes forecasts
+
+
 # ---------------------------------------------------------------- agent state
 
 

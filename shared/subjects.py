@@ -46,6 +46,9 @@ class Subjects:
     def forecast_query(self) -> str:
         return self._s("forecast", "req", "current")
 
+    def forecast_import(self) -> str:
+        return self._s("forecast", "req", "import")
+
     # placer
     def instance_need(self) -> str:
         return self._s("placer", "req", "instance")

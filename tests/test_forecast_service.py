@@ -1,6 +1,7 @@
 """Forecaster service over real NATS and Redis, in-process, with an injected clock: a restart
 mid-window loses no history, forecasts are published as events and answered on request, every
-registered model is forecast whether or not it had requests, and
+registered model is forecast whether or not it had requests, imported history (a CSV through the
+CLI, refused when it does not fit) is learnt at once and exported back, and
 malformed samples and those of unregistered models are rejected with a logged reason while
 serving goes on."""
 
@@ -15,7 +16,7 @@ from services.forecaster.core.windows import PartialWindows, WindowStats
 from services.forecaster.service import FORECAST_EVENT, ForecasterService
 from shared.bus import Bus
 from shared.runner import Running
-from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
+from shared.schemas import CommandResult, Event, Forecast, ForecastQuery, ForecastSet, HistoryImport, LoadSample, WindowLoad
 from shared.state import State
 from tests.agent_helpers import fake_model
 
@@ -112,8 +113,8 @@ async def test_restart_mid_window_loses_nothing(harness):
     assert [f.model for f in answer.forecasts] == ["a"]
     current = answer.forecasts[0]
     assert current.window_start_s == 1020.0 and current.window_s == 10.0 and current.method.startswith("ours:")
-    last_event = [e for e in events if e.detail["window_start_s"] == 1020.0][-1]
-    assert Forecast.model_validate(last_event.detail) == current and last_event.model == "a"
+    last_event = [e for e in events if e.detail["window_start_s"] == 1020.0 and e.model == "a"][-1]
+    assert Forecast.model_validate(last_event.detail) == current
     await running.shutdown()
 
 
@@ -174,4 +175,38 @@ async def test_every_registered_model_is_forecast_without_requests(harness):
     assert all(f.window_start_s == 4010.0 and f.window_s == 10.0 and f.avg == 0.0 for f in answer.forecasts)
     history = await state.hgetall(state.keys.window_history("late"), WindowStats)
     assert sorted(history) == ["400"] and history["400"].avg == 0.0
+    await running.shutdown()
+
+
+async def test_imported_periodic_history_is_forecast_at_once_and_exported(harness, tmp_path):
+    from warmserve import history as cli
+
+    settings, client, state, events = harness
+    clock = FakeClock(5000.5)  # windows before 499 are closed
+    running = await start(settings, clock)
+    rows = ["model,window_start_s,avg,peak"] + [f"a,{10.0 * i},{10.0 if i % 5 == 4 else 0.0},{20.0 if i % 5 == 4 else 0.0}"
+                                                for i in range(400, 500)]
+    (tmp_path / "in.csv").write_text("\n".join(rows) + "\n")
+    flags = ["--namespace", settings.namespace, "--nats-url", settings.nats_url, "--redis-url", settings.redis_url,
+             "--window-s", "10"]
+    assert await asyncio.to_thread(cli.main, ["import", "--csv", str(tmp_path / "in.csv"), *flags]) == 0
+    history = await state.hgetall(state.keys.window_history("a"), WindowStats)
+    assert len(history) == 99 and "499" not in history  # window 499 is still open: skipped
+    await wait_for(published(events, 4990.0))
+    current = (await client.request(client.subjects.forecast_query(), ForecastQuery(models=["a"]), ForecastSet)).forecasts[0]
+    assert current.window_start_s == 4990.0 and current.peak == pytest.approx(20.0)  # 499 % 5 == 4: a burst
+    assert current.method.startswith("ours:period")
+
+    assert await asyncio.to_thread(cli.main, ["export", "--csv", str(tmp_path / "out.csv"), "--models", "a", *flags]) == 0
+    with open(tmp_path / "out.csv") as out:
+        exported = cli.read_csv(out, 10.0)["a"]
+    assert [(w.window_start_s, w.avg, w.peak) for w in exported] == [
+        (10.0 * i, 10.0 if i % 5 == 4 else 0.0, 20.0 if i % 5 == 4 else 0.0) for i in range(400, 499)]
+
+    for bad, reason in ((HistoryImport(model="a", window_s=5.0, windows=[]), "not the forecaster's window"),
+                        (HistoryImport(model="a", window_s=10.0, windows=[WindowLoad(window_start_s=4003.0, avg=1, peak=1)]),
+                         "not a multiple"),
+                        (HistoryImport(model="stranger", window_s=10.0), "not registered")):
+        answer = await client.request(client.subjects.forecast_import(), bad, CommandResult)
+        assert not answer.ok and reason in answer.reason
     await running.shutdown()

@@ -24,6 +24,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("status",): ("warmserve.status", "devices x models table and instances"),
     ("service",): ("warmserve.service", "run one service: forecaster | placer | gateway | gpuagent"),
     ("forecast", "backtest"): ("services.forecaster.backtest", "forecast accuracy on real traces"),
+    ("forecast", "import"): ("warmserve.history", "seed the live forecaster's history from a CSV or a compressed trace"),
+    ("forecast", "export"): ("warmserve.history", "write the live forecaster's history as CSV"),
     ("bench", "placer"): ("bench.placer", "planning tick wall time"),
     ("bench", "agent"): ("bench.agent", "cold start vs promote vs warm TTFT with real vLLM"),
     ("bench", "gateway"): ("bench.gateway", "gateway added latency, max rate, cold burst"),

@@ -4,8 +4,9 @@ Samples are validated (those of unregistered models refused), spread over the op
 in Redis per sample, so a restart loses nothing), and at each window boundary every registered model's
 window is recorded in its Redis history and its forecast for the new window is stored
 (Keys.forecasts) and published as a `forecast.evt.forecast_published` event whose `detail` is the
-Forecast. ForecastQuery is answered with the current ForecastSet. The clock is injected; all
-decisions are in core/.
+Forecast. ForecastQuery is answered with the current ForecastSet. A HistoryImport adds closed
+windows to a model's history; its last message makes the forecaster relearn from the whole history
+and publish again. The clock is injected; all decisions are in core/.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Callable
 
 from services.forecaster.core.online import OnlineForecaster
 from services.forecaster.core.windows import (PartialWindows, WindowStats, add_sample, close_window,
-                                              sample_problem, window_index)
+                                              import_problem, sample_problem, window_index)
 from services.forecaster.metrics import ForecasterMetrics
 from shared.runner import Service, pause
-from shared.schemas import Event, Forecast, ForecastQuery, ForecastSet, LoadSample
+from shared.schemas import CommandResult, Event, Forecast, ForecastQuery, ForecastSet, HistoryImport, LoadSample
 from shared.settings import Settings
 
 FORECAST_EVENT = "forecast_published"
@@ -39,13 +40,17 @@ class ForecasterService(Service):
         # a window closes this long after its end, so the samples that end at the boundary are in
         self.grace_s = min(settings.sample_interval_s, settings.window_s / 4)
         self.tick_s = tick_s if tick_s is not None else min(settings.window_s / 10, 1.0)
-        self.forecaster = OnlineForecaster(settings.forecast_method, settings.window_s,
-                                           settings.csp_days, settings.csp_errors, settings.season_s)
+        self.forecaster = self.new_forecaster()
+        self.windows_lock = asyncio.Lock()  # window closing and history imports take turns
         self.partials: dict[str, PartialWindows] = {}
         self.current: dict[str, Forecast] = {}
         self.metrics = ForecasterMetrics()
         self.next_close = 0  # index of the first window not closed yet
         self.up_since_s = 0.0
+
+    def new_forecaster(self) -> OnlineForecaster:
+        s = self.settings
+        return OnlineForecaster(s.forecast_method, s.window_s, s.csp_days, s.csp_errors, s.season_s)
 
     # ------------------------------------------------------------ start: rebuild from Redis
 
@@ -54,21 +59,30 @@ class ForecasterService(Service):
         self.up_since_s = self.clock()
         self.partials = await self.state.hgetall(keys.partial_window(), PartialWindows)
         self.current = await self.state.hgetall(keys.forecasts(), Forecast)
-        windows: dict[int, dict[str, tuple[float, float]]] = {}
-        for model in self.partials:
-            self.forecaster.add_model(model)
-            for stats in (await self.state.hgetall(keys.window_history(model), WindowStats)).values():
-                windows.setdefault(window_index(stats.window_start_s, self.window_s), {})[model] = (stats.avg, stats.peak)
-        for index in range(min(windows, default=0), max(windows, default=-1) + 1):
-            self.forecaster.observe(index, windows.get(index, {}))
-        self.next_close = max(windows) + 1 if windows else window_index(self.up_since_s - self.grace_s, self.window_s)
+        latest, count = await self.learn_history()
+        self.next_close = latest + 1 if count else window_index(self.up_since_s - self.grace_s, self.window_s)
         self.partials = {m: PartialWindows(windows=[w for w in p.windows
                                                     if w.window_start_s >= self.next_close * self.window_s - 1e-9])
                          for m, p in self.partials.items()}
-        self.log.info("history_loaded", models=len(self.partials), windows=len(windows), next_window=self.next_close)
+        self.log.info("history_loaded", models=len(self.partials), windows=count, next_window=self.next_close)
         await self.watch_registered()
         await self.bus.subscribe(self.bus.subjects.load_samples(), LoadSample, self.on_sample, concurrent=False)
         await self.bus.subscribe(self.bus.subjects.forecast_query(), ForecastQuery, self.on_query)
+        await self.bus.subscribe(self.bus.subjects.forecast_import(), HistoryImport, self.on_import, concurrent=False)
+
+    async def learn_history(self) -> tuple[int, int]:
+        """A fresh forecaster fed, in order, the Redis history of every watched model (the newest
+        windows the history holds); returns (newest window index, windows with any history)."""
+        self.forecaster = self.new_forecaster()
+        windows: dict[int, dict[str, tuple[float, float]]] = {}
+        for model in self.partials:
+            self.forecaster.add_model(model)
+            for stats in (await self.state.hgetall(self.state.keys.window_history(model), WindowStats)).values():
+                windows.setdefault(window_index(stats.window_start_s, self.window_s), {})[model] = (stats.avg, stats.peak)
+        latest = max(windows, default=-1)
+        for index in range(max(min(windows, default=0), latest - self.forecaster.history.capacity + 1), latest + 1):
+            self.forecaster.observe(index, windows.get(index, {}))
+        return latest, len(windows)
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -100,10 +114,43 @@ class ForecasterService(Service):
         wanted = query.models or sorted(self.current)
         return ForecastSet(forecasts=[self.current[m] for m in wanted if m in self.current])
 
+    async def on_import(self, imported: HistoryImport) -> CommandResult:
+        """Closed windows join the model's history (windows still open are skipped); the last
+        message of an import relearns everything and publishes the current window's forecasts."""
+        problem = import_problem(imported.window_s, self.window_s, [w.window_start_s for w in imported.windows])
+        if problem is None and await self.state.model(imported.model) is None:
+            problem = f"model {imported.model!r} is not registered"
+        if problem:
+            self.log.warning("history_import_rejected", model=imported.model, reason=problem)
+            return CommandResult(command_id="import", ok=False, reason=problem)
+        async with self.windows_lock:
+            keys = self.state.keys
+            closed = {window_index(w.window_start_s, self.window_s): w for w in imported.windows}
+            closed = {i: w for i, w in closed.items()
+                      if self.next_close - self.forecaster.history.capacity <= i < self.next_close}
+            await self.state.hput_many(keys.window_history(imported.model), {
+                history_field(i): WindowStats(window_start_s=w.window_start_s, window_s=self.window_s, avg=w.avg,
+                                              peak=max(w.peak, w.avg), covered_s=self.window_s)
+                for i, w in closed.items()})
+            if imported.model not in self.partials:
+                self.partials[imported.model] = PartialWindows()
+                await self.state.hput(keys.partial_window(), imported.model, self.partials[imported.model])
+            if imported.last:
+                await self.learn_history()
+                await self.publish_forecasts(self.next_close)
+        self.log.info("history_imported", model=imported.model, windows=len(closed),
+                      skipped=len(imported.windows) - len(closed), relearnt=imported.last)
+        return CommandResult(command_id="import", ok=True,
+                             detail={"windows": len(closed), "skipped": len(imported.windows) - len(closed)})
+
     # ------------------------------------------------------------ window boundaries
 
     async def close_due_windows(self) -> None:
-        due = window_index(self.clock() - self.grace_s, self.window_s)  # windows before `due` have ended
+        async with self.windows_lock:
+            await self.close_windows_until(window_index(self.clock() - self.grace_s, self.window_s))
+
+    async def close_windows_until(self, due: int) -> None:
+        """Close every window before `due` (those that have ended) and forecast window `due`."""
         if due <= self.next_close:
             return
         self.next_close = max(self.next_close, due - self.forecaster.history.capacity)

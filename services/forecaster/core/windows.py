@@ -111,6 +111,16 @@ def sample_problem(sample: LoadSample, now_s: float, window_s: float) -> str | N
     return None
 
 
+def import_problem(window_s: float, expected_window_s: float, window_starts_s: list[float]) -> str | None:
+    """Why imported windows cannot join the history (another window length, misaligned), or None."""
+    if abs(window_s - expected_window_s) > 1e-9:
+        return f"window_s {window_s:g} is not the forecaster's window ({expected_window_s:g} s)"
+    misaligned = [s for s in window_starts_s if abs(s / window_s - round(s / window_s)) > 1e-6]
+    if misaligned:
+        return f"window_start_s {misaligned[0]!r} is not a multiple of window_s {window_s:g}"
+    return None
+
+
 def add_sample(partial: PartialWindows, sample: LoadSample, window_s: float,
                first_open_start_s: float) -> tuple[PartialWindows, float]:
     """Spread a sample over the windows it overlaps; returns (new partial, seconds dropped as late).
