@@ -5,7 +5,8 @@ of its own and keeps a bounded load of streaming chat requests over the register
 at a time, it kill -9s each service, a device worker, nats-server and redis-server, and SIGTERMs the
 gateway. Per fault it reports the requests that were ok, failed with a clear error (an OpenAI-format
 error body or stream event), failed obscurely (reset, truncated stream, a 5xx that is not JSON) or
-hung; the seconds until a request sent after the fault succeeded; and whether the state converged:
+hung; the seconds until requests sent after the fault succeed again for every model (each model
+probed one request at a time); and whether the state converged:
 every ready instance and copy in Redis is held by its device worker and the worker holds no other.
 """
 
@@ -161,7 +162,8 @@ class Stack:
         async with httpx.AsyncClient(base_url=self.url, timeout=2) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"warmserve up exited with {self.proc.returncode}: see {self.data_dir / 'up.log'}")
+                    raise RuntimeError(f"warmserve up exited with {self.proc.returncode}: "
+                                       f"see {self.data_dir / 'up.log'}")
                 try:
                     if (await client.get("/readyz")).status_code == 200:
                         say("stack ready")
@@ -232,19 +234,12 @@ async def state_problem(settings: Settings, devices: int) -> str:
                                            DeviceCall(op=DeviceOp.status), CommandResult, timeout_s=2.0)
             except BusError as exc:
                 return f"device {device}'s worker does not answer: {exc}"
-            held_instances, held_copies = set(status.detail["inflight"]), set(status.detail.get("copies", []))
-            listed = [i for i in view.instances if device in i.devices]
-            for instance in listed:
-                if instance.state == InstanceState.ready and instance.instance_id not in held_instances:
-                    return f"phantom instance {instance.instance_id} on device {device}"
-            if unknown := held_instances - {i.instance_id for i in listed}:
-                return f"device {device} serves instances the agent does not list: {sorted(unknown)}"
-            copies = [c for c in view.copies if device in c.devices]
-            for copy in copies:
-                if copy.state == CopyState.ready and copy.model not in held_copies:
-                    return f"phantom copy of {copy.model} on device {device}"
-            if unknown := held_copies - {c.model for c in copies}:
-                return f"device {device} holds copies the agent does not list: {sorted(unknown)}"
+            instances = {i.instance_id: i.state == InstanceState.ready for i in view.instances if device in i.devices}
+            copies = {c.model: c.state == CopyState.ready for c in view.copies if device in c.devices}
+            problem = (_mismatch("instance", instances, set(status.detail["inflight"]))
+                       or _mismatch("copy", copies, set(status.detail.get("copies", []))))
+            if problem:
+                return f"device {device}: {problem}"
         return ""
     except Exception as exc:  # noqa: BLE001 - NATS or Redis not back yet
         return f"{type(exc).__name__}: {exc}"
@@ -252,6 +247,15 @@ async def state_problem(settings: Settings, devices: int) -> str:
         for connection in (bus, state):
             if connection is not None:
                 await connection.close()
+
+
+def _mismatch(kind: str, listed: dict[str, bool], held: set[str]) -> str:
+    """A ready one listed but not held is a phantom; one held but not listed at all is unknown."""
+    if phantoms := sorted(name for name, ready in listed.items() if ready and name not in held):
+        return f"phantom {kind} {phantoms}"
+    if unknown := sorted(held - set(listed)):
+        return f"{kind} held but not listed: {unknown}"
+    return ""
 
 
 async def converge(settings: Settings, devices: int) -> tuple[bool, str]:
@@ -267,22 +271,18 @@ async def converge(settings: Settings, devices: int) -> tuple[bool, str]:
 # ---------------------------------------------------------------- one fault
 
 
-async def recover(load: Load, fault_s: float) -> float | None:
-    """Send a probe every PROBE_EVERY_S until one succeeds: seconds from the fault to that success."""
-    done: asyncio.Future = asyncio.get_running_loop().create_future()
+async def recover(load: Load, fault_s: float) -> dict[str, float | None]:
+    """Per model, requests one after another (a pause between failures) until one succeeds: seconds
+    from the fault to that success (None: not within RECOVERY_LIMIT_S)."""
 
-    async def probe() -> None:
-        if await load.request() == "ok" and not done.done():
-            done.set_result(time.monotonic() - fault_s)
+    async def probe(model: str) -> float | None:
+        while time.monotonic() < fault_s + RECOVERY_LIMIT_S:
+            if await load.request(model) == "ok":
+                return time.monotonic() - fault_s
+            await asyncio.sleep(PROBE_EVERY_S)
+        return None
 
-    deadline = fault_s + RECOVERY_LIMIT_S
-    while not done.done() and time.monotonic() < deadline:
-        load.spawn(probe())
-        try:
-            await asyncio.wait_for(asyncio.shield(done), PROBE_EVERY_S)
-        except TimeoutError:
-            pass
-    return done.result() if done.done() else None
+    return dict(zip(load.models, await asyncio.gather(*(probe(m) for m in load.models))))
 
 
 async def run_fault(stack: Stack, load: Load, fault: str, baseline_s: float, say) -> dict[str, Any]:
@@ -291,17 +291,24 @@ async def run_fault(stack: Stack, load: Load, fault: str, baseline_s: float, say
     fault_s = time.monotonic()
     pids = stack.inject(fault)
     say(f"{fault}: {'SIGTERM' if fault == 'gateway' else 'kill -9'} pid {pids}")
-    recovery_s = await recover(load, fault_s)
-    say(f"{fault}: requests succeed again after {recovery_s if recovery_s is None else round(recovery_s, 1)} s")
+    per_model = await recover(load, fault_s)
+    times = [t for t in per_model.values() if t is not None]
+    recovery_s = max(times) if len(times) == len(per_model) else None
+    say(f"{fault}: requests to every model succeed again after "
+        f"{'never' if recovery_s is None else round(recovery_s, 1)} s ({_rounded(per_model)})")
     converged, problem = await converge(stack.settings, stack.devices)
-    tally = load.tallies.setdefault(fault, Tally())
     load.phase = f"after-{fault}"
-    return {"fault": fault, **tally.counts, "recovery_s": recovery_s, "converged": converged,
-            "problem": problem, "examples": tally.examples}
+    return {"fault": fault, "recovery_s": recovery_s, "converged": converged,
+            "first_ok_s": min(times, default=None), "recovery_s_per_model": _rounded(per_model), "problem": problem}
+
+
+def _rounded(per_model: dict[str, float | None]) -> dict[str, float | None]:
+    return {m: None if t is None else round(t, 2) for m, t in per_model.items()}
 
 
 async def run(engine: str, faults: list[str], devices: int, concurrency: int, max_tokens: int, say,
-              data_dir: str = "", models_dir: str = "models", baseline_s: float = BASELINE_S) -> dict:
+              data_dir: str = "", models_dir: str = "models", baseline_s: float = BASELINE_S,
+              names: list[str] | None = None) -> dict:
     """Start the stack, warm every model, keep the load on and inject each fault in turn."""
     with tempfile.TemporaryDirectory(prefix="warmserve-chaos-") as tmp:
         stack = Stack(Path(data_dir or tmp).resolve(), engine, devices, models_dir)
@@ -311,8 +318,10 @@ async def run(engine: str, faults: list[str], devices: int, concurrency: int, ma
         try:
             await stack.wait_ready(say)
             state = await State.connect(stack.settings)
-            models = sorted(await state.models())
+            registered = await state.models()
             await state.close()
+            models = names or [m.name for m in sorted(registered.values(), key=lambda m: (m.size_bytes, m.name))]
+            models = sorted(models[:devices] if not names else models)  # by default a load the devices can hold
             load = Load(stack.url, models, concurrency, max_tokens)
             say(f"warming up: one request per model ({', '.join(models)})")
             await asyncio.gather(*(load.request(m) for m in models))
@@ -320,22 +329,29 @@ async def run(engine: str, faults: list[str], devices: int, concurrency: int, ma
             results = []
             for fault in faults:
                 results.append(await run_fault(stack, load, fault, baseline_s, say))
-            await load.stop()
+            await load.stop()  # every request is counted under the phase it started in, once it ended
+            for result in results:
+                tally = load.tallies.get(result["fault"], Tally())
+                result.update(tally.counts, examples=tally.examples)
             warmup = load.tallies.get("warmup", Tally()).counts
-            return {"engine": engine, "devices": devices, "concurrency": concurrency, "warmup": warmup,
+            return {"engine": engine, "devices": devices, "concurrency": concurrency, "models": models,
+                    "warmup": warmup,
                     "faults": results, "load_average": os.getloadavg()}
         finally:
             stack.stop()
 
 
 def table(result: dict[str, Any]) -> str:
-    head = f"{'fault':<14}{'ok':>6}{'clear':>7}{'obscure':>9}{'hung':>6}{'unreach':>9}{'recovery_s':>12}  converged"
-    lines = [f"engine {result['engine']}, {result['devices']} devices, {result['concurrency']} clients, "
+    head = (f"{'fault':<14}{'ok':>6}{'clear':>7}{'obscure':>9}{'hung':>6}{'unreach':>9}{'recovery_s':>12}"
+            f"{'first_ok_s':>12}  converged")
+    lines = [f"engine {result['engine']}, {result['devices']} devices, {result['concurrency']} clients over "
+             f"{', '.join(result['models'])}, "
              f"load average {', '.join(f'{x:.2f}' for x in result['load_average'])}", head]
     for f in result["faults"]:
-        recovery = "never" if f["recovery_s"] is None else f"{f['recovery_s']:.1f}"
+        recovery, first = ("never" if t is None else f"{t:.1f}" for t in (f["recovery_s"], f["first_ok_s"]))
         lines.append(f"{f['fault']:<14}{f['ok']:>6}{f['clear_errors']:>7}{f['obscure_failures']:>9}{f['hung']:>6}"
-                     f"{f['unreachable']:>9}{recovery:>12}  {'yes' if f['converged'] else 'NO: ' + f['problem']}")
+                     f"{f['unreachable']:>9}{recovery:>12}{first:>12}  "
+                     f"{'yes' if f['converged'] else 'NO: ' + f['problem']}")
         lines += [f"    {example}" for example in f["examples"]]
     return "\n".join(lines)
 
@@ -348,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=3, help="clients sending requests in a loop")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--models", default="", help="comma-separated models to load (default: the DEVICES "
+                                                     "smallest registered, one instance per device)")
     parser.add_argument("--models-dir", default="models", help="demo models are built here if missing")
     parser.add_argument("--data-dir", default="", help="keep the stack's data and logs here (default: a "
                                                           "temporary directory, removed at the end)")
@@ -359,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown faults {unknown}: choose from {', '.join(FAULTS)}")
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     result = asyncio.run(run(args.engine, faults, args.devices, args.concurrency, args.max_tokens, say,
-                             args.data_dir, args.models_dir))
+                             args.data_dir, args.models_dir, names=[m for m in args.models.split(",") if m]))
     print(json.dumps(result, indent=2) if args.json else table(result))
     good = all(f["hung"] == 0 and f["obscure_failures"] == 0 and f["converged"] and f["recovery_s"] is not None
                for f in result["faults"])

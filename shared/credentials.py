@@ -45,7 +45,10 @@ def nats_permissions() -> dict[str, dict[str, Any]]:
     permissions: dict[str, dict[str, Any]] = {"admin": {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}}
     for identity, (publish, subscribe, answers) in grants.items():
         block: dict[str, Any] = {
-            "publish": {"allow": publish, "deny": [p for p, owner in exclusive.items() if owner != identity]},
+            # its own inbox too: an answer between two processes of one identity (agent and device
+            # worker) that outlives a reconnect is no longer covered by allow_responses
+            "publish": {"allow": [*publish, inbox_prefix(identity) + ".>"],
+                        "deny": [p for p, owner in exclusive.items() if owner != identity]},
             "subscribe": {"allow": [*subscribe, inbox_prefix(identity) + ".>"]},
         }
         if identity == "monitor":

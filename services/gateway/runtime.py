@@ -33,6 +33,7 @@ INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready", "
                    "instance_stopped": "stopped", "instance_failed": "stopped"}
 CLIENT_LEFT = object()  # mailbox marker: the HTTP client disconnected
 INSTANCE_GONE_CODE = 503  # an engine's refusal that means "not serving this instance": send the request elsewhere
+SHUTTING_DOWN = "the gateway is shutting down: retry"
 PUBLISH_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between tries of a publish the bus refused (then 1 s each)
 
 
@@ -133,6 +134,7 @@ class GatewayRuntime:
         self._tasks: set[asyncio.Task] = set()
         self._deadline: asyncio.TimerHandle | None = None
         self.data: Bus | None = None
+        self.closing = False  # shutting down: no new request is admitted
 
     # ------------------------------------------------------------ lifecycle
 
@@ -165,9 +167,18 @@ class GatewayRuntime:
                 log.warning("cluster_refresh_failed", reason=f"{type(exc).__name__}: {exc}")
             self._apply(self.scheduler.tick(self.now()))
 
-    def refuse_waiting(self) -> None:
-        """Shutting down: answer every held request now (503) rather than at its deadline."""
-        self._apply(self.scheduler.refuse_waiting("the gateway is shutting down", self.now()))
+    def close_admission(self) -> None:
+        """Shutting down: refuse new requests and answer every held one now (503, retry), rather than
+        at its deadline; requests being answered go on."""
+        self.closing = True
+        self._apply(self.scheduler.refuse_waiting(SHUTTING_DOWN, self.now()))
+
+    def abort_answering(self) -> None:
+        """The drain is running out: end every request still being answered with a 503 (an error
+        event in a stream) rather than a cut connection."""
+        for generation in list(self._open.values()):
+            if generation.routed_to and not generation.finished:
+                generation.mailbox.put_nowait(generation.error(503, SHUTTING_DOWN))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -201,6 +212,8 @@ class GatewayRuntime:
 
     def submit(self, request: CompletionRequest, arrived_s: float) -> Generation:
         """Admit a request; its mailbox receives the dispatch, then the engine's chunks (or a refusal)."""
+        if self.closing:
+            raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="shutting_down", retry_after_s=1)
         request_id = f"{'chatcmpl' if request.chat else 'cmpl'}-{self.gateway_id}-{next(self._ids):08d}"
         try:
             infer = InferRequest(request_id=request_id, model=request.model,

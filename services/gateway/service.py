@@ -18,6 +18,9 @@ from shared.listen import BACKLOG, inherited_socket, listening_socket
 from shared.runner import Service
 
 
+ABORT_BEFORE_DRAIN_END_S = 1.0  # answers still running this long before the drain ends get a clean error
+
+
 class EmbeddedServer(uvicorn.Server):
     """uvicorn inside a service: the runner owns the signal handlers."""
 
@@ -62,7 +65,10 @@ class GatewayService(Service):
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True  # no new connections; answers in flight finish
-            self.runtime.refuse_waiting()
+            self.runtime.close_admission()
+            grace_s = max(self.settings.drain_timeout_s - ABORT_BEFORE_DRAIN_END_S, 0.0)
+            if not (await asyncio.wait({self._serving}, timeout=grace_s))[0]:
+                self.runtime.abort_answering()  # before uvicorn cancels them into plain-text 500s
             await self._serving
         if self.runtime is not None:
             await self.runtime.close()

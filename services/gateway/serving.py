@@ -111,7 +111,7 @@ class Completion:
 
     def _first_token(self, record: AccessRecord, generation: Generation, first: InferChunk) -> None:
         dispatch = generation.dispatch
-        record.instance = dispatch.instance_id
+        record.instance = dispatch.instance_id if dispatch else ""
         if first.error is not None:
             raise engine_error(first)
         ttft_s = self.runtime.now() - generation.arrived_s
