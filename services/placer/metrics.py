@@ -6,6 +6,7 @@ Only the shell calls these, after the core has decided; nothing here decides any
 
 from __future__ import annotations
 
+import re
 from collections import Counter as Tally
 from typing import Callable, Iterable
 
@@ -33,9 +34,9 @@ class PlacerMetrics:
         self.leader.set_function(lambda: float(leading()))
 
     def decided(self, effects: Iterable[object]) -> None:
-        """Count effects (Prewarm, Evict, Promote, ColdStart, Demote) by kind and reason."""
+        """Count effects by kind (prewarm, evict, promote, cold_start, demote) and reason."""
         for effect in effects:
-            self.decisions.labels(type(effect).__name__.lower(), effect.reason).inc()
+            self.decisions.labels(re.sub(r"(?<!^)(?=[A-Z])", "_", type(effect).__name__).lower(), effect.reason).inc()
 
     def ticked(self, seconds: float, plan: Plan, views: dict[str, NodeView]) -> None:
         """One tick's time, and the plan beside what the live agents hold (every model shown, 0 included)."""
