@@ -203,6 +203,10 @@ async def test_imported_periodic_history_is_forecast_at_once_and_exported(harnes
     assert [(w.window_start_s, w.avg, w.peak) for w in exported] == [
         (10.0 * i, 10.0 if i % 5 == 4 else 0.0, 20.0 if i % 5 == 4 else 0.0) for i in range(400, 499)]
 
+    assert await asyncio.to_thread(cli.main, ["import", "--workload", "--models", "good,bad", "--compress", "600",
+                                              "--learn-days", "1", "--rate", "2", "--end-s", "5000.5", *flags]) == 0
+    assert len(await state.hgetall(state.keys.window_history("good"), WindowStats)) == 13  # a day: 14 windows, one open
+
     for bad, reason in ((HistoryImport(model="a", window_s=5.0, windows=[]), "not the forecaster's window"),
                         (HistoryImport(model="a", window_s=10.0, windows=[WindowLoad(window_start_s=4003.0, avg=1, peak=1)]),
                          "not a multiple"),

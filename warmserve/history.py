@@ -128,6 +128,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("action", choices=["import", "export"])
     parser.add_argument("--csv", help="import: per-window loads (see above); export: where to write (default stdout)")
     parser.add_argument("--shift-to-now", action="store_true", help="import --csv: end the history now")
+    parser.add_argument("--end-s", type=float, default=None, help="import: 'now' for --shift-to-now and --workload, "
+                                                                   "unix seconds (default: the current window's start)")
     parser.add_argument("--workload", action="store_true", help="import the shared workload builder's models")
     parser.add_argument("--models", default="", help="comma-separated model names (import --workload: which "
                                                      "registered models replay workload models 0, 1, ...; default all, "
@@ -164,7 +166,8 @@ def main(argv: list[str]) -> int:
         else:
             write_csv(history, sys.stdout)
         return 0
-    end_s = math.floor(time.time() / settings.window_s) * settings.window_s  # the current window's start
+    now_s = time.time() if args.end_s is None else args.end_s
+    end_s = math.floor(now_s / settings.window_s) * settings.window_s  # the current window's start
     summary: dict = {}
     try:
         if args.csv:

@@ -42,6 +42,7 @@ def history_windows(workload: Workload, models: list[int], compression: Compress
         arrival = np.asarray(compression.live(requests.time_s)) - first_live_s
         avg, peak = trace_windows(arrival, timing.durations(requests.prompt_tokens, requests.output_tokens),
                                   window_s, n_windows)
-        out.append([WindowLoad(window_start_s=first_live_s + j * window_s, avg=float(a), peak=float(p))
+        avg = np.maximum(avg, 0.0)  # the integral's rounding can dip a hair below zero
+        out.append([WindowLoad(window_start_s=first_live_s + j * window_s, avg=float(a), peak=float(max(p, a)))
                     for j, (a, p) in enumerate(zip(avg, peak))])
     return out
