@@ -54,3 +54,16 @@ def test_it_shows_ttft_parts_hit_rate_placement_and_forecasts():
     assert {v["name"] for v in DASHBOARD["templating"]["list"]} >= {"datasource", "model"}
     assert all(p.get("datasource", {}).get("uid") == "${datasource}" for p in DASHBOARD["panels"] if p["type"] != "row")
     assert len({p["id"] for p in DASHBOARD["panels"]}) == len(DASHBOARD["panels"])
+
+
+def test_the_stand_in_picture_computes_quantiles_as_prometheus_does():
+    from bench.dashboard import quantile
+
+    def buckets(counts: dict[str, float]) -> dict:
+        return {("h_bucket", frozenset({("le", le), ("model", "m")})): v for le, v in counts.items()}
+
+    before = buckets({"0.1": 0, "1.0": 0, "+Inf": 0})
+    after = buckets({"0.1": 50, "1.0": 100, "+Inf": 100})
+    assert quantile(0.5, before, after, "h", model="m") == 0.1  # the 50th of 100 is the top of the first bucket
+    assert abs(quantile(0.75, before, after, "h") - 0.55) < 1e-9  # halfway through (0.1, 1.0]
+    assert quantile(0.5, before, before, "h") != quantile(0.5, before, before, "h")  # no requests: NaN
