@@ -77,6 +77,8 @@ class Bench:
             request_id=request_id, model="", reply_to=reply, prompt=PROMPT,
             sampling=SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True)))
         chunk = await asyncio.wait_for(first, 120)
+        while not (chunk.text or chunk.finish_reason or chunk.error):  # the acknowledgement is no token
+            chunk = await asyncio.wait_for(chunks.__anext__(), 120)
         elapsed = time.perf_counter() - started
         while not (chunk.finish_reason or chunk.error):
             chunk = await chunks.__anext__()

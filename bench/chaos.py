@@ -6,7 +6,8 @@ at a time, it kill -9s each service, a device worker, nats-server and redis-serv
 gateway. Per fault it reports the requests that were ok, failed with a clear error (an OpenAI-format
 error body or stream event), failed obscurely (reset, truncated stream, a 5xx that is not JSON) or
 hung; the seconds until requests sent after the fault succeed again for every model (each model
-probed one request at a time); and whether the state converged:
+probed one request at a time; for the "-10s" outages, where `warmserve up` is paused so the server
+stays down 10 s, counted from the server's return); and whether the state converged:
 every ready instance and copy in Redis is held by its device worker and the worker holds no other.
 """
 
@@ -35,7 +36,8 @@ from shared.settings import Settings, load_settings
 from shared.state import State
 from warmserve import infra
 
-FAULTS = ("forecaster", "placer", "gpuagent", "device-worker", "nats", "redis", "gateway")
+FAULTS = ("forecaster", "placer", "gpuagent", "device-worker", "nats", "redis", "nats-10s", "redis-10s", "gateway")
+OUTAGE_S = 10.0  # "-10s" faults: the server stays down this long (warmserve up is paused meanwhile)
 OUTCOMES = ("ok", "clear_errors", "obscure_failures", "hung", "unreachable")
 HUNG_S = 150.0  # longer than the gateway's queue deadline (120 s): a request still open then is hung
 RECOVERY_LIMIT_S = 240.0
@@ -206,12 +208,20 @@ class Stack:
             return ours and "services.gpuagent.worker" in argv and argv[argv.index("--device-index") + 1] == "0"
         return ours and "warmserve.cli" in argv and argv[-2:] == ["service", fault]
 
-    def inject(self, fault: str) -> list[int]:
-        pids = self.pids(fault)
+    async def inject(self, fault: str) -> list[int]:
+        """Kill what `fault` names; for an outage, keep it down OUTAGE_S by pausing its supervisor."""
+        target = fault.removesuffix("-10s")
+        pids = self.pids(target)
         if not pids:
             raise RuntimeError(f"no process found for fault {fault!r}")
+        outage = target != fault
+        if outage:
+            os.kill(self.proc.pid, signal.SIGSTOP)
         for pid in pids:
             os.kill(pid, signal.SIGTERM if fault == "gateway" else signal.SIGKILL)
+        if outage:
+            await asyncio.sleep(OUTAGE_S)
+            os.kill(self.proc.pid, signal.SIGCONT)
         return pids
 
 
@@ -273,7 +283,7 @@ async def converge(settings: Settings, devices: int) -> tuple[bool, str]:
 
 async def recover(load: Load, fault_s: float) -> dict[str, float | None]:
     """Per model, requests one after another (a pause between failures) until one succeeds: seconds
-    from the fault to that success (None: not within RECOVERY_LIMIT_S)."""
+    from `fault_s` to that success (None: not within RECOVERY_LIMIT_S; negative: before it)."""
 
     async def probe(model: str) -> float | None:
         while time.monotonic() < fault_s + RECOVERY_LIMIT_S:
@@ -289,9 +299,10 @@ async def run_fault(stack: Stack, load: Load, fault: str, baseline_s: float, say
     load.phase = fault
     await asyncio.sleep(baseline_s)
     fault_s = time.monotonic()
-    pids = stack.inject(fault)
-    say(f"{fault}: {'SIGTERM' if fault == 'gateway' else 'kill -9'} pid {pids}")
-    per_model = await recover(load, fault_s)
+    back_s = fault_s + (OUTAGE_S if fault.endswith("-10s") else 0.0)  # when the server may return
+    injecting = asyncio.create_task(stack.inject(fault))  # probes start at once, outage or not
+    per_model = await recover(load, back_s)
+    say(f"{fault}: {'SIGTERM' if fault == 'gateway' else 'kill -9'} pid {await injecting}")
     times = [t for t in per_model.values() if t is not None]
     recovery_s = max(times) if len(times) == len(per_model) else None
     say(f"{fault}: requests to every model succeed again after "

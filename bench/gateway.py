@@ -62,7 +62,7 @@ class DirectClient:
 
     async def _on_chunk(self, chunk: InferChunk) -> None:
         future = self.waiting.get(chunk.request_id)
-        if future is not None and not future.done():
+        if future is not None and not future.done() and (chunk.text or chunk.finish_reason or chunk.error):
             future.set_result(None)
 
     async def ttft_s(self, instance_id: str, model: str) -> float:

@@ -28,6 +28,7 @@ class SimInstance:
         self.journal = journal  # shared by the node's instances: every request in order of receipt
         self.cancelled: list[str] = []
         self.peak_active = 0  # most requests generating at once
+        self.lose_next = 0  # this many next requests are lost on the way (as in a NATS outage)
         self._active: set[str] = set()
 
     async def start(self) -> None:
@@ -39,16 +40,21 @@ class SimInstance:
         self._active.discard(cancel.request_id)
 
     async def _generate(self, request: InferRequest) -> None:
+        if self.lose_next:
+            self.lose_next -= 1
+            return
         received_s = time.perf_counter()
         self.received.append(request)
         self.journal.append(request)
         rid = request.request_id
+        await self.bus.publish(request.reply_to, InferChunk(request_id=rid, seq=0, instance_id=self.instance_id,
+                                                            attempt=request.attempt))  # acknowledged
         words = len((request.prompt or "").split()) + sum(len(str(m["content"]).split())
                                                           for m in request.messages or [])
         if words > self.max_model_len:
             await self.bus.publish(request.reply_to, InferChunk(
                 request_id=rid, seq=0, error=f"prompt has {words} tokens, more than {self.max_model_len}",
-                error_code=400, prompt_tokens=words, instance_id=self.instance_id))
+                error_code=400, prompt_tokens=words, instance_id=self.instance_id, attempt=request.attempt))
             return
         self._active.add(rid)
         self.peak_active = max(self.peak_active, len(self._active))
@@ -57,8 +63,9 @@ class SimInstance:
             if self.token_s:
                 await asyncio.sleep(self.token_s)
             if rid not in self._active:
-                await self.bus.publish(request.reply_to, InferChunk(request_id=rid, seq=i, finish_reason="cancelled",
-                                                                    instance_id=self.instance_id))
+                await self.bus.publish(request.reply_to, InferChunk(
+                    request_id=rid, seq=i, finish_reason="cancelled", instance_id=self.instance_id,
+                    attempt=request.attempt))
                 return
             token, finish = f" w{i}", None
             full = text + token
@@ -71,7 +78,7 @@ class SimInstance:
             await self.bus.publish(request.reply_to, InferChunk(
                 request_id=rid, seq=i, text=token, finish_reason=finish, prompt_tokens=words,
                 completion_tokens=i + 1, engine_ttft_ms=(time.perf_counter() - received_s) * 1000 if i == 0 else 0.0,
-                instance_id=self.instance_id))
+                instance_id=self.instance_id, attempt=request.attempt))
             if finish:
                 break
         self._active.discard(rid)

@@ -237,6 +237,7 @@ class InferRequest(Message):
     prompt: str | None = None  # completion prompt
     messages: list[dict[str, Any]] | None = None  # chat messages (the engine applies the template)
     sampling: SamplingSpec = SamplingSpec()
+    attempt: int = Field(default=0, ge=0)  # how often the gateway sent it before (a send lost in a bus outage)
 
 
 class InferChunk(Message):
@@ -251,10 +252,12 @@ class InferChunk(Message):
     engine_queue_ms: float = 0.0  # time from receipt by the engine to scheduling
     engine_ttft_ms: float = 0.0  # time from receipt by the engine to the first token
     instance_id: str = ""  # the instance that sent it (a request re-dispatched elsewhere ignores the old one)
+    attempt: int = 0  # the request's attempt it answers (InferRequest.attempt)
 
 
 class CancelInference(Message):
     request_id: str
+    attempt: int = -1  # only this attempt of the request (-1: every attempt)
 
 
 # ---------------------------------------------------------------- plan and events

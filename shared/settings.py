@@ -98,6 +98,8 @@ class Settings:
     max_body_bytes: int = _setting(1_000_000, "largest accepted request body", _positive)
     api_keys: str = _setting("", "comma-separated accepted API keys (empty: no auth)")
     sample_interval_s: float = _setting(1.0, "load sampling interval", _positive)
+    dispatch_ack_timeout_s: float = _setting(3.0, "gateway: a request its instance has not acknowledged this long "
+                                                  "after it was sent is sent again (lost in a NATS outage)", _positive)
     infer_idle_timeout_s: float = _setting(30.0, "gateway: longest wait for an engine's next chunk "
                                                  "before the request fails", _positive)
 

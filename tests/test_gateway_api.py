@@ -279,6 +279,15 @@ async def test_lost_instance_sends_a_request_without_output_elsewhere(make_clust
     assert [r.request_id for r in new.received] == [r.request_id for r in old.received] == [response.json()["id"]]
 
 
+async def test_a_send_its_instance_never_acknowledged_is_sent_again(make_cluster):
+    c = await make_cluster(dispatch_ack_timeout_s=0.3)
+    instance = c.node.instances["warm-i0"]
+    instance.lose_next = 1
+    out = await c.openai().completions.create(model="warm", prompt="x", max_tokens=2)
+    assert out.choices[0].text == " w0 w1"
+    assert [r.attempt for r in instance.received] == [1] and instance.received[0].request_id == out.id
+
+
 # ---------------------------------------------------------------- models, metrics, load samples
 
 

@@ -125,6 +125,16 @@ def test_a_lost_instance_sends_its_unanswered_requests_elsewhere_in_arrival_orde
     assert [e.request_id for e in s.tick(14) if isinstance(e, Refuse)] == ["r4"]  # its deadline is kept: 4 + 10 s
 
 
+def test_an_unacknowledged_send_is_sent_again_unless_its_answer_has_started():
+    s = scheduler(b=1)
+    s.observe(ready("i1", at_s=1), 0)
+    assert dispatched(s.admit("r0", "m", 0)) == [("r0", "i1")]
+    effects = s.unacknowledged("r0", "i1", 3)
+    assert effects[0] == Requeue("r0", "i1") and dispatched(effects) == [("r0", "i1")]  # i1 still serves
+    s.answering("r0")
+    assert s.unacknowledged("r0", "i1", 6) == [] and s.instance_load("i1") == 1
+
+
 def test_an_instance_that_refuses_a_request_takes_no_more_and_the_request_goes_elsewhere():
     s = scheduler(b=1)
     s.observe(ready("i1", at_s=1), 0)

@@ -60,6 +60,8 @@ class Generation:
         self.mailbox: asyncio.Queue[Dispatch | Refuse | Requeue | InferChunk | object] = asyncio.Queue()
         self.dispatch: Dispatch | None = None
         self.routed_to = ""  # the instance whose chunks are accepted (set when dispatched, cleared when requeued)
+        self.attempt = -1  # how often it was sent before the current send (chunks of other attempts are dropped)
+        self.acked = False  # the current send was acknowledged by its instance
         self.answering = False  # its instance has sent output
         self.finished = False  # the engine sent its last chunk
 
@@ -243,10 +245,14 @@ class GatewayRuntime:
         for effect in effects:
             if isinstance(effect, Dispatch):
                 generation = self._open[effect.request_id]
-                generation.routed_to = effect.instance_id
-                self._outbox.put_nowait((self.subjects.infer(effect.instance_id), generation.payload,
-                                         effect.request_id))
+                generation.routed_to, generation.acked = effect.instance_id, False
+                generation.attempt += 1
+                payload = generation.payload if generation.attempt == 0 else encode(
+                    generation.request.model_copy(update={"attempt": generation.attempt}))
+                self._outbox.put_nowait((self.subjects.infer(effect.instance_id), payload, effect.request_id))
                 generation.mailbox.put_nowait(effect)
+                self.loop.call_later(self.settings.dispatch_ack_timeout_s, self._check_ack, generation,
+                                     generation.attempt)
             elif isinstance(effect, Requeue):
                 generation = self._open.get(effect.request_id)
                 if generation is not None:
@@ -265,6 +271,16 @@ class GatewayRuntime:
             elif isinstance(effect, AskPlacer):
                 self._spawn(self._ask_placer(effect))
         self._arm_deadline()
+
+    def _check_ack(self, generation: Generation, attempt: int) -> None:
+        """A send its instance has not acknowledged in time was lost (a NATS outage): send it again."""
+        request_id, instance_id = generation.request.request_id, generation.routed_to
+        if self._open.get(request_id) is not generation or generation.attempt != attempt or generation.acked:
+            return
+        log.warning("dispatch_unacknowledged", request_id=request_id, instance_id=instance_id, attempt=attempt)
+        self._outbox.put_nowait((self.subjects.infer_cancel(instance_id),
+                                 encode(CancelInference(request_id=request_id, attempt=attempt)), request_id))
+        self._apply(self.scheduler.unacknowledged(request_id, instance_id, self.now()))
 
     def _arm_deadline(self) -> None:
         deadline_s = self.scheduler.next_deadline_s()
@@ -308,8 +324,10 @@ class GatewayRuntime:
 
     async def _on_reply(self, chunk: InferChunk) -> None:
         generation = self._open.get(chunk.request_id)
-        if generation is None or not generation.routed_to or chunk.instance_id not in ("", generation.routed_to):
-            return  # the request is over or waits again, or the chunk is from an instance it was taken from
+        if (generation is None or not generation.routed_to or chunk.instance_id not in ("", generation.routed_to)
+                or chunk.attempt != generation.attempt):
+            return  # the request is over or waits again, or the chunk answers an earlier send
+        generation.acked = True
         if not generation.answering and chunk.error is not None and chunk.error_code == INSTANCE_GONE_CODE:
             self._apply(self.scheduler.instance_refused(chunk.request_id, generation.routed_to, self.now()))
             return  # "not serving this instance" before any output: it goes elsewhere

@@ -10,6 +10,7 @@ asyncio callers talk to it through a command queue. Imports vLLM once, at worker
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import os
 import queue
@@ -95,7 +96,7 @@ class VllmHost:
             content_hash, tensors = self.pool[info.name]
             if slot.loaded_hash != content_hash:
                 started = time.perf_counter()
-                await asyncio.to_thread(self._swap_weights, slot, tensors)
+                await self._on_engine_thread(slot, lambda: self._swap_weights(slot, tensors))
                 slot.loaded_hash = content_hash
                 detail["weight_swap_ms"] = (time.perf_counter() - started) * 1000
                 detail["copied_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -133,6 +134,15 @@ class VllmHost:
             return {}
         total = torch.cuda.get_device_properties(self.device).total_memory
         return {"gpu_memory_utilization": min(0.9, (info.size_bytes + kv_bytes + ENGINE_WORKSPACE_BYTES) / total)}
+
+    @staticmethod
+    async def _on_engine_thread(slot: EngineSlot, work) -> None:
+        """Run `work` on the slot's engine thread between two steps (after the aborts queued before
+        it): the engine is never stepped and changed at once (that corrupted memory on CPU)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        slot.commands.put(("call", "", work, done))
+        slot.wake.set()
+        await asyncio.wrap_future(done)
 
     @staticmethod
     def _swap_weights(slot: EngineSlot, tensors: dict[str, torch.Tensor]) -> None:
@@ -211,14 +221,20 @@ class VllmHost:
         return request.prompt or ""
 
     def _run_slot(self, slot: EngineSlot) -> None:
-        """Engine thread: apply queued adds/aborts, step while work remains, fan outputs out."""
+        """Engine thread: apply queued adds, aborts and calls in order, step while work remains, fan outputs out."""
         engine = slot.engine
         while True:
             while not slot.commands.empty():
                 op, request_id, *rest = slot.commands.get()
                 if op == "stop":
                     return
-                if op == "add":
+                if op == "call":
+                    work, done = rest
+                    try:
+                        done.set_result(work())
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller
+                        done.set_exception(exc)
+                elif op == "add":
                     try:
                         engine.add_request(request_id, rest[0], rest[1])
                     except Exception as exc:  # invalid request: fail that request only

@@ -36,7 +36,7 @@ class DeviceWorker:
         self._instance_subs: dict[str, list] = {}
         self._closing: set[str] = set()  # draining or stopped instances: new requests get a 503
         self._retired: dict[str, tuple[float, list]] = {}  # stopped: (when, subscriptions kept for late requests)
-        self._generations: dict[str, asyncio.Task] = {}
+        self._generations: dict[tuple[str, int], asyncio.Task] = {}  # (request id, attempt) -> its generation
 
     async def start(self) -> None:
         await self.bus.subscribe(self.bus.subjects.device_call(self.node, self.index), DeviceCall, self.on_call)
@@ -102,17 +102,18 @@ class DeviceWorker:
         async def on_request(request: InferRequest) -> None:
             if instance_id in self._closing:  # never silence: the gateway re-dispatches on a 503
                 await self.bus.publish(request.reply_to, InferChunk(
-                    request_id=request.request_id, seq=0, instance_id=instance_id, error_code=503,
-                    error=f"instance {instance_id} is stopping"))
+                    request_id=request.request_id, seq=0, instance_id=instance_id, attempt=request.attempt,
+                    error_code=503, error=f"instance {instance_id} is stopping"))
                 return
+            key = (request.request_id, request.attempt)
             task = asyncio.create_task(self._generate(instance_id, request))
-            self._generations[request.request_id] = task
-            task.add_done_callback(lambda _: self._generations.pop(request.request_id, None))
+            self._generations[key] = task
+            task.add_done_callback(lambda _: self._generations.pop(key, None))
 
         async def on_cancel(cancel: CancelInference) -> None:
-            task = self._generations.get(cancel.request_id)
-            if task:
-                task.cancel()
+            for (request_id, attempt), task in list(self._generations.items()):
+                if request_id == cancel.request_id and cancel.attempt in (-1, attempt):
+                    task.cancel()
 
         subjects = self.bus.subjects
         self._instance_subs[instance_id] = [
@@ -148,10 +149,12 @@ class DeviceWorker:
         async def send(**fields) -> None:
             nonlocal seq
             await self.bus.publish(request.reply_to, InferChunk(request_id=request.request_id, seq=seq,
-                                                                instance_id=instance_id, **fields))
+                                                                instance_id=instance_id, attempt=request.attempt,
+                                                                **fields))
             seq += 1
 
         try:
+            await send()  # the acknowledgement: the gateway sends again what is not acknowledged
             async for piece in self.host.generate(instance_id, request):
                 if piece.error:
                     await send(error=piece.error, error_code=piece.error_code or 500)
@@ -164,7 +167,7 @@ class DeviceWorker:
         except BadRequest as exc:
             await send(error=str(exc), error_code=exc.code)
         except asyncio.CancelledError:
-            if seq == 0 and instance_id in self._closing:  # a demote's drain ended it before any output
+            if seq <= 1 and instance_id in self._closing:  # a demote's drain ended it before any output
                 await send(error=f"instance {instance_id} stopped before serving the request", error_code=503)
             else:
                 await send(finish_reason="cancelled", completion_tokens=completion)

@@ -168,13 +168,23 @@ class Scheduler:
         """The instance said it does not serve (stopping, or gone from its worker): stop routing to it
         until a newer observation says otherwise, and send the request elsewhere."""
         instance = self._instances.get(instance_id)
-        request = self._requests.get(request_id)
-        if instance is None or request is None or request.instance_id != instance_id:
+        if instance is not None and self._sent_to(request_id, instance_id):
+            instance.state = "draining"
+        return self.unacknowledged(request_id, instance_id, now_s)
+
+    def unacknowledged(self, request_id: str, instance_id: str, now_s: float) -> list[Effect]:
+        """The instance never acknowledged the request (lost in a bus outage): send it again, to
+        whichever instance is free then (the same one, if it still is)."""
+        if not self._sent_to(request_id, instance_id) or self._requests[request_id].answering:
             return []
-        instance.state = "draining"
+        instance = self._instances[instance_id]
         instance.running.discard(request_id)
         requeued = self._requeue(instance.model, [request_id])
         return requeued + self._instances_changed(instance.model, now_s) + self._maybe_ask(instance.model, now_s)
+
+    def _sent_to(self, request_id: str, instance_id: str) -> bool:
+        request = self._requests.get(request_id)
+        return request is not None and request.instance_id == instance_id and instance_id in self._instances
 
     def tick(self, now_s: float) -> list[Effect]:
         """Refuse requests whose deadline passed (503) and retry failed placer asks."""
