@@ -147,7 +147,8 @@ def test_credentials_come_from_the_generated_secret():
 
 
 def test_nats_and_redis_give_each_identity_what_compose_gives_it():
-    assert (K8S / "nats-auth.conf").read_text() == (ROOT / "deploy" / "nats-auth.conf").read_text()
+    assert (K8S / "nats-auth.conf").read_text() == (ROOT / "deploy" / "nats-auth.conf").read_text(), \
+        "kustomize reads no file outside deploy/k8s: cp deploy/nats-auth.conf deploy/k8s/"
     nats_env = {v["name"] for v in BY_NAME["StatefulSet", "nats"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     passwords = set(re.findall(r"password\": \$(\w+)", (K8S / "nats-auth.conf").read_text()))
     assert passwords and passwords <= nats_env
