@@ -37,10 +37,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 GROUPS: dict[tuple[str, ...], str] = {
     (): "WarmServe: multi-LLM serving with forecast-driven GPU prewarming.",
-    ("models",): "Build and list the models in the registry.",
-    ("forecast",): "Forecaster tools.",
-    ("bench",): "Benchmarks of each service and of the whole stack.",
-    ("sim",): "The cluster simulator (the services' own cores on a simulated clock).",
+    ("models",): "build and list the models in the registry",
+    ("forecast",): "forecaster tools: backtests and load history",
+    ("bench",): "benchmarks of each service and of the whole stack",
+    ("sim",): "the cluster simulator (the services' cores, simulated clock)",
 }
 RUN = "run"  # in a group whose words are also a command, that command's name (`sim run` = `sim`)
 HELP = {"help_option_names": ["-h", "--help"]}
