@@ -106,4 +106,5 @@ def test_banner_commands_name_this_environments_warmserve(monkeypatch, tmp_path)
     banner = Stack(load_settings(flags, env={}), flags).banner()
     assert f"{cli.invocation()} status --data-dir {tmp_path / 'var'}" in banner
     monkeypatch.setenv("PATH", str(tmp_path))  # not on PATH: the script's own path
-    assert cli.invocation() in (str(cli.Path(sys.executable).parent / "warmserve"), f"{sys.executable} -m warmserve.cli")
+    script = cli.Path(sys.executable).parent / "warmserve"
+    assert cli.invocation() in (str(script), f"{sys.executable} -m warmserve.cli")

@@ -118,7 +118,8 @@ def test_services_point_at_ports_their_pods_have():
         names = {p["name"] for c in workload["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
     gateway = app_containers()["gateway"]
-    assert BY_NAME["Service", "gateway"]["spec"]["ports"][0]["port"] == int(environment(gateway)["WARMSERVE_GATEWAY_PORT"])
+    gateway_port = int(environment(gateway)["WARMSERVE_GATEWAY_PORT"])
+    assert BY_NAME["Service", "gateway"]["spec"]["ports"][0]["port"] == gateway_port
     nats_url = BY_NAME["ConfigMap", "warmserve-config"]["data"]["WARMSERVE_NATS_URL"]
     assert nats_url == f"nats://nats:{BY_NAME['Service', 'nats']['spec']['ports'][0]['port']}"
 

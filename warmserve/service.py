@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SERVICES:
         asked = argv[:1] in (["-h"], ["--help"])
         print(f"usage: warmserve service {{{'|'.join(SERVICES)}}} [flags]\n\n{__doc__}\n"
-              f"`warmserve service NAME --help` lists the settings of that service.", file=sys.stdout if asked else sys.stderr)
+              f"`warmserve service NAME --help` lists the settings of that service.",
+              file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     module, cls = SERVICES[argv[0]]
     settings = settings_from_argv(argv[1:], f"Run the WarmServe {argv[0]} in this process.", ("shared", argv[0]),

@@ -57,8 +57,9 @@ def render(snap: dict) -> str:
     lines = [LEGEND]
     rows = [["node/dev", "free MiB", "warm eng MiB", *heads]]
     for d in snap["devices"]:
+        marks = [MARKS.get(d["models"].get(m, ""), ".") for m in models]
         rows.append([f"{d['node']}/{d['device']}", f"{d['free_bytes'] / 2**20:.0f}",
-                     f"{d['idle_engine_bytes'] / 2**20:.0f}", *(MARKS.get(d["models"].get(m, ""), ".") for m in models)])
+                     f"{d['idle_engine_bytes'] / 2**20:.0f}", *marks])
     lines += aligned(rows, frozenset(range(1, len(rows[0]))))
     if not snap["devices"]:
         lines.append("(no live agents)")
