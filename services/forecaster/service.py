@@ -59,6 +59,8 @@ class ForecasterService(Service):
         self.up_since_s = self.clock()
         self.partials = await self.state.hgetall(keys.partial_window(), PartialWindows)
         self.current = await self.state.hgetall(keys.forecasts(), Forecast)
+        if self.current:  # a restart shows the forecasts in force at once, not from the next window on
+            self.metrics.published(max(f.window_start_s for f in self.current.values()), self.current)
         latest, count = await self.learn_history()
         self.next_close = latest + 1 if count else window_index(self.up_since_s - self.grace_s, self.window_s)
         self.partials = {m: PartialWindows(windows=[w for w in p.windows
