@@ -31,6 +31,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "gateway"): ("bench.gateway", "gateway added latency, max rate, cold burst"),
     ("bench", "fuzz"): ("bench.fuzz", "hostile request bodies and bus messages against a running stack"),
     ("bench", "chaos"): ("bench.chaos", "kill each service, a device worker, NATS and Redis under load"),
+    ("bench", "live"): ("bench.live", "the real stack under a compressed trace slice: ours, paper, reactive, serverlessllm"),
     ("bench", "dashboard"): ("bench.dashboard", "the dashboard's panels drawn from a live in-process stack (PNG)"),
     ("sim", "sweep"): ("sim.cli", "max request rate per system under a P99 TTFT SLO"),
     ("sim",): ("sim.cli", "simulate the systems on a trace workload"),

@@ -27,7 +27,7 @@ from shared.schemas import CommandResult, HistoryImport, WindowLoad
 from shared.settings import CONNECTION, Settings, add_arguments, load_settings
 from shared.state import State
 from shared.traces import AZURE_DIR, SERVEGEN_DIR
-from shared.workload import DAY_S, build_workload
+from shared.workload import DAY_S, Workload, build_workload
 
 COLUMNS = ("model", "window_start_s", "window_s", "avg", "peak")
 WINDOWS_PER_MESSAGE = 2000  # NATS' 1 MB payload limit holds about 10 000 windows
@@ -71,17 +71,15 @@ def shift_to(history: dict[str, list[WindowLoad]], end_s: float, window_s: float
             for m, loads in history.items()}
 
 
-def workload_history(args: argparse.Namespace, names: list[str], window_s: float,
-                     end_s: float) -> tuple[dict[str, list[WindowLoad]], Compression]:
-    """The compressed learn days of the workload's first len(names) models, ending at `end_s`."""
-    workload = build_workload(len(names), args.alpha, args.rate, args.seed, args.servegen_dir, args.azure_dir,
-                              order=args.order)
-    compression = Compression(args.compress, args.start_day * DAY_S, end_s)
-    n_windows = math.floor(args.learn_days * DAY_S / args.compress / window_s)
-    timing = RequestTiming(args.prefill_s_per_token, args.decode_s_per_token)
+def workload_history(workload: Workload, names: list[str], compression: Compression, learn_days: float,
+                     window_s: float, timing: RequestTiming) -> dict[str, list[WindowLoad]]:
+    """The `learn_days` before the compression's anchor of the workload's first len(names) models,
+    in live windows ending at the anchor (which should be a window boundary)."""
+    n_windows = math.floor(learn_days * DAY_S / compression.factor / window_s)
+    end_s = compression.anchor_live_s
     loads = history_windows(workload, list(range(len(names))), compression, end_s - n_windows * window_s,
                             n_windows, window_s, timing)
-    return dict(zip(names, loads)), compression
+    return dict(zip(names, loads))
 
 
 async def send(settings: Settings, history: dict[str, list[WindowLoad]]) -> list[CommandResult]:
@@ -176,8 +174,12 @@ def main(argv: list[str]) -> int:
             if args.shift_to_now:
                 history = shift_to(history, end_s, settings.window_s)
         else:
-            history, compression = workload_history(args, models or asyncio.run(registered(settings)),
-                                                    settings.window_s, end_s)
+            names = models or asyncio.run(registered(settings))
+            workload = build_workload(len(names), args.alpha, args.rate, args.seed, args.servegen_dir,
+                                      args.azure_dir, order=args.order)
+            history = workload_history(workload, names, Compression(args.compress, args.start_day * DAY_S, end_s),
+                                       args.learn_days, settings.window_s,
+                                       RequestTiming(args.prefill_s_per_token, args.decode_s_per_token))
             summary["replay"] = {"trace_day": args.start_day, "starts_at_s": end_s, "compress": args.compress,
                                  "season_s": DAY_S / args.compress}
         results = asyncio.run(send(settings, history))

@@ -1,0 +1,311 @@
+"""`warmserve bench live [--config FILE] [--systems a,b] [--engine vllm|fake] [--json]`: the real stack
+under a compressed real-trace slice, one system after another on the same slice.
+
+Per system: a fresh `warmserve up` (bench.chaos.Stack: embedded NATS and Redis with credentials, the
+node0 agent) and a second agent process (node1), each with `devices_per_node` logical devices whose
+budget holds 2 copies (or one instance); `models` names over the demo checkpoints (more than the
+devices can hold). The learn days are imported into the forecaster (`forecast import`'s workload
+path; season and window compressed by `compress`), then the slice's ServeGen arrivals (Azure
+lengths, capped) go through the gateway's HTTP API at compressed times, non-streaming. Per system:
+P50/P95/P99 TTFT and wait for an instance (queue + instance start, the gateway's x-warmserve
+headers), instance starts by what they found, bytes loaded, device-seconds (instances), requests
+that did not finish. Progress on stderr. No simulator run beside it yet (issue 18, item 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.chaos import Stack
+from services.forecaster.core.replay import Compression
+from services.forecaster.core.windows import RequestTiming, window_index
+from shared.bus import Bus
+from shared.schemas import Event, ModelInfo
+from shared.settings import load_settings
+from shared.state import State
+from shared.workload import DAY_S, build_workload
+from warmserve import history
+from warmserve.models import build_demo
+
+START_KINDS = ("forecast_prewarm", "kept_copy", "loading", "miss")
+SYSTEMS = {  # settings that make each system (the rest are the defaults: ours)
+    "ours": {},
+    "paper": {"forecast_method": "csp", "allocation": "paper", "promotable_copies": "false", "unserved_first": "false"},
+    "reactive": {"prewarm": "false"},
+    "serverlessllm": {"prewarm": "false", "warm_engines": "false"},  # engines stay warm after a demote here
+}
+MiB = 1 << 20
+
+
+@dataclass
+class Config:
+    models: int = 12  # names over the demo checkpoints (small-a, small-b alternately)
+    nodes: int = 2
+    devices_per_node: int = 2
+    device_memory_bytes: int = 170 * MiB  # 2 copies of 62 MiB, or engine + copy, or one instance (160 MiB)
+    kv_cache_bytes: int = 32 * MiB
+    alpha: float = 0.5
+    rate_rps: float = 0.02  # total, in trace time (live: x compress)
+    seed: int = 1
+    client_order: str = "quiet"  # the burstiest ServeGen clients
+    compress: float = 60.0  # a trace day in 24 live minutes
+    learn_days: float = 7.0
+    replay_day: float = 7.0
+    replay_start_h: float = 10.0
+    replay_live_s: float = 120.0
+    drain_s: float = 90.0
+    prompt_cap: int = 64  # words per prompt (Azure lengths capped: CPU engines)
+    output_cap: int = 8
+    prefill_s_per_token: float = 0.001  # how long a request is outstanding here, for the imported history
+    decode_s_per_token: float = 0.03
+    engine: str = "vllm"
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+
+    @property
+    def window_s(self) -> float:
+        return 300.0 / self.compress
+
+    @property
+    def season_s(self) -> float:
+        return DAY_S / self.compress
+
+
+@dataclass(frozen=True)
+class CappedTiming:
+    """How long a request is outstanding here, with its lengths capped as the replay sends it."""
+
+    config: Config
+
+    def durations(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+        c = self.config
+        return RequestTiming(c.prefill_s_per_token, c.decode_s_per_token).durations(
+            np.minimum(prompt_tokens, c.prompt_cap), np.minimum(output_tokens, c.output_cap))
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    p = np.percentile(values, [50, 95, 99])
+    return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
+
+
+# ---------------------------------------------------------------- one system
+
+
+class Recorder:
+    """Agent events of the run: instance starts by kind, bytes loaded, device-seconds."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.starts = dict.fromkeys(START_KINDS, 0)
+        self.other_starts = 0
+        self.bytes_loaded = 0
+        self.running: dict[str, float] = {}  # instance id -> start
+        self.device_s = 0.0
+
+    async def on_event(self, event: Event) -> None:
+        if event.name == "instance_starting":
+            kind = event.detail.get("start", "")
+            if kind in self.starts:
+                self.starts[kind] += 1
+            else:
+                self.other_starts += 1
+            self.running[event.instance_id] = event.at_s
+        elif event.name in ("instance_stopped", "instance_failed") and event.instance_id in self.running:
+            self.device_s += event.at_s - self.running.pop(event.instance_id)
+        elif event.name == "prewarm_finished":
+            self.bytes_loaded += self.sizes.get(event.model, 0)
+
+    def close(self, now_s: float) -> None:
+        self.device_s += sum(now_s - t for t in self.running.values())
+        self.running.clear()
+
+
+async def send(client: httpx.AsyncClient, at_s: float, model: str, prompt_words: int, max_tokens: int,
+               outcomes: list[dict]) -> None:
+    await asyncio.sleep(max(at_s - time.time(), 0.0))
+    outcome = {"model": model, "sent_s": time.time(), "ok": False}
+    outcomes.append(outcome)
+    try:
+        resp = await client.post("/v1/completions", json={"model": model, "prompt": "hello " * prompt_words,
+                                                          "max_tokens": max_tokens, "temperature": 0})
+    except httpx.HTTPError as exc:
+        outcome["error"] = f"{type(exc).__name__}: {exc}"
+        return
+    outcome["status"] = resp.status_code
+    if resp.status_code == 200:
+        h = resp.headers
+        outcome.update(ok=True, ttft_s=float(h["x-warmserve-ttft-ms"]) / 1000,
+                       wait_s=(float(h["x-warmserve-queue-ms"]) + float(h["x-warmserve-instance-start-ms"])) / 1000)
+
+
+async def until_engines_warm(stack: Stack, config: Config, say, timeout_s: float = 600.0) -> None:
+    """Every device of every node holds its idle engine (warm_engines) or is at least listed."""
+    deadline = time.monotonic() + timeout_s
+    want_engines = stack.settings.warm_engines
+    while time.monotonic() < deadline:
+        state = await State.connect(stack.settings)
+        try:
+            views = await state.node_views()
+        finally:
+            await state.close()
+        devices = [d for v in views.values() for d in v.devices]
+        if len(views) == config.nodes and len(devices) == config.nodes * config.devices_per_node and (
+                not want_engines or all(d.idle_engine_bytes > 0 for d in devices)):
+            say(f"{len(views)} nodes, {len(devices)} devices ready")
+            return
+        await asyncio.sleep(1.0)
+    raise RuntimeError(f"agents not ready within {timeout_s:g} s: see {stack.data_dir}")
+
+
+async def run_system(name: str, config: Config, infos: list[ModelInfo], models_dir: str, say) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix=f"warmserve-live-{name}-"))
+    stack = Stack(tmp, config.engine, config.devices_per_node, models_dir)
+    stack.flags.update(window_s=str(config.window_s), season_s=str(config.season_s), placer_tick_s="0.5",
+                       device_memory_bytes=str(config.device_memory_bytes), kv_cache_bytes=str(config.kv_cache_bytes),
+                       **SYSTEMS[name])
+    stack.settings = load_settings(stack.flags, env={})
+    say(f"[{name}] starting the stack in {tmp}")
+    stack.start()
+    agents: list[subprocess.Popen] = []
+    try:
+        await stack.wait_ready(say)
+        state = await State.connect(stack.settings)
+        try:
+            for info in infos:
+                await state.register_model(info)
+        finally:
+            await state.close()
+        for node in range(1, config.nodes):
+            argv = [sys.executable, "-m", "warmserve.cli", "service", "gpuagent"]
+            for flag, value in {**stack.flags, "node": f"node{node}", "identity": "gpuagent"}.items():
+                argv += [f"--{flag.replace('_', '-')}", value]
+            with open(tmp / f"gpuagent-node{node}.log", "ab") as log:
+                agents.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        await until_engines_warm(stack, config, say)
+        return await replay(stack, config, infos, say, name)
+    finally:
+        for proc in agents:
+            proc.terminate()
+        for proc in agents:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stack.stop()
+
+
+async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name: str) -> dict:
+    names = [i.name for i in infos]
+    workload = build_workload(len(names), config.alpha, config.rate_rps, config.seed, order=config.client_order)
+    start_trace = config.replay_day * DAY_S + config.replay_start_h * 3600
+    # the learn days end where the current window starts (the forecaster takes closed windows only) ...
+    closed_s = window_index(time.time() - 1.0, config.window_s) * config.window_s
+    imported = history.workload_history(workload, names, Compression(config.compress, start_trace, closed_s),
+                                        config.learn_days, config.window_s, CappedTiming(config))
+    await history.send(stack.settings, imported)
+    # ... and the slice starts at the next window once the forecaster has relearnt (the windows between are empty)
+    anchor = (window_index(time.time(), config.window_s) + 1) * config.window_s
+    compression = Compression(config.compress, start_trace, anchor)
+    say(f"[{name}] imported {sum(map(len, imported.values()))} windows; replay starts in "
+        f"{anchor - time.time():.1f} s, {(anchor - closed_s) / config.window_s:g} windows after the history")
+    arrivals = workload.arrivals(start_trace, compression.trace(anchor + config.replay_live_s))
+    recorder = Recorder({i.name: i.size_bytes for i in infos})
+    bus = await Bus.connect(stack.settings, "bench-live")
+    await bus.subscribe(bus.subjects.domain_events("agent"), Event, recorder.on_event)
+    outcomes: list[dict] = []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=stack.settings.queue_deadline_s + 30) as client:
+        tasks = [asyncio.create_task(send(client, float(compression.live(t)), names[m],
+                                          int(min(p, config.prompt_cap)), int(max(min(o, config.output_cap), 1)),
+                                          outcomes))
+                 for t, m, p, o in zip(arrivals.time_s, arrivals.model, arrivals.prompt_tokens, arrivals.output_tokens)]
+        say(f"[{name}] {len(tasks)} requests over {config.replay_live_s:g} s")
+        done, pending = await asyncio.wait(tasks, timeout=config.replay_live_s + config.drain_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.sleep(1.0)  # the last events
+    recorder.close(time.time())
+    await bus.close()
+    ok = [o for o in outcomes if o["ok"]]
+    ttft, wait = percentiles([o["ttft_s"] for o in ok]), percentiles([o["wait_s"] for o in ok])
+    return {"requests": len(arrivals), "ok": len(ok), "unfinished": len(arrivals) - len(ok),
+            "ttft_p50_s": ttft["p50"], "ttft_p95_s": ttft["p95"], "ttft_p99_s": ttft["p99"],
+            "wait_p50_s": wait["p50"], "wait_p95_s": wait["p95"], "wait_p99_s": wait["p99"],
+            "starts": dict(recorder.starts), "other_starts": recorder.other_starts,
+            "bytes_loaded": recorder.bytes_loaded, "device_seconds": round(recorder.device_s, 1),
+            "errors": sorted({o.get("error") or str(o.get("status")) for o in outcomes if not o["ok"]})[:5]}
+
+
+# ---------------------------------------------------------------- command
+
+
+def model_infos(config: Config, models_dir: str) -> list[ModelInfo]:
+    demo = {i.name: i for i in build_demo(Path(models_dir).resolve(), log=lambda _: None)}
+    bases = [demo["demo-small-a"], demo["demo-small-b"]]
+    return [bases[i % 2].model_copy(update={"name": f"live-{i:02d}"}) for i in range(config.models)]
+
+
+def table(result: dict) -> str:
+    lines = [f"{'system':<14}{'req':>5}{'unfin':>6}{'TTFT p50':>9}{'p99':>8}{'wait p50':>9}{'p99':>8}"
+             f"{'fcst':>6}{'kept':>6}{'load':>6}{'miss':>6}{'MB loaded':>10}{'dev-s':>8}"]
+    for name, r in result["systems"].items():
+        s = r["starts"]
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"{name:<14}{r['requests']:>5}{r['unfinished']:>6}{fmt(r['ttft_p50_s']):>9}{fmt(r['ttft_p99_s']):>8}"
+                     f"{fmt(r['wait_p50_s']):>9}{fmt(r['wait_p99_s']):>8}{s['forecast_prewarm']:>6}{s['kept_copy']:>6}"
+                     f"{s['loading']:>6}{s['miss']:>6}{r['bytes_loaded'] / 1e6:>10.0f}{r['device_seconds']:>8.0f}")
+    c = result["config"]
+    lines.append(f"{c['models']} models on {c['nodes']}x{c['devices_per_node']} devices of "
+                 f"{c['device_memory_bytes'] // MiB} MiB; a trace day in {DAY_S / c['compress'] / 60:g} min "
+                 f"(window {300 / c['compress']:g} s); replay {c['replay_live_s']:g} s live from day "
+                 f"{c['replay_day']:g} {c['replay_start_h']:g} h; starts: fcst = forecast_prewarm, kept = kept_copy")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="warmserve bench live", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file with any of the Config fields")
+    parser.add_argument("--systems", help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--engine", choices=["vllm", "fake"])
+    parser.add_argument("--replay-s", type=float, help="live seconds of the slice to replay")
+    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv[1:] if argv[:1] == ["live"] else argv)
+    config = Config(**(json.loads(Path(args.config).read_text()) if args.config else {}))
+    if args.systems:
+        config.systems = args.systems.split(",")
+    if args.engine:
+        config.engine = args.engine
+    if args.replay_s:
+        config.replay_live_s = args.replay_s
+    unknown = set(config.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}")
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    infos = model_infos(config, args.models_dir)
+    result = {"config": asdict(config), "systems": {}}
+    for name in config.systems:
+        result["systems"][name] = asyncio.run(run_system(name, config, infos, args.models_dir, say))
+        say(json.dumps({name: result["systems"][name]}))
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
