@@ -239,6 +239,11 @@ class Bus:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    @property
+    def connected(self) -> bool:
+        """Connected to the server now (False while reconnecting)."""
+        return self.nc.is_connected
+
     async def close(self) -> None:
         if not self.nc.is_closed:
             try:

@@ -183,6 +183,7 @@ class DeviceCall(Message):
     kv_bytes: int = Field(default=0, ge=0)
     drain_timeout_s: float = 30.0
     arch: str = ""  # drop_engine: the architecture whose warm engine to free
+    agent_boot_id: str = ""  # the calling agent's boot id: only an agent's calls keep a worker from its orphan timeout
 
 
 # ---------------------------------------------------------------- placement requests

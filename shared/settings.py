@@ -159,6 +159,9 @@ class Settings:
                                             "workers keep dying soon after their start)", _non_negative)
     worker_restart_max_s: float = _setting(30.0, "longest delay before a dead device worker is started again",
                                            _positive)
+    worker_orphan_timeout_s: float = _setting(30.0, "a device worker process exits when no agent has called it for "
+                                                   "this long (its agent died and none came back to adopt it; the "
+                                                   "agent calls each worker every heartbeat)", _positive)
 
     @property
     def accepted_api_keys(self) -> frozenset[str]:

@@ -3,9 +3,11 @@
 Commands (prewarm / evict / promote / demote / cold_start) arrive by request/reply, are
 idempotent by command id and are answered when done (or refused with a reason). The ledger
 core decides memory; device workers do the work; every change is an event, and a NodeView is
-written to Redis with a TTL'd liveness key each heartbeat (a restart starts from an empty view).
-A dead device worker costs only its device: its instance is reported failed, it is started again
-(with backoff) and warmed again. Redis or NATS failures never abort a command: the next
+written to Redis with a TTL'd liveness key each heartbeat. A restarted agent adopts the device
+workers still running (their instances never stopped serving): it rebuilds each one's ledger from
+its status and publishes the view at once; devices without one get a new worker. Every worker is
+called each heartbeat, which keeps it from its orphan timeout. A dead device worker costs only its
+device: its instance is reported failed, it is started again (with backoff) and warmed again. Redis or NATS failures never abort a command: the next
 heartbeat writes the whole view again. /readyz is ready only while every device worker is up.
 """
 
@@ -16,9 +18,10 @@ import time
 import uuid
 from collections import OrderedDict
 
+from services.gpuagent.core.adoption import adopted_ledger
 from services.gpuagent.core.ledger import DeviceLedger, Refused, copy_origin, instance_kv_bytes, page_bytes
 from services.gpuagent.metrics import AgentMetrics
-from services.gpuagent.workers import DeviceWorkers
+from services.gpuagent.workers import DeviceWorkers, describe_exit
 from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
                             DeviceOp, DeviceView, Event, InstanceState, InstanceView, ModelInfo, NodeView)
@@ -55,11 +58,20 @@ class AgentService(Service):
     async def start(self) -> None:
         s = self.settings
         await self.bus.ensure_event_stream()
-        await self.state.drop_node(self.node)  # whatever a previous boot left: we hold nothing yet
-        self.workers = DeviceWorkers(s, self.bus, self.log)
-        budgets = await self.workers.start(self._device_count())
-        self.log.info("device_workers_ready", devices=len(budgets), budgets=budgets)
-        self.ledgers = [DeviceLedger(i, budget) for i, budget in enumerate(budgets)]
+        self.workers = DeviceWorkers(s, self.bus, self.log, self.boot_id)
+        adopted = await self._adopt_workers()
+        started = asyncio.Event()  # until then, heartbeats keep adopted workers and their instances alive
+        heartbeats = asyncio.create_task(every(s.heartbeat_s, started, self._heartbeat, self.log,
+                                               "heartbeat_failed")) if adopted else None
+        try:
+            budgets = await self.workers.start_missing()
+        finally:
+            started.set()
+            if heartbeats:
+                await heartbeats
+        for index, budget in budgets.items():
+            self.ledgers[index] = DeviceLedger(index, budget)
+        self.log.info("device_workers_ready", devices=len(self.ledgers), adopted=adopted, budgets=budgets)
         await self._publish_view()
         await self.bus.subscribe(self.bus.subjects.agent_command(self.node), AgentCommand, self.on_command)
         self._ready = True
@@ -67,6 +79,26 @@ class AgentService(Service):
                                                    "boot_id": self.boot_id})
         if s.warm_engines:
             self._warming = asyncio.create_task(self._warm_engines(self.ledgers))
+
+    async def _adopt_workers(self) -> list[int]:
+        """Adopt the device workers a previous agent left running: their ledgers rebuilt from their
+        status and published at once (their instances never stopped serving). Devices without one
+        get a ledger of budget 0 until their new worker says its budget. The adopted devices."""
+        adopted = await self.workers.adopt(self._device_count())
+        self.ledgers = [adopted_ledger(i, adopted[i], time.time()) if i in adopted else DeviceLedger(i, 0)
+                        for i in range(len(self.workers.workers))]
+        if not adopted:
+            await self.state.drop_node(self.node)  # whatever a previous boot left: we hold nothing yet
+            return []
+        self.inflight = {i: n for status in adopted.values() for i, n in status["inflight"].items()}
+        await self._publish_view()
+        for index, status in sorted(adopted.items()):
+            ledger = self.ledgers[index]
+            await self._event("device_worker_adopted", devices=[index],
+                              instance_id=ledger.instance.instance_id if ledger.instance else "",
+                              detail={"pid": status["pid"], "copies": sorted(ledger.copies),
+                                      "engines": sorted(ledger.engines)})
+        return sorted(adopted)
 
     async def _warm_engines(self, ledgers: list[DeviceLedger]) -> None:
         """Device prewarming: one idle engine per registered architecture per device, in the
@@ -105,7 +137,7 @@ class AgentService(Service):
             every(WORKER_WATCH_S, stopping, self._watch_workers, self.log, "worker_watch_failed"))
 
     async def _heartbeat(self) -> None:
-        await self._refresh_inflight()
+        await self._refresh_status()
         await self._publish_view()
 
     # ------------------------------------------------------------ device workers
@@ -120,7 +152,7 @@ class AgentService(Service):
         for index in self.workers.due(now):
             self._revivals[index] = asyncio.create_task(self._revive(index))
 
-    async def _worker_died(self, index: int, code: int) -> None:
+    async def _worker_died(self, index: int, code: int | None) -> None:
         """Its copies, engines and instance died with it: a fresh ledger, the instance reported failed.
         Commands still running on the old ledger finish on it, unseen (their device calls fail)."""
         lost = self.ledgers[index]
@@ -129,7 +161,7 @@ class AgentService(Service):
         instance = lost.instance
         self.log.error("device_worker_died", device=index, exit_code=code, copies=sorted(lost.copies),
                        instance_id=instance.instance_id if instance else "")
-        reason = f"device {index} worker exited with code {code}"
+        reason = f"device {index} worker {describe_exit(code)}"
         if instance:
             await self._event("instance_failed", model=instance.model, devices=[index],
                               instance_id=instance.instance_id, reason=reason)
@@ -368,6 +400,7 @@ class AgentService(Service):
         if not self.workers.is_up(device):
             return failed(f"device {device} is down: its worker died and is being restarted")
         lost = self.workers.lost(device)
+        call = call.model_copy(update={"agent_boot_id": self.boot_id})  # keeps the worker from its orphan timeout
         request = asyncio.ensure_future(self.bus.request(self.bus.subjects.device_call(self.node, device), call,
                                                          CommandResult, timeout_s=timeout_s))
         try:
@@ -376,15 +409,16 @@ class AgentService(Service):
             if not request.done():
                 request.cancel()
         if not request.done() or request.cancelled():
-            return failed(f"device {device} worker died (exit code {lost.result()}) during {call.op.value}")
+            return failed(f"device {device} worker {describe_exit(lost.result())} during {call.op.value}")
         error = request.exception()
         if error is not None:  # BusError, or a NATS error while the connection is down
             return failed(f"device {device} did not answer {call.op.value}: {type(error).__name__}: {error}")
         return request.result()
 
-    async def _refresh_inflight(self) -> None:
-        """Requests in flight per instance; a device that does not answer is left out, not fatal."""
-        ledgers = [ledger for ledger in self.ledgers if ledger.instance]
+    async def _refresh_status(self) -> None:
+        """Call every worker that is up (an agent's calls keep it from its orphan timeout) and note the
+        requests in flight per instance; a device that does not answer is left out, not fatal."""
+        ledgers = [ledger for ledger in self.ledgers if self.workers.is_up(ledger.index)]
         results = await asyncio.gather(*[self._call(ledger.index, DeviceCall(op=DeviceOp.status),
                                                     timeout_s=STATUS_TIMEOUT_S) for ledger in ledgers])
         counts: dict[str, int] = {}

@@ -4,6 +4,8 @@ One per device. With the vLLM engine it is a long-lived process started by the a
 (vLLM imported and the device initialised once, so no request waits for a spawn or an import);
 with the fake engine it runs inside the agent's process unless `fake_worker_processes` is set.
 Same code either way. A draining or stopped instance answers requests with a 503, never silence.
+A worker process outlives its agent (its instance keeps serving; a restarted agent adopts it from
+what `status` reports) and exits by itself once no agent has called it for `worker_orphan_timeout_s`.
 `python -m services.gpuagent.worker --device-index N [settings flags]`.
 """
 
@@ -26,6 +28,7 @@ from shared.settings import Settings, add_arguments, load_settings
 log = get_logger("gpuagent.worker")
 CUDA_MEMORY_SHARE = 0.9  # of the GPU memory free at start: the rest is the CUDA context and allocator slack
 RETIRED_KEEP_S = 60.0  # a stopped instance answers late requests with a 503 for this long (gateway idle timeout: 30 s)
+ORPHAN_CHECK_S = 0.5  # how often a worker process looks at how long ago its agent called
 
 
 class DeviceWorker:
@@ -37,6 +40,12 @@ class DeviceWorker:
         self._closing: set[str] = set()  # draining or stopped instances: new requests get a 503
         self._retired: dict[str, tuple[float, list]] = {}  # stopped: (when, subscriptions kept for late requests)
         self._generations: dict[tuple[str, int], asyncio.Task] = {}  # (request id, attempt) -> its generation
+        # what the agent's calls put here, with the sizes they gave (what an adopting agent rebuilds its ledger from)
+        self._copies: dict[str, dict] = {}  # model -> {model, content_hash, bytes}
+        self._engines: dict[str, dict] = {}  # arch -> {arch, model, bytes, kv_bytes}: the call that created it
+        self._instances: dict[str, dict] = {}  # instance id -> {instance_id, model, arch, started_at_s}
+        self._busy: list[str] = []  # ops in progress (an adopting agent waits until none is)
+        self.agent_called_s = time.monotonic()  # last call from an agent (monotonic)
 
     async def start(self) -> None:
         await self.bus.subscribe(self.bus.subjects.device_call(self.node, self.index), DeviceCall, self.on_call)
@@ -49,6 +58,11 @@ class DeviceWorker:
 
     async def on_call(self, call: DeviceCall) -> CommandResult:
         started = time.perf_counter()
+        if call.agent_boot_id:
+            self.agent_called_s = time.monotonic()
+        busy = call.op != DeviceOp.status
+        if busy:
+            self._busy.append(call.op.value)
         try:
             detail = await self._execute(call)
         except BadRequest as exc:
@@ -56,31 +70,53 @@ class DeviceWorker:
         except Exception as exc:  # report, never crash the worker
             log.exception("device_call_failed", op=call.op.value, device=self.index)
             return CommandResult(command_id=call.op.value, ok=False, reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            if busy:
+                self._busy.remove(call.op.value)
         return CommandResult(command_id=call.op.value, ok=True, detail=detail or {},
                              duration_ms=(time.perf_counter() - started) * 1000)
 
     async def _execute(self, call: DeviceCall) -> dict | None:
         if call.op == DeviceOp.status:
             return {"pid": os.getpid(), "memory_bytes": self.memory_bytes, "copies": sorted(self.host.pool),
-                    "inflight": {i: self.host.inflight(i) for i in self._instance_subs}}
+                    "inflight": {i: self.host.inflight(i) for i in self._instance_subs},
+                    "pool": list(self._copies.values()), "engines": list(self._engines.values()),
+                    "instances": list(self._instances.values()), "busy": list(self._busy)}
+        info = call.model
         if call.op == DeviceOp.load_copy:
-            return await self.host.load_copy(call.model, self._progress_reporter(call.model.name))
+            detail = await self.host.load_copy(info, self._progress_reporter(info.name))
+            self._copies[info.name] = {"model": info.name, "content_hash": info.content_hash,
+                                       "bytes": info.size_bytes // info.tp}
+            return detail
         if call.op == DeviceOp.drop_copy:
-            return await self.host.drop_copy(call.model.name)
+            self._copies.pop(info.name, None)
+            return await self.host.drop_copy(info.name)
         if call.op == DeviceOp.start_instance:
-            detail = await self.host.start_instance(call.instance_id, call.model, call.kv_bytes)
+            detail = await self.host.start_instance(call.instance_id, info, call.kv_bytes)
+            self._held_engine(info, call.kv_bytes)
+            self._instances[call.instance_id] = {"instance_id": call.instance_id, "model": info.name,
+                                                 "arch": info.arch, "started_at_s": time.time()}
             await self._serve_instance(call.instance_id)
             return detail
         if call.op == DeviceOp.warm_engine:
-            return await self.host.warm_engine(call.model, call.kv_bytes)
+            detail = await self.host.warm_engine(info, call.kv_bytes)
+            self._held_engine(info, call.kv_bytes)
+            return detail
         if call.op == DeviceOp.drop_engine:
+            self._engines.pop(call.arch, None)
             return await self.host.drop_engine(call.arch)
         if call.op == DeviceOp.stop_instance:
             await self._drain_instance(call.instance_id, call.drain_timeout_s)
             detail = await self.host.stop_instance(call.instance_id)
+            self._instances.pop(call.instance_id, None)
             await self._retire(call.instance_id)
             return detail
         raise BadRequest(f"unknown op {call.op}")
+
+    def _held_engine(self, info, kv_bytes: int) -> None:
+        """Remember the engine of `info`'s architecture as the first call that needed it sized it."""
+        self._engines.setdefault(info.arch, {"arch": info.arch, "model": info.name,
+                                             "bytes": info.size_bytes // info.tp, "kv_bytes": kv_bytes})
 
     def _progress_reporter(self, model: str):
         """A callback safe to call from the loading thread: publishes prewarm_progress events."""
@@ -176,16 +212,6 @@ class DeviceWorker:
             await send(error=f"{type(exc).__name__}: {exc}", error_code=500)
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel send SIGTERM when the agent dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass  # elsewhere the parent-pid watch below still ends us within a second
-
-
 def _host(settings: Settings) -> tuple[EngineHost, int]:
     """This process's engine host and the memory budget it offers."""
     if settings.engine == "fake":
@@ -204,7 +230,7 @@ def _host(settings: Settings) -> tuple[EngineHost, int]:
     return VllmHost(device, settings.kv_cache_bytes), memory_bytes
 
 
-async def _run_process(settings: Settings, index: int, parent: int) -> None:
+async def _run_process(settings: Settings, index: int) -> None:
     host, memory_bytes = _host(settings)
     bus = await Bus.connect(settings, f"gpuagent-{settings.node}-dev{index}")
     worker = DeviceWorker(bus, settings, index, host, memory_bytes)
@@ -214,30 +240,29 @@ async def _run_process(settings: Settings, index: int, parent: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    while not stop.is_set():  # leave with the agent, even if it was killed without a word
-        if os.getppid() != parent:
+    while not stop.is_set():  # serve on while the agent is away; leave when none has called for too long
+        if not bus.connected:  # a NATS outage is nobody's absence: the clock starts again when it is back
+            worker.agent_called_s = time.monotonic()
+        if time.monotonic() - worker.agent_called_s > settings.worker_orphan_timeout_s:
+            log.warning("device_worker_orphaned", device=index, pid=os.getpid(),
+                        timeout_s=settings.worker_orphan_timeout_s)
             break
         try:
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_S)
         except asyncio.TimeoutError:
             pass
     await worker.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    _die_with_parent()
     parser = argparse.ArgumentParser(description="WarmServe device worker (started by the gpuagent)")
     parser.add_argument("--device-index", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     add_arguments(parser)
     args = vars(parser.parse_args(argv))
     index = args.pop("device_index")
-    parent = args.pop("parent_pid") or os.getppid()
-    if os.getppid() != parent:  # the agent died before the death signal was armed
-        sys.exit(1)
     settings = load_settings(args)
     configure_logging(settings.log_level, settings.log_json)
-    asyncio.run(_run_process(settings, index, parent))
+    asyncio.run(_run_process(settings, index))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # vLLM leaves non-daemon threads behind; nothing is left to flush, so do not wait for them
