@@ -5,7 +5,9 @@ redis-server, each keeping data under `data_dir`; builds and registers the demo 
 needed; starts the four services as separate processes; waits until every /readyz answers;
 prints the gateway URL and an example request. Then it supervises: whatever dies (a service or
 an embedded server) is started again as before, after a backoff (warmserve.supervision), until
-one crashes too often. On Ctrl-C it stops everything in reverse order.
+one crashes too often. It is a child subreaper (Linux): device workers whose agent died (and that a
+restarted agent adopts) become its children, and it reaps them when they exit, so no zombie is
+left. On Ctrl-C it stops everything in reverse order.
 """
 
 from __future__ import annotations
@@ -33,6 +35,33 @@ from warmserve.supervision import GiveUp, Supervisor
 SERVICE_ORDER = ("gpuagent", "forecaster", "placer", "gateway")
 READY_TIMEOUT_S = 600.0
 SUPERVISE_POLL_S = 0.25
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Linux: orphaned descendants (device workers of a dead agent) become our children, not init's.
+    Elsewhere nothing changes: orphans go to init, which reaps them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reap_orphans(own: set[int]) -> list[int]:
+    """Collect every exited child that is not one of `own` (those are Popen's to poll): the orphans
+    we inherited as subreaper. Peeks first, so an own child's exit status is never taken."""
+    reaped = []
+    while True:
+        try:
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no children at all
+            return reaped
+        if found is None or found.si_pid in own:  # none exited, or ours: its Popen collects it
+            return reaped
+        os.waitpid(found.si_pid, 0)
+        reaped.append(found.si_pid)
 
 
 def _configured(name: str, flags: dict) -> bool:
@@ -153,6 +182,7 @@ class Stack:
                     continue
                 self.say(f"restarted {name} (pid {pid})")
                 unready.add(name)
+            reap_orphans({proc.pid for _, proc in self._processes()})
             for name in sorted(unready):
                 if not supervisor.waiting(name) and (name not in self.services or _ready(self.services[name][1])):
                     unready.discard(name)
@@ -242,6 +272,7 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     stack = Stack(settings, flags)
+    become_subreaper()
     for sig in (signal.SIGINT, signal.SIGTERM):  # even when started with SIGINT ignored (a background job)
         signal.signal(sig, _interrupt)
     try:
