@@ -7,8 +7,9 @@ written to Redis with a TTL'd liveness key each heartbeat. A restarted agent ado
 workers still running (their instances never stopped serving): it rebuilds each one's ledger from
 its status and publishes the view at once; devices without one get a new worker. Every worker is
 called each heartbeat, which keeps it from its orphan timeout. A dead device worker costs only its
-device: its instance is reported failed, it is started again (with backoff) and warmed again. Redis or NATS failures never abort a command: the next
-heartbeat writes the whole view again. /readyz is ready only while every device worker is up.
+device: its instance is reported failed, it is started again (with backoff) and warmed again.
+Redis or NATS failures never abort a command: the next heartbeat writes the whole view again.
+/readyz is ready only while every device worker is up.
 """
 
 from __future__ import annotations
