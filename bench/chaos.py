@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from shared.bus import Bus, BusError
+from shared.logs import configure_logging
 from shared.schemas import CommandResult, CopyState, DeviceCall, DeviceOp, InstanceState, NodeView
 from shared.settings import Settings, load_settings
 from shared.state import State
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [f for f in faults if f not in FAULTS]:
         parser.error(f"unknown faults {unknown}: choose from {', '.join(FAULTS)}")
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    configure_logging("error")  # the checker's reconnect warnings during NATS faults are expected
     result = asyncio.run(run(args.engine, faults, args.devices, args.concurrency, args.max_tokens, say,
                              args.data_dir, args.models_dir, names=[m for m in args.models.split(",") if m]))
     print(json.dumps(result, indent=2) if args.json else table(result))

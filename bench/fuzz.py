@@ -28,6 +28,7 @@ import msgpack
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from services.gateway.core.params import HONOURED_CHAT, HONOURED_COMPLETION, METADATA, NEUTRAL_ONLY
+from shared.logs import configure_logging
 from shared.schemas import AgentCommand, DeviceCall, Event, InferRequest, InstanceNeed, LoadSample, NodeView
 from shared.subjects import Subjects
 
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv[1:] if argv[:1] == ["fuzz"] else argv)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    configure_logging("warning")  # the services' logs (thousands of rejections) on stderr, stdout for the result
     started = time.monotonic()
     if args.url:
         result, dead = fuzz(args.url, args.bodies, 0, None, say), []
