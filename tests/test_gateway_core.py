@@ -212,6 +212,16 @@ def test_invalid_fields_are_named(fields, param):
     assert info.value.status == 400 and info.value.param == param
 
 
+def test_chat_message_fields_that_would_be_dropped_are_refused_and_names_kept():
+    with pytest.raises(ApiError) as info:
+        parse_request(body(model="m", messages=[{"role": "assistant", "content": "",
+                                                 "tool_calls": [{"id": "c1", "type": "function"}]}]), chat=True)
+    assert info.value.param == "messages[0].tool_calls"
+    request = parse_request(body(model="m", messages=[{"role": "user", "content": "q", "name": "ann",
+                                                       "tool_calls": None}]), chat=True)
+    assert request.messages == [{"role": "user", "content": "q", "name": "ann"}]
+
+
 @pytest.mark.parametrize("fields", [
     {"logprobs": True}, {"top_logprobs": 3}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
     {"tool_choice": "required"}, {"response_format": {"type": "json_object"}}, {"modalities": ["audio"]},

@@ -21,6 +21,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_TOKEN_LIST = 1024  # stop_token_ids entries
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})  # what a chat message may carry here
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -185,7 +186,13 @@ def _message(index: int, message: Any) -> dict[str, Any]:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise invalid(f"{where}.content", "must be a string or a list of text parts")
-    return {"role": message["role"], "content": content}
+    for key, value in message.items():  # tool calls and the like would be dropped: refused instead
+        if key not in MESSAGE_FIELDS and value not in (None, "", [], {}):
+            raise invalid(f"{where}.{key}", "not supported by this server")
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        raise invalid(f"{where}.name", "must be a string")
+    return {"role": role, "content": content, **({"name": name} if name else {})}
 
 
 # ---------------------------------------------------------------- responses
