@@ -46,6 +46,7 @@ class LoadSample(Message):
     avg_outstanding: float = Field(ge=0)  # time-weighted mean of queued + running requests
     peak_outstanding: float = Field(ge=0)  # maximum of queued + running requests
     arrivals: int = Field(default=0, ge=0)  # requests that arrived in the interval
+    source: str = ""  # the gateway that measured it: loads of several gateways add up
 
 
 class Forecast(Message):

@@ -66,6 +66,8 @@ def test_copy_scores_follow_the_paper():
     ([(6, 1, 10.0), (10, 4, 0.0)], 10, 5, 2.0),  # 1 s at 10, 4 s at 0
     ([(4, 1, 99.0), (10, 5, 1.0)], 10, 5, 1.0),  # the old sample is outside the window
     ([(8, 6, 3.0)], 10, 5, 3.0),  # partial overlap weighs by the covered part only
+    ([(10, 5, 2.0, "gw1"), (10, 5, 3.0, "gw2")], 10, 5, 5.0),  # two gateways' loads add up
+    ([(7, 2, 2.0, "gw1"), (10, 3, 4.0, "gw1"), (10, 5, 1.0, "gw2")], 10, 5, 4.2),  # each its own mean: 3.2 + 1
 ])
 def test_windowed_load(points, now, window, expected):
     assert windowed_load([LoadPoint(*p) for p in points], now, window) == pytest.approx(expected)

@@ -128,7 +128,7 @@ class GatewayRuntime:
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time  # the gateway's clock (monotonic seconds)
         self.scheduler = Scheduler(Policy(settings.max_inflight_per_instance, settings.queue_limit,
-                                          settings.queue_deadline_s), self.now())
+                                          settings.queue_deadline_s), self.now(), self.gateway_id)
         self._open: dict[str, Generation] = {}
         self._models: dict[str, ModelInfo] = {}
         self._ids = itertools.count()

@@ -129,7 +129,7 @@ class PlacerService(Service):
             self.log.debug("load_sample_ignored", model=sample.model, reason="model not registered")
             return
         points = self.samples.setdefault(sample.model, deque())
-        points.append(LoadPoint(sample.at_s, sample.interval_s, sample.avg_outstanding))
+        points.append(LoadPoint(sample.at_s, sample.interval_s, sample.avg_outstanding, sample.source))
         while points and points[0].at_s < sample.at_s - 2 * self.settings.scale_window_s:
             points.popleft()
 

@@ -21,7 +21,8 @@ class _Level:
 
 
 class LoadMeter:
-    def __init__(self, now_s: float):
+    def __init__(self, now_s: float, source: str = ""):
+        self.source = source  # names this meter's samples (its gateway)
         self._interval_start_s = now_s
         self._levels: dict[str, _Level] = {}
 
@@ -49,7 +50,7 @@ class LoadMeter:
             area = level.area + level.outstanding * (now_s - level.changed_s)
             samples.append(LoadSample(model=model, at_s=at_s, interval_s=interval_s,
                                       avg_outstanding=area / interval_s, peak_outstanding=level.peak,
-                                      arrivals=level.arrivals))
+                                      arrivals=level.arrivals, source=self.source))
             level.area, level.changed_s, level.peak, level.arrivals = 0.0, now_s, level.outstanding, 0
         self._interval_start_s = now_s
         return samples

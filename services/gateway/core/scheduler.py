@@ -123,9 +123,9 @@ class _Model:
 
 
 class Scheduler:
-    def __init__(self, policy: Policy, now_s: float):
+    def __init__(self, policy: Policy, now_s: float, source: str = ""):
         self.policy = policy
-        self.load = LoadMeter(now_s)
+        self.load = LoadMeter(now_s, source)
         self._instances: dict[str, _Instance] = {}
         self._requests: dict[str, _Request] = {}
         self._models: dict[str, _Model] = {}

@@ -16,11 +16,12 @@ from services.placer.core.snapshot import PAGE_BYTES, Config, ModelSpec
 
 @dataclass(frozen=True)
 class LoadPoint:
-    """One load sample: mean outstanding requests over (at_s - interval_s, at_s]."""
+    """One load sample: mean outstanding requests over (at_s - interval_s, at_s] at one source."""
 
     at_s: float
     interval_s: float
     avg: float
+    source: str = ""  # the gateway that measured it (each sees only its own requests)
 
 
 def pages(nbytes: float) -> int:
@@ -63,22 +64,24 @@ def copy_scores(model: ModelSpec, current: int, config: Config) -> tuple[tuple[f
 
 
 def windowed_load(points: Iterable[LoadPoint], now_s: float, window_s: float) -> float:
-    """Time-weighted mean outstanding requests over (now_s - window_s, now_s].
+    """Outstanding requests over (now_s - window_s, now_s]: each source's time-weighted mean, summed
+    (every gateway sees only its own requests).
 
-    Each sample weighs by how much of its interval lies in the window; time no sample covers
-    does not count (0.0 when nothing covers the window). Samples with a non-finite field are
-    skipped, and the mean is finite: no sample can break the arithmetic downstream.
+    Each sample weighs by how much of its interval lies in the window; time no sample of a source
+    covers does not count for it (0.0 when nothing covers the window). Samples with a non-finite
+    field are skipped, and the sum is finite: no sample can break the arithmetic downstream.
     """
     start = now_s - window_s
-    weighted = covered = 0.0
+    weighted: dict[str, float] = {}
+    covered: dict[str, float] = {}
     for p in points:
         if not all(map(math.isfinite, (p.at_s, p.interval_s, p.avg))):
             continue
         overlap = min(p.at_s, now_s) - max(p.at_s - p.interval_s, start)
         if overlap > 0:
-            weighted += p.avg * overlap
-            covered += overlap
-    return min(weighted / covered, sys.float_info.max) if covered > 0 else 0.0
+            weighted[p.source] = weighted.get(p.source, 0.0) + p.avg * overlap
+            covered[p.source] = covered.get(p.source, 0.0) + overlap
+    return min(sum(weighted[s] / covered[s] for s in weighted), sys.float_info.max)
 
 
 def kv_reserve_bytes(capacity_bytes: int, requests: int, used_bytes: int, max_requests: int) -> int:
