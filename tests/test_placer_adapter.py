@@ -1,5 +1,6 @@
 """The placer's translation layer: agents' per-device copies regrouped into TP groups (serving and
-evicting copies left out, partial groups kept as fragments), effects into agent commands."""
+evicting copies left out, partial groups kept as fragments, an unregistered model's kept per device
+for the core to evict), effects into agent commands."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def test_copies_regrouped_by_tp_and_serving_copies_left_out():
     snap = adapter.snapshot_from({"n0": view}, {"big": info("big", tp=2), "small": info("small")}, {}, {}, SETTINGS)
     assert sorted(snap.copies, key=lambda c: c.devices) == [
         Copy("big", "n0", (0, 1), ready=False),  # one TP2 copy, still loading on device 1
+        Copy("gone", "n0", (2,), ready=True),  # not registered (any more): the core evicts it
         Copy("big", "n0", (3,), ready=True),  # a fragment: half of the group (2, 3)
     ]
     assert [(i.instance_id, i.devices, i.ready) for i in snap.instances] == [("s1", (4,), True)]

@@ -242,14 +242,15 @@ class AgentService(Service):
             if ledger is None:
                 return {"absent": True}  # already demoted: nothing to do twice
             return await self._demote(ledger, cmd.instance_id, cmd.reason)
+        if cmd.kind == CommandKind.evict:  # needs no registry entry: a removed model's copies are evicted too
+            return {"devices": [await self._evict(d, cmd.model, cmd.reason or "placer")
+                                for d in self._ledgers_for(cmd.devices)]}
         info = await self.state.model(cmd.model)
         if info is None:
             raise Refused(f"unknown model {cmd.model!r}")
         ledgers = self._ledgers_for(cmd.devices)
         if cmd.kind == CommandKind.prewarm:
             return {"devices": [await self._prewarm(d, info, cmd.reason) for d in ledgers]}
-        if cmd.kind == CommandKind.evict:
-            return {"devices": [await self._evict(d, info.name, cmd.reason or "placer") for d in ledgers]}
         if len(ledgers) != 1:
             raise Refused("an instance spans one device on this node (tensor parallel > 1 is not supported here)")
         instance_id = cmd.instance_id or f"{info.name}-{uuid.uuid4().hex[:8]}"

@@ -56,11 +56,12 @@ def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo]
                                    draining=inst.state == InstanceState.draining) for inst in view.instances)
         held: dict[str, dict[int, bool]] = {}  # model -> device -> ready
         for c in view.copies:
-            if c.state != CopyState.evicting and c.model in models:
+            if c.state != CopyState.evicting:  # an unregistered model's too: the core evicts it
                 for d in c.devices:
                     if (c.model, d) not in serving:
                         held.setdefault(c.model, {})[d] = c.state == CopyState.ready
-        copies = tuple(copy for model, devices in held.items() for copy in _tp_groups(model, name, devices, models[model].tp))
+        copies = tuple(copy for model, devices in held.items()
+                       for copy in _tp_groups(model, name, devices, models[model].tp if model in models else 1))
         nodes.append(Node(name, gpus, instances, copies))
     specs = tuple(model_spec(models[m], forecasts.get(m), settings) for m in sorted(models))
     return Snapshot(tuple(nodes), specs, dict(loads), unmeasured)

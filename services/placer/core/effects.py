@@ -24,6 +24,7 @@ SCALE_DOWN = "scale_down"  # autoscaler: load below the scale-down threshold
 INSTANCE_NEEDED = "instance_needed"  # the gateway asked for an instance
 NO_CAPACITY = "no_capacity"  # allocation found no group that can hold the instance
 DISPLACED_FOR = "displaced_for"  # demoted to give its GPUs to a model whose requests wait (`for_model`)
+UNREGISTERED = "unregistered"  # the model was removed from the registry: drain and drop everything of it
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,16 @@ def apply_effects(snapshot: Snapshot, effects: Iterable[fx.Effect], now_s: float
     changed: dict[str, _NodeOverlay] = {}  # the nodes the effects touch (others stay the same objects)
     for e in effects:
         node = by_name.get(e.node)
-        if e.model not in models or node is None:
+        retiring = e.model not in models and isinstance(e, (fx.Demote, fx.Evict))
+        if node is None or (e.model not in models and not retiring):
             continue
         on = changed.get(e.node)
         if on is None:
             on = changed[e.node] = _NodeOverlay(node)
         if e.devices[0] not in on.free:
+            continue
+        if retiring:  # an unregistered model's: gone (or draining), its memory freed once its agent says so
+            on.retire(e)
             continue
         weight = copy_pages(models[e.model]) * PAGE_BYTES
         if isinstance(e, fx.Prewarm):
@@ -64,6 +68,14 @@ class _NodeOverlay:
         self.free = {g.index: g.free_bytes for g in node.gpus}
         self.copies = _Copies(node.copies)
         self.instances = {i.instance_id: i for i in node.instances}
+
+    def retire(self, e: fx.Demote | fx.Evict) -> None:
+        if isinstance(e, fx.Evict):
+            found = self.copies.find(e.model, e.devices)
+            if found is not None:
+                self.copies.remove(found)
+        elif e.instance_id in self.instances:
+            self.instances[e.instance_id] = dataclasses.replace(self.instances[e.instance_id], draining=True)
 
     def take(self, devices: tuple[int, ...], nbytes: int) -> None:
         for d in devices:

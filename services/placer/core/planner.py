@@ -2,8 +2,8 @@
 
 Both are pure functions of a Snapshot, the time and a Config; the live service and the simulator
 call exactly these (a `Reuse` handle only saves work: the result is the same with or without it).
-Both first reclaim borrowed KV space an instance needs again; a tick then autoscales and plans
-prewarmed copies.
+Both first reclaim borrowed KV space an instance needs again; a tick first retires unregistered
+models' instances and copies, then autoscales and plans prewarmed copies.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from services.placer.core.allocate import Allocation, allocate_in
 from services.placer.core.autoscale import autoscale, reclaim_kv
 from services.placer.core.cluster import Cluster, Reuse
 from services.placer.core.placement import plan_prewarms
+from services.placer.core.retire import retire_unregistered
 from services.placer.core.snapshot import Config, Snapshot
 
 
@@ -54,7 +55,8 @@ def tick(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None =
 def _planned(snapshot: Snapshot, now_s: float, config: Config, reuse: Reuse | None) -> tuple[Cluster, list[fx.Effect]]:
     cluster = Cluster(snapshot, config, reuse)
     cluster.rescore()
-    effects = reclaim_kv(cluster)
+    effects = retire_unregistered(snapshot)
+    effects += reclaim_kv(cluster)
     effects += autoscale(cluster, snapshot.loads, now_s, snapshot.unmeasured)
     cluster.rescore()  # instance counts changed: copies' ranks score against the new n_f, n_b
     if config.prewarm:
