@@ -33,7 +33,8 @@ def nats_permissions() -> dict[str, dict[str, Any]]:
     s = Subjects("*")
     exclusive = {s.agent_commands(): "placer", s.infer_requests(): "gateway", s.infer_cancels(): "gateway"}
     grants = {  # identity: (publish, subscribe, answers requests)
-        "gateway": ([s.infer_requests(), s.infer_cancels(), s.load_samples(), s.instance_need(), s.domain("gateway")],
+        "gateway": ([s.infer_requests(), s.infer_cancels(), s.load_samples(), s.instance_need(), s.domain("gateway"),
+                     s.domain_events("registry")],  # /admin/models
                     [s.all_infer_replies(), s.agent_heartbeat(), s.domain_events("agent")], False),
         "placer": ([s.agent_commands(), s.domain("placer"), *JS_STREAM_SETUP],
                    [s.load_samples(), s.domain_requests("placer")], True),

@@ -40,9 +40,13 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def content_hash(path: Path) -> str:
+def content_hash(path: Path, on_progress=None) -> str:
+    """`on_progress(bytes)` is called with each block's size as the block is hashed (in file order)."""
     with ExitStack() as open_files, ThreadPoolExecutor(HASH_THREADS) as pool:
         blocks = _submit_blocks(pool, open_files, [(file, None) for file in weight_files(path)])
+        for block in blocks:
+            if on_progress:
+                on_progress(block.result()[1])
         return _combined(block.result()[0] for block in blocks)
 
 
@@ -50,29 +54,37 @@ def _combined(block_digests) -> str:
     return hashlib.sha256(b"".join(block_digests)).hexdigest()
 
 
-def arch_signature(path: Path) -> str:
-    """Hash of the shape-deciding config fields and the tokenizer files."""
+def arch_signature(path: Path, **overrides) -> str:
+    """Hash of the shape-deciding config fields, the engine overrides given (not None) and the tokenizer files."""
     config = json.loads((path / "config.json").read_text())
-    digest = hashlib.sha256(json.dumps({k: config.get(k) for k in ARCH_FIELDS}, sort_keys=True).encode())
+    fields = {k: config.get(k) for k in ARCH_FIELDS} | {k: v for k, v in overrides.items() if v is not None}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for name in TOKENIZER_FILES:
         if (path / name).exists():
             digest.update((path / name).read_bytes())
     return digest.hexdigest()[:12]
 
 
-def checkpoint_info(name: str, path: Path, tp: int = 1) -> ModelInfo:
+def checkpoint_info(name: str, path: Path, tp: int = 1, max_model_len: int | None = None, dtype: str | None = None,
+                    on_progress=None) -> ModelInfo:
+    """The registry entry of the checkpoint at `path`; `max_model_len` and `dtype` override the config's
+    (engines differ then: they enter the architecture signature). `on_progress` as in `content_hash`."""
     path = path.resolve()
     config = json.loads((path / "config.json").read_text())
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads", heads)
-    dtype_bytes = DTYPE_BYTES.get(config.get("torch_dtype", "bfloat16"), 2)
+    dtype_bytes = DTYPE_BYTES.get(dtype or config.get("torch_dtype", "bfloat16"), 2)
     return ModelInfo(
-        name=name, path=str(path), tp=tp, content_hash=content_hash(path), arch=arch_signature(path),
-        size_bytes=sum(f.stat().st_size for f in weight_files(path)),
-        max_model_len=config.get("max_position_embeddings", 2048),
-        kv_bytes_per_token=2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes,
+        name=name, path=str(path), tp=tp, content_hash=content_hash(path, on_progress),
+        arch=arch_signature(path, max_model_len=max_model_len, dtype=dtype),
+        size_bytes=weight_bytes(path), max_model_len=max_model_len or config.get("max_position_embeddings", 2048),
+        kv_bytes_per_token=2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes, dtype=dtype or "",
     )
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(path))
 
 
 def read_verified(path: Path, expected_hash: str, on_progress=None, pin_memory: bool = False) -> dict:

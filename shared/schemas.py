@@ -34,6 +34,7 @@ class ModelInfo(Message):
     arch: str = ""  # architecture signature: engines with equal `arch` can swap weights
     max_model_len: int = Field(default=2048, ge=1)  # context length in tokens
     kv_bytes_per_token: int = Field(default=0, ge=0)  # KV cache bytes per token (all layers)
+    dtype: str = ""  # the engine's weight and activation dtype ("": the engine's default, bfloat16)
 
 
 # ---------------------------------------------------------------- load and forecasts

@@ -97,6 +97,8 @@ class Settings:
     queue_deadline_s: float = _setting(120.0, "how long a request may wait for an instance", _positive)
     max_body_bytes: int = _setting(1_000_000, "largest accepted request body", _positive)
     api_keys: str = _setting("", "comma-separated accepted API keys (empty: no auth)")
+    admin_api_keys: str = _setting("", "comma-separated keys of the /admin routes, separate from api_keys "
+                                       "(empty: /admin refused)")
     sample_interval_s: float = _setting(1.0, "load sampling interval", _positive)
     dispatch_ack_timeout_s: float = _setting(3.0, "gateway: a request its instance has not acknowledged this long "
                                                   "after it was sent is sent again (lost in a NATS outage)", _positive)
@@ -165,7 +167,11 @@ class Settings:
 
     @property
     def accepted_api_keys(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        return _keys(self.api_keys)
+
+    @property
+    def accepted_admin_keys(self) -> frozenset[str]:
+        return _keys(self.admin_api_keys)
 
     def with_overrides(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -173,6 +179,10 @@ class Settings:
     def as_env(self) -> dict[str, str]:
         """Every setting as its WARMSERVE_* variable: how a parent hands its settings to a child process."""
         return {env_name(f.name): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _keys(listed: str) -> frozenset[str]:
+    return frozenset(k.strip() for k in listed.split(",") if k.strip())
 
 
 class SettingsError(ValueError):

@@ -91,6 +91,9 @@ class State:
     async def register_model(self, info: ModelInfo) -> None:
         await self.hput(self.keys.models(), info.name, info)
 
+    async def unregister_model(self, name: str) -> None:
+        await self.hdel(self.keys.models(), name)
+
     async def models(self) -> dict[str, ModelInfo]:
         return await self.hgetall(self.keys.models(), ModelInfo)
 

@@ -18,8 +18,11 @@ import click
 # words after the first and then the options ("models list -v" -> ["list", "-v"])
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("up",): ("warmserve.up", "start NATS, Redis and the four services; Ctrl-C stops everything"),
-    ("models", "build-demo"): ("warmserve.models", "build the demo models and register them"),
+    ("models", "build-demo"): ("warmserve.models", "build the demo models (Llama and Qwen2, random weights) and register them"),
     ("models", "list"): ("warmserve.models", "list registered models"),
+    ("models", "add"): ("warmserve.model_admin", "validate, hash and register a local Hugging Face-format checkpoint"),
+    ("models", "remove"): ("warmserve.model_admin", "unregister a model: the placer drains and evicts it everywhere"),
+    ("models", "show"): ("warmserve.model_admin", "one model: registry entry, forecast, state per device"),
     ("watch",): ("warmserve.watch", "print lifecycle events live"),
     ("status",): ("warmserve.status", "devices x models table and instances"),
     ("service",): ("warmserve.service", "run one service: forecaster | placer | gateway | gpuagent"),
@@ -38,7 +41,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 GROUPS: dict[tuple[str, ...], str] = {
     (): "WarmServe: multi-LLM serving with forecast-driven GPU prewarming.",
-    ("models",): "build and list the models in the registry",
+    ("models",): "the model registry: build the demos, add your own checkpoints, list, show, remove",
     ("forecast",): "forecaster tools: backtests and load history",
     ("bench",): "benchmarks of each service and of the whole stack",
     ("sim",): "the cluster simulator (the services' cores, simulated clock)",

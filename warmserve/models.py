@@ -1,8 +1,9 @@
-"""Demo models: tiny Llama-architecture checkpoints built locally (no download) and registered.
+"""Demo models: tiny checkpoints of two architectures (Llama, Qwen2) built locally (no download) and registered.
 
 `warmserve models build-demo` trains a byte-level BPE tokenizer on text shipped with Python,
-writes random-weight Llama models in safetensors at two sizes, hashes them and registers them
-in Redis; `warmserve models list` prints the registry. The model maths lives in `model_files`.
+writes random-weight models in safetensors (Llama at two sizes, one Qwen2: their output is
+gibberish), hashes them and registers them in Redis; `warmserve models list` prints the registry.
+The model maths lives in `model_files`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import registry
 from shared.bus import Bus
 from shared.credentials import redact
 from shared.model_files import checkpoint_info
-from shared.schemas import Event, ModelInfo
+from shared.schemas import ModelInfo
 from shared.settings import CONNECTION, Settings, add_arguments, load_settings
 from shared.state import State
 
@@ -31,16 +32,26 @@ class DemoSpec:
     heads: int
     intermediate: int
     seed: int
+    arch: str = "llama"  # a key of ARCHITECTURES
+    kv_heads: int = 0  # grouped-query attention (0: one per attention head)
 
 
 VOCAB_SIZE = 4096
 MAX_POSITIONS = 2048
-# two ~30M models of one architecture (so promotion can swap weights) and one ~150M model
+# two ~30M Llama models (one architecture: promotion can swap weights), one ~150M Llama, one ~20M Qwen2
 DEMO_MODELS = (
     DemoSpec("demo-small-a", hidden=512, layers=8, heads=8, intermediate=1536, seed=1),
     DemoSpec("demo-small-b", hidden=512, layers=8, heads=8, intermediate=1536, seed=2),
     DemoSpec("demo-large", hidden=1024, layers=10, heads=16, intermediate=2816, seed=3),
+    DemoSpec("demo-qwen2", hidden=512, layers=6, heads=8, intermediate=1536, seed=4, arch="qwen2", kv_heads=2),
 )
+# per architecture: its config's own fields, and whether q/k/v projections carry a bias
+ARCHITECTURES = {
+    "llama": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0,
+               "rms_norm_eps": 1e-5}, False),
+    "qwen2": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0,
+               "rms_norm_eps": 1e-6, "use_sliding_window": False}, True),
+}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -78,26 +89,28 @@ def build_model(spec: DemoSpec, out: Path, tokenizer_dir: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
+    own, qkv_bias = ARCHITECTURES[spec.arch]
+    kv_heads = spec.kv_heads or spec.heads
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": spec.hidden,
-        "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads, "num_key_value_heads": spec.heads, "vocab_size": VOCAB_SIZE,
-        "max_position_embeddings": MAX_POSITIONS, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+        **own, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads, "num_key_value_heads": kv_heads, "vocab_size": VOCAB_SIZE,
+        "max_position_embeddings": MAX_POSITIONS, "hidden_act": "silu", "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
     }
     gen = torch.Generator().manual_seed(spec.seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    h, f = spec.hidden, spec.intermediate
+    h, f, kv = spec.hidden, spec.intermediate, spec.hidden // spec.heads * kv_heads
     tensors = {"model.embed_tokens.weight": rand(VOCAB_SIZE, h), "lm_head.weight": rand(VOCAB_SIZE, h),
                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
     for i in range(spec.layers):
         p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            tensors[p + f"self_attn.{proj}.weight"] = rand(h, h)
+        for proj, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+            tensors[p + f"self_attn.{proj}.weight"] = rand(rows, h)
+            if qkv_bias and proj != "o_proj":
+                tensors[p + f"self_attn.{proj}.bias"] = rand(rows)
         tensors[p + "mlp.gate_proj.weight"] = rand(f, h)
         tensors[p + "mlp.up_proj.weight"] = rand(f, h)
         tensors[p + "mlp.down_proj.weight"] = rand(h, f)
@@ -136,9 +149,7 @@ async def register(settings: Settings, infos: list[ModelInfo]) -> None:
     try:
         await bus.ensure_event_stream()
         for info in infos:
-            await state.register_model(info)
-            await bus.publish_event("registry", Event(name="model_registered", at_s=time.time(), model=info.name,
-                                                      detail={"size_bytes": info.size_bytes, "tp": info.tp}))
+            await registry.register(state, bus, info)
     finally:
         await bus.close()
         await state.close()

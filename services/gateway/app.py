@@ -1,7 +1,8 @@
 """The gateway's HTTP surface (FastAPI): OpenAI-compatible routes, health and metrics.
 
 Routes only check the API key and hand over: completions to `serving.Completion`, the model list
-to the warm-state core. Every error, including unknown routes, is answered in OpenAI's format.
+to the warm-state core, /admin/models to `admin` (its own key). Every error, including unknown
+routes, is answered in OpenAI's format.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from services.gateway.admin import add_admin_routes
 from services.gateway.core.protocol import ApiError
 from services.gateway.core.warm import model_cards
 from services.gateway.metrics import GatewayMetrics
@@ -60,6 +62,18 @@ def create_app(settings: Settings, runtime: GatewayRuntime, metrics: GatewayMetr
         registry = await runtime.state.models()
         views = await runtime.state.node_views(alive_only=True)
         return JSONResponse(model_cards(registry, views, int(time.time())))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(http: Request, model_id: str) -> Response:
+        """OpenAI's retrieve: one card as /v1/models lists it."""
+        check_api_key(http)
+        info = await runtime.state.model(model_id)
+        if info is None:
+            raise ApiError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        views = await runtime.state.node_views(alive_only=True)
+        return JSONResponse(model_cards({model_id: info}, views, int(time.time()))["data"][0])
+
+    add_admin_routes(app, settings, runtime)
 
     @app.get("/livez")
     async def livez() -> Response:

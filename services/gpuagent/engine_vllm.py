@@ -115,7 +115,7 @@ class VllmHost:
             return {"engine_init_ms": (time.perf_counter() - started) * 1000}
 
     def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
-        args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype="bfloat16",
+        args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype=info.dtype or "bfloat16",
                           kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",
                           max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True,
                           **self._memory_share(info, kv_bytes))
