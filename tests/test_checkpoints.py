@@ -103,3 +103,18 @@ async def test_promotion_never_crosses_architectures(settings, demo_models):
         assert paths == ["new_engine", "new_engine", "warm_engine"]
         engines = running.service.ledgers[0].engines
         assert set(engines) == {models[0].arch, models[2].arch}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_the_qwen2_demo_loads_and_generates_in_real_vllm(settings, demo_models):
+    from agent_helpers import infer
+
+    s = settings.with_overrides(engine="vllm", devices=1, device_memory_bytes=700 * MiB, kv_cache_bytes=32 * MiB,
+                                heartbeat_s=0.5, warm_engines=False)
+    async with running_agent(s, [demo_models["demo-qwen2"]]) as (running, bus, state):
+        started = await command(bus, s.node, CommandKind.cold_start, "demo-qwen2", instance_id="q", timeout_s=300)
+        assert started.ok, started.reason
+        chunks = await infer(bus, "q", prompt="def main(", max_tokens=6, timeout_s=120)
+        assert not chunks[-1].error and chunks[-1].completion_tokens == 6
+        assert "".join(c.text for c in chunks)  # random weights: gibberish, but tokens
