@@ -29,7 +29,8 @@ class SimInstance:
         self.cancelled: list[str] = []
         self.peak_active = 0  # most requests generating at once
         self.lose_next = 0  # this many next requests are lost on the way (as in a NATS outage)
-        self._active: set[str] = set()
+        self.muted: set[str] = set()  # requests whose chunks are lost on the way until they are cancelled
+        self._active: set[tuple[str, int]] = set()  # (request id, attempt) being generated
 
     async def start(self) -> None:
         await self.bus.subscribe(self.bus.subjects.infer(self.instance_id), InferRequest, self._generate)
@@ -37,7 +38,8 @@ class SimInstance:
 
     async def _cancel(self, cancel: CancelInference) -> None:
         self.cancelled.append(cancel.request_id)
-        self._active.discard(cancel.request_id)
+        self._active -= {(rid, attempt) for rid, attempt in self._active
+                         if rid == cancel.request_id and cancel.attempt in (-1, attempt)}
 
     async def _generate(self, request: InferRequest) -> None:
         if self.lose_next:
@@ -56,13 +58,16 @@ class SimInstance:
                 request_id=rid, seq=0, error=f"prompt has {words} tokens, more than {self.max_model_len}",
                 error_code=400, prompt_tokens=words, instance_id=self.instance_id, attempt=request.attempt))
             return
-        self._active.add(rid)
+        key = (rid, request.attempt)
+        self._active.add(key)
         self.peak_active = max(self.peak_active, len(self._active))
         text, spec = "", request.sampling
         for i in range(spec.max_tokens):
             if self.token_s:
                 await asyncio.sleep(self.token_s)
-            if rid not in self._active:
+            while rid in self.muted and key in self._active:
+                await asyncio.sleep(0.02)
+            if key not in self._active:
                 await self.bus.publish(request.reply_to, InferChunk(
                     request_id=rid, seq=i, finish_reason="cancelled", instance_id=self.instance_id,
                     attempt=request.attempt))
@@ -81,7 +86,7 @@ class SimInstance:
                 instance_id=self.instance_id, attempt=request.attempt))
             if finish:
                 break
-        self._active.discard(rid)
+        self._active.discard(key)
 
 
 class SimNode:

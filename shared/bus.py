@@ -244,6 +244,11 @@ class Bus:
         """Connected to the server now (False while reconnecting)."""
         return self.nc.is_connected
 
+    @property
+    def reconnects(self) -> int:
+        """How often this connection was re-established (messages in flight then may be lost)."""
+        return self.nc.stats["reconnects"]
+
     async def close(self) -> None:
         if not self.nc.is_closed:
             try:

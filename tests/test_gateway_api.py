@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from bench.gateway_sim import SimNode, SimPlacer, register
+from services.gateway import runtime as gateway_runtime
 from services.gateway.service import GatewayService
 from shared.bus import Bus
 from shared.runner import Running
@@ -286,6 +287,28 @@ async def test_a_send_its_instance_never_acknowledged_is_sent_again(make_cluster
     out = await c.openai().completions.create(model="warm", prompt="x", max_tokens=2)
     assert out.choices[0].text == " w0 w1"
     assert [r.attempt for r in instance.received] == [1] and instance.received[0].request_id == out.id
+
+
+async def test_after_a_nats_reconnect_requests_without_output_go_again_and_silent_streams_end(make_cluster,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(gateway_runtime, "RECONNECT_GRACE_S", 0.5)
+    c = await make_cluster(token_s=0.05)
+    instance = c.node.instances["warm-i0"]
+    async with c.http() as http:
+        async with http.stream("POST", "/v1/completions", json={"model": "warm", "prompt": "x", "max_tokens": 60,
+                                                               "stream": True}) as response:
+            lines = (line async for line in response.aiter_lines() if line.startswith("data:"))
+            await anext(lines)  # answering
+            instance.muted.add(instance.received[0].request_id)  # its chunks are lost from now on
+            instance.lose_next = 1  # and so is the next request
+            waiting = asyncio.create_task(http.post("/v1/completions", json={"model": "warm", "prompt": "y",
+                                                                             "max_tokens": 1}))
+            await eventually(lambda: c.scheduler.instance_load("warm-i0") == 2)
+            c.gateway.runtime._after_reconnect()
+            rest = [line async for line in lines]
+        resent = await asyncio.wait_for(waiting, 2)  # at once, not after dispatch_ack_timeout_s
+    assert "after a NATS reconnect" in rest[-2] and rest[-1] == "data: [DONE]"
+    assert resent.status_code == 200 and [r.attempt for r in instance.received[1:]] == [1]
 
 
 # ---------------------------------------------------------------- models, metrics, load samples

@@ -26,10 +26,10 @@ def test_round_trip_every_field():
 def test_golden_bytes_are_map_encoded_and_stable():
     sample = LoadSample(model="m", at_s=1.5, interval_s=1.0, avg_outstanding=2.0, peak_outstanding=3.0)
     assert encode(sample) == bytes.fromhex(
-        "86a56d6f64656ca16da461745f73cb3ff8000000000000aa696e74657276616c5f73cb3ff0000000000000"
+        "87a56d6f64656ca16da461745f73cb3ff8000000000000aa696e74657276616c5f73cb3ff0000000000000"
         "af6176675f6f75747374616e64696e67cb4000000000000000b0706561"
         "6b5f6f75747374616e64696e67cb4008000000000000a8617272697661"
-        "6c7300")
+        "6c7300a6736f75726365a0")
 
 
 def test_unknown_fields_ignored_and_missing_defaults_filled():

@@ -32,6 +32,8 @@ log = get_logger("gateway")
 INSTANCE_EVENTS = {"instance_starting": "starting", "instance_ready": "ready", "instance_draining": "draining",
                    "instance_stopped": "stopped", "instance_failed": "stopped"}
 CLIENT_LEFT = object()  # mailbox marker: the HTTP client disconnected
+RECONNECTED = object()  # mailbox marker: NATS reconnected, chunks in flight then may be lost
+RECONNECT_GRACE_S = 5.0  # after a reconnect, an answer whose engine sends nothing this long has lost its stream
 INSTANCE_GONE_CODE = 503  # an engine's refusal that means "not serving this instance": send the request elsewhere
 SHUTTING_DOWN = "the gateway is shutting down: retry"
 PUBLISH_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between tries of a publish the bus refused (then 1 s each)
@@ -57,6 +59,7 @@ class Generation:
         self.payload = payload  # the request, encoded once at admission (so it is known to be sendable)
         self.arrived_s = arrived_s
         self.idle_timeout_s = idle_timeout_s
+        self.wait_s = idle_timeout_s  # the current wait for the next chunk (shorter right after a reconnect)
         self.mailbox: asyncio.Queue[Dispatch | Refuse | Requeue | InferChunk | object] = asyncio.Queue()
         self.dispatch: Dispatch | None = None
         self.routed_to = ""  # the instance whose chunks are accepted (set when dispatched, cleared when requeued)
@@ -72,12 +75,14 @@ class Generation:
                 item = await self.mailbox.get()  # the scheduler's deadline bounds this wait
             else:
                 try:
-                    async with asyncio.timeout(self.idle_timeout_s):
+                    async with asyncio.timeout(self.wait_s):
                         item = await self.mailbox.get()
                 except TimeoutError:
-                    item = self.error(504, f"instance {self.dispatch.instance_id} sent nothing "
-                                           f"for {self.idle_timeout_s:g} s")
-            if isinstance(item, Dispatch):
+                    item = self.error(504, f"instance {self.dispatch.instance_id} sent nothing for {self.wait_s:g} s"
+                                           + (" after a NATS reconnect" if self.wait_s < self.idle_timeout_s else ""))
+            if item is RECONNECTED:
+                self.wait_s = min(self.wait_s, RECONNECT_GRACE_S)
+            elif isinstance(item, Dispatch):
                 self.dispatch = item
             elif isinstance(item, Requeue):
                 self.dispatch = None  # waiting again: the scheduler's deadline bounds the wait
@@ -111,6 +116,7 @@ class Generation:
 
     def _accept(self, chunk: InferChunk) -> InferChunk:
         self.finished = chunk.finish_reason is not None or chunk.error is not None
+        self.wait_s = self.idle_timeout_s  # its engine is heard: the stream is alive
         return chunk
 
     def error(self, code: int, reason: str) -> InferChunk:
@@ -137,6 +143,7 @@ class GatewayRuntime:
         self._deadline: asyncio.TimerHandle | None = None
         self.data: Bus | None = None
         self.closing = False  # shutting down: no new request is admitted
+        self._reconnects = 0  # the data connection's reconnects handled so far
 
     # ------------------------------------------------------------ lifecycle
 
@@ -167,7 +174,21 @@ class GatewayRuntime:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - Redis away: keep routing on what we know
                 log.warning("cluster_refresh_failed", reason=f"{type(exc).__name__}: {exc}")
+            if self.data.reconnects != self._reconnects:
+                self._reconnects = self.data.reconnects
+                self._after_reconnect()
             self._apply(self.scheduler.tick(self.now()))
+
+    def _after_reconnect(self) -> None:
+        """NATS came back: what was sent or answered meanwhile may be lost. A request without output
+        is sent again at once; an answer under way gets RECONNECT_GRACE_S to be heard again."""
+        for generation in list(self._open.values()):
+            if not generation.routed_to or generation.finished:
+                continue
+            if generation.answering:
+                generation.mailbox.put_nowait(RECONNECTED)
+            else:
+                self._resend(generation, "nats_reconnected")
 
     def close_admission(self) -> None:
         """Shutting down: refuse new requests and answer every held one now (503, retry), rather than
@@ -274,10 +295,15 @@ class GatewayRuntime:
 
     def _check_ack(self, generation: Generation, attempt: int) -> None:
         """A send its instance has not acknowledged in time was lost (a NATS outage): send it again."""
-        request_id, instance_id = generation.request.request_id, generation.routed_to
-        if self._open.get(request_id) is not generation or generation.attempt != attempt or generation.acked:
+        if (self._open.get(generation.request.request_id) is not generation or generation.attempt != attempt
+                or generation.acked or not generation.routed_to):
             return
-        log.warning("dispatch_unacknowledged", request_id=request_id, instance_id=instance_id, attempt=attempt)
+        self._resend(generation, "dispatch_unacknowledged")
+
+    def _resend(self, generation: Generation, why: str) -> None:
+        """Cancel the current send of a request without output and send it again (there or elsewhere)."""
+        request_id, instance_id, attempt = generation.request.request_id, generation.routed_to, generation.attempt
+        log.warning(why, request_id=request_id, instance_id=instance_id, attempt=attempt)
         self._outbox.put_nowait((self.subjects.infer_cancel(instance_id),
                                  encode(CancelInference(request_id=request_id, attempt=attempt)), request_id))
         self._apply(self.scheduler.unacknowledged(request_id, instance_id, self.now()))
