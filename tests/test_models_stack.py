@@ -180,3 +180,18 @@ async def test_admin_add_show_list_remove(stack, theirs):
         await stream.close()
         assert (await http.delete("/admin/models/their-llama")).status_code == 404
     await eventually(lambda: gone(state, "their-llama"), 30, "the placer drains and evicts the removed model")
+
+
+def test_requests_held_count_each_gateways_latest_sample_and_instances_inflight():
+    from shared.registry import held_by_gateways, requests_of
+    from shared.schemas import InstanceState, InstanceView, LoadSample, NodeView
+
+    def sample(source, at_s, peak, model="m"):
+        return LoadSample(model=model, at_s=at_s, interval_s=1, avg_outstanding=0, peak_outstanding=peak, source=source)
+
+    samples = [sample("g1", 1, 5), sample("g1", 2, 0), sample("g2", 2, 3), sample("g2", 1, 9), sample("g3", 2, 7, "x")]
+    assert held_by_gateways("m", samples) == 3  # g1 drained since, g2 holds 3; another model's not counted
+    view = NodeView(node="n", at_s=0, instances=[
+        InstanceView(instance_id="a", model="m", devices=[0], state=InstanceState.ready, inflight=4),
+        InstanceView(instance_id="b", model="x", devices=[1], state=InstanceState.ready, inflight=9)])
+    assert requests_of("m", [view], 3) == 4 and requests_of("m", [view], 6) == 6 and requests_of("y", [view], 0) == 0
