@@ -6,6 +6,7 @@ planned. The rest of the core ignores them (their memory counts as used until ag
 from __future__ import annotations
 
 from services.placer.core import effects as fx
+from services.placer.core.node_inputs import MODEL
 from services.placer.core.snapshot import Snapshot
 
 
@@ -14,6 +15,8 @@ def retire_unregistered(snapshot: Snapshot) -> list[fx.Effect]:
     known = {m.name for m in snapshot.models}
     effects: list[fx.Effect] = []
     for node in snapshot.nodes:
+        if known.issuperset(map(MODEL, node.instances)) and known.issuperset(map(MODEL, node.copies)):
+            continue  # the common case, checked at C speed
         effects += [fx.Demote(i.model, node.name, i.devices, i.instance_id, fx.UNREGISTERED)
                     for i in node.instances if i.model not in known and not i.draining]
         effects += [fx.Evict(c.model, node.name, c.devices, fx.UNREGISTERED)
