@@ -5,7 +5,7 @@ The content hash is a sha256 over the sha256 of each 64 MiB block of the weight 
 order), so blocks are read and hashed on all cores at once (a single sequential sha256 bounded a
 prewarm read to one core's hashing speed).
 Tensors are views of one read buffer per file (pinned for CUDA copies when asked), not copies.
-Used by the model registry (demo builder) and by the GPU agent's prewarm; no network, no engine.
+Used by the model registry (demo builder, `models add`) and by the GPU agent's prewarm; no network, no engine.
 """
 
 from __future__ import annotations
