@@ -146,7 +146,8 @@ def parent_of(pid: int) -> int:
 async def test_a_restarted_agent_adopts_its_workers_which_serve_throughout(settings, subreaper, tmp_path):
     s = settings.with_overrides(engine="fake", fake_worker_processes=True, devices=2, device_memory_bytes=64 * MiB,
                                 kv_cache_bytes=2 * MiB, fake_token_s=0.001, fake_load_bytes_s=1e9, heartbeat_s=0.2,
-                                heartbeat_ttl_s=1.0, worker_orphan_timeout_s=2.0, worker_restart_s=0.2)
+                                heartbeat_ttl_s=1.0, worker_orphan_timeout_s=5.0,  # > a loaded box's agent start
+                                worker_restart_s=0.2)
     state = await State.connect(s)
     await state.register_model(fake_model("m1"))
     bus = await Bus.connect(s, "test-client")
