@@ -20,9 +20,9 @@ from services.gateway.service import GatewayService
 from services.gpuagent.service import AgentService
 from services.placer.service import PlacerService
 from shared.bus import Bus
-from shared.registry import residency
+from shared.registry import requests_of, residency
 from shared.runner import Running
-from shared.schemas import Event
+from shared.schemas import Event, LoadSample
 from shared.state import State
 from warmserve import cli
 
@@ -78,6 +78,23 @@ async def events(bus: Bus, name: str) -> list[Event]:
     return seen
 
 
+async def quiet(bus: Bus, state: State, name: str) -> None:
+    """Until a load sample says the gateway held nothing of `name` for an interval and no instance runs any."""
+    samples: list[LoadSample] = []
+
+    async def heard(sample: LoadSample) -> None:
+        samples.append(sample)
+
+    listening = await bus.subscribe(bus.subjects.load_samples(), LoadSample, heard)
+
+    async def idle() -> bool:
+        views = (await state.node_views()).values()
+        return any(x.model == name and x.peak_outstanding == 0 for x in samples) and not requests_of(name, views, 0)
+
+    await eventually(idle, 10, f"{name} idle")
+    await bus.unsubscribe(listening)
+
+
 async def gone(state: State, name: str) -> bool:
     return not residency(name, (await state.node_views()).values())
 
@@ -107,6 +124,7 @@ async def test_cli_adds_serves_shows_and_removes_a_checkpoint_it_did_not_build(s
     assert shown["model"]["max_model_len"] == 512
     assert {r["kind"] for r in shown["residency"]} == {"copy", "instance"}  # the copy its instance serves from
 
+    await quiet(bus, state, "their-llama")  # a request in the gateway's last sample interval counts as held
     assert await warmserve("models", "remove", "their-llama", "--wait-s", "30", *connection(s)) == 0
     assert await state.model("their-llama") is None and await gone(state, "their-llama")
     assert [e.model for e in removed] == ["their-llama"]
@@ -183,8 +201,8 @@ async def test_admin_add_show_list_remove(stack, theirs):
 
 
 def test_requests_held_count_each_gateways_latest_sample_and_instances_inflight():
-    from shared.registry import held_by_gateways, requests_of
-    from shared.schemas import InstanceState, InstanceView, LoadSample, NodeView
+    from shared.registry import held_by_gateways
+    from shared.schemas import InstanceState, InstanceView, NodeView
 
     def sample(source, at_s, peak, model="m"):
         return LoadSample(model=model, at_s=at_s, interval_s=1, avg_outstanding=0, peak_outstanding=peak, source=source)
