@@ -8,7 +8,8 @@ import json
 import pytest
 
 from services.gateway.core.load import LoadMeter
-from services.gateway.core.protocol import ApiError, fit_to_context, parse_request
+from services.gateway.core.errors import ApiError
+from services.gateway.core.protocol import fit_to_context, parse_request
 from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, InstanceSeen, Policy, Refuse, Requeue,
                                              Scheduler)
 from services.gateway.core.warm import model_cards

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from services.gateway.admin import add_admin_routes
-from services.gateway.core.protocol import ApiError
+from services.gateway.core.errors import ApiError
 from services.gateway.core.warm import model_cards
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.runtime import GatewayRuntime

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from services.gateway.core.protocol import (DONE_EVENT, ApiError, CompletionRequest, chunk_body, completion_body,
+from services.gateway.core.errors import ApiError
+from services.gateway.core.protocol import (DONE_EVENT, CompletionRequest, chunk_body, completion_body,
                                             fit_to_context, parse_request, sse_event, usage, usage_chunk_body)
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.runtime import ClientGone, GatewayRuntime, Generation, Refused

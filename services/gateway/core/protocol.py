@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.core.body import load_body
-from services.gateway.core.errors import ApiError, invalid
+from services.gateway.core.errors import invalid
 from services.gateway.core.params import check_parameters
 from shared.schemas import INT64_MAX, SamplingSpec
 
