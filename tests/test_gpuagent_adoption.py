@@ -54,7 +54,7 @@ def test_the_adopted_ledger_charges_what_the_commands_charged():
 def test_orphan_reaping_leaves_own_children_to_popen():
     """In a subprocess (it becomes a subreaper): an orphaned grandchild is reaped; an own child that
     exited too keeps its exit status for Popen."""
-    script = f"""
+    script = """
 import os, subprocess, sys, time
 from warmserve.up import become_subreaper, reap_orphans
 become_subreaper()
@@ -63,12 +63,12 @@ orphan = int(parent.stdout.readline())
 assert parent.wait() == 0
 own = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
 time.sleep(1.0)  # both have exited by now
-reaped = reap_orphans({{own.pid}})
+reaped = reap_orphans({own.pid})
 if not reaped:  # the peek found our own child first: it stays for Popen, then the orphan comes next
     assert own.poll() == 7
-    reaped = reap_orphans({{own.pid}})
+    reaped = reap_orphans({own.pid})
 assert reaped == [orphan], (reaped, orphan)
-assert not os.path.exists(f"/proc/{{orphan}}")
+assert not os.path.exists(f"/proc/{orphan}")
 assert own.wait() == 7
 print("ok")
 """

@@ -8,7 +8,6 @@ reclaiming KV space lent to prewarmed copies when a request of the hosting insta
 from __future__ import annotations
 
 from collections import deque
-from itertools import chain
 from operator import attrgetter
 
 from services.placer.core import effects as fx
