@@ -311,6 +311,39 @@ async def test_after_a_nats_reconnect_requests_without_output_go_again_and_silen
     assert resent.status_code == 200 and [r.attempt for r in instance.received[1:]] == [1]
 
 
+async def test_a_stopping_gateway_still_serves_what_it_holds_as_slots_free_up(make_cluster):
+    c = await make_cluster(token_s=0.05, max_inflight_per_instance=1, drain_timeout_s=5.0)
+    async with c.http() as http:
+        first = asyncio.create_task(http.post("/v1/completions", json={"model": "warm", "prompt": "x",
+                                                                       "max_tokens": 4}))
+        await eventually(lambda: c.scheduler.instance_load("warm-i0") == 1)
+        held = asyncio.create_task(http.post("/v1/completions", json={"model": "warm", "prompt": "y",
+                                                                      "max_tokens": 2}))
+        await eventually(lambda: c.scheduler.queued("warm") == 1)
+        await c.gateway.stop()
+        assert c.gateway.runtime.closing
+    assert [(await first).status_code, (await held).status_code] == [200, 200]
+
+
+async def test_requests_still_open_when_the_drain_runs_out_get_clean_errors(make_cluster):
+    c = await make_cluster(token_s=0.05, max_inflight_per_instance=1, drain_timeout_s=2.0)
+    async with c.http() as http:
+        async with http.stream("POST", "/v1/completions", json={"model": "warm", "prompt": "x", "max_tokens": 60,
+                                                               "stream": True}) as response:
+            lines = (line async for line in response.aiter_lines() if line.startswith("data:"))
+            await anext(lines)
+            held = asyncio.create_task(http.post("/v1/completions", json={"model": "warm", "prompt": "y"}))
+            await eventually(lambda: c.scheduler.queued("warm") == 1)
+            stopping = asyncio.create_task(c.gateway.stop())
+            rest = [line async for line in lines]
+        refused = await held
+        await stopping
+    assert "shutting down" in json.loads(rest[-2].removeprefix("data: "))["error"]["message"]
+    assert rest[-1] == "data: [DONE]"
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "shutting down" in refused.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- models, metrics, load samples
 
 

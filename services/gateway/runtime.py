@@ -191,14 +191,13 @@ class GatewayRuntime:
                 self._resend(generation, "nats_reconnected")
 
     def close_admission(self) -> None:
-        """Shutting down: refuse new requests and answer every held one now (503, retry), rather than
-        at its deadline; requests being answered go on."""
+        """Shutting down: refuse new requests (503, retry); held ones are still sent as slots free up."""
         self.closing = True
-        self._apply(self.scheduler.refuse_waiting(SHUTTING_DOWN, self.now()))
 
-    def abort_answering(self) -> None:
-        """The drain is running out: end every request still being answered with a 503 (an error
-        event in a stream) rather than a cut connection."""
+    def end_open(self) -> None:
+        """The drain is running out: answer every request still held (503, retry) and end every one
+        still being answered with a 503 (an error event in a stream) rather than a cut connection."""
+        self._apply(self.scheduler.refuse_waiting(SHUTTING_DOWN, self.now()))
         for generation in list(self._open.values()):
             if generation.routed_to and not generation.finished:
                 generation.mailbox.put_nowait(generation.error(503, SHUTTING_DOWN))

@@ -18,7 +18,7 @@ from shared.listen import BACKLOG, inherited_socket, listening_socket
 from shared.runner import Service
 
 
-ABORT_BEFORE_DRAIN_END_S = 1.0  # answers still running this long before the drain ends get a clean error
+ABORT_BEFORE_DRAIN_END_S = 1.0  # requests still open this long before the drain ends get a clean error
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -68,7 +68,7 @@ class GatewayService(Service):
             self.runtime.close_admission()
             grace_s = max(self.settings.drain_timeout_s - ABORT_BEFORE_DRAIN_END_S, 0.0)
             if not (await asyncio.wait({self._serving}, timeout=grace_s))[0]:
-                self.runtime.abort_answering()  # before uvicorn cancels them into plain-text 500s
+                self.runtime.end_open()  # before uvicorn cancels them into plain-text 500s
             await self._serving
         if self.runtime is not None:
             await self.runtime.close()
