@@ -132,8 +132,8 @@ class FuzzResult:
 
 def _explore(strategy, count: int, check: Callable[[Any], None]) -> None:
     """Feed `count` generated examples to `check` (no shrinking: every example is counted once)."""
-    @settings(max_examples=count, database=None, deadline=None, derandomize=False,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
     @given(strategy)
     def run(example):
         check(example)

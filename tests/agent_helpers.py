@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import time
 import uuid
+from pathlib import Path
 
 from services.gpuagent.service import AgentService
 from shared.bus import Bus
@@ -69,6 +73,23 @@ async def agent_events(bus: Bus, name: str):
         yield events
     finally:
         task.cancel()
+
+
+async def kill_device_worker(agent: AgentService, bus: Bus, device: int, timeout_s: float) -> tuple[Event, int, float]:
+    """kill -9 a device worker: its agent's instance_failed event, the pid killed, and the seconds until
+    that event arrived."""
+    pid = agent.workers.pid(device)
+    async with agent_events(bus, "instance_failed") as failed:
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        event = await asyncio.wait_for(failed.get(), timeout_s)
+    return event, pid, time.monotonic() - killed_at
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False  # reaped: no such process any more
 
 
 async def eventually(check, timeout_s: float, what: str, pause_s: float = 0.05):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,16 +16,10 @@ from services.gateway.service import GatewayService
 from services.gpuagent.core.restarts import RestartPolicy, WorkerLife
 from shared.runner import Running
 from shared.schemas import CommandKind, CommandResult, DeviceCall, DeviceOp
-from tests.agent_helpers import agent_events, command, eventually, fake_model, infer, running_agent
+from tests.agent_helpers import (command, eventually, fake_model, infer, is_zombie, kill_device_worker,
+                                 running_agent)
 
 MiB = 1 << 20
-
-
-def is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False  # reaped: no such process any more
 
 
 @pytest.mark.parametrize("deaths_after_s,delays", [
@@ -54,12 +46,8 @@ async def test_killed_worker_is_reported_reaped_restarted_and_warmed_while_the_o
             assert (await command(bus, s.node, CommandKind.cold_start, "m1", devices=(device,),
                                   instance_id=instance_id)).ok
         assert agent.is_ready()
-        pid = agent.workers.pid(0)
-        async with agent_events(bus, "instance_failed") as failed:
-            killed_at = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            event = await asyncio.wait_for(failed.get(), 5)
-        assert time.monotonic() - killed_at < 2.0
+        event, pid, noticed_s = await kill_device_worker(agent, bus, 0, 5)
+        assert noticed_s < 2.0
         assert (event.instance_id, event.model, event.devices, event.node) == ("i0", "m1", [0], s.node)
         assert not agent.is_ready()
         assert not is_zombie(pid)

@@ -19,8 +19,7 @@ import pytest
 from services.gpuagent.service import AgentService
 from shared.runner import Running
 from shared.schemas import CommandKind, CommandResult, DeviceCall, DeviceOp
-from tests.agent_helpers import agent_events, command, eventually, infer, running_agent
-from tests.test_gpuagent_supervision import is_zombie
+from tests.agent_helpers import command, eventually, infer, is_zombie, kill_device_worker, running_agent
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MiB = 1 << 20
@@ -105,12 +104,8 @@ async def test_killed_device_worker_is_reported_reaped_and_restarted_while_the_o
                                     instance_id=f"i{device}", timeout_s=300)
             assert started.ok, started.reason
         assert agent.is_ready()
-        pid = agent.workers.pid(0)
-        async with agent_events(bus, "instance_failed") as failed:
-            killed_at = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            event = await asyncio.wait_for(failed.get(), 10)
-        assert time.monotonic() - killed_at < 2.0
+        event, pid, noticed_s = await kill_device_worker(agent, bus, 0, 10)
+        assert noticed_s < 2.0
         assert (event.instance_id, event.model, event.devices) == ("i0", "demo-small-a", [0])
         assert not agent.is_ready() and not is_zombie(pid)
         refused = await command(bus, s.node, CommandKind.prewarm, "demo-small-b", devices=(0,))
