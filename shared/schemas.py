@@ -241,6 +241,8 @@ class InferRequest(Message):
     messages: list[dict[str, Any]] | None = None  # chat messages (the engine applies the template)
     sampling: SamplingSpec = SamplingSpec()
     attempt: int = Field(default=0, ge=0)  # how often the gateway sent it before (a send lost in a bus outage)
+    path: str = ""  # OpenAI route ("/v1/chat/completions", "/tokenize", ...): the engine answers in OpenAI bytes
+    body: bytes = b""  # the client's JSON body for `path`, forwarded unchanged
 
 
 class InferChunk(Message):
@@ -256,6 +258,7 @@ class InferChunk(Message):
     engine_ttft_ms: float = 0.0  # time from receipt by the engine to the first token
     instance_id: str = ""  # the instance that sent it (a request re-dispatched elsewhere ignores the old one)
     attempt: int = 0  # the request's attempt it answers (InferRequest.attempt)
+    data: bytes = b""  # OpenAI requests: bytes to relay as written (SSE events, a JSON body, an error body)
 
 
 class CancelInference(Message):

@@ -26,6 +26,7 @@ class Piece:
     new_tokens: int = 0
     error: str | None = None
     error_code: int = 0
+    data: bytes = b""  # OpenAI requests: the answer's bytes as the engine's server wrote them
 
 
 class EngineHost(Protocol):

@@ -30,6 +30,7 @@ from vllm import EngineArgs, SamplingParams  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 
+from services.gpuagent import vllm_openai  # noqa: E402
 from services.gpuagent.engine_api import BadRequest, Piece  # noqa: E402
 from shared.model_files import read_verified  # noqa: E402
 from shared.schemas import InferRequest, ModelInfo  # noqa: E402
@@ -49,6 +50,11 @@ class EngineSlot:
     wake: threading.Event = field(default_factory=threading.Event)
     streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=dict)
     thread: threading.Thread | None = None
+    apps: dict[str, asyncio.Task] = field(default_factory=dict)  # model name -> vLLM's OpenAI app over this engine
+
+
+class StepFailed(RuntimeError):
+    """The engine's step raised: every request on the engine ends with it."""
 
 
 class VllmHost:
@@ -178,10 +184,16 @@ class VllmHost:
     # ------------------------------------------------------------ generation
 
     async def generate(self, instance_id: str, request: InferRequest) -> AsyncIterator[Piece]:
+        """An OpenAI request (`request.path`) goes through vLLM's own server; a bare one (prompt or
+        messages and a SamplingSpec: the agent's tests and benches) straight to the engine."""
         entry = self.instances.get(instance_id)
         if entry is None:
             raise BadRequest(f"instance {instance_id} is not serving here", code=503)
         slot, info = entry
+        if request.path:
+            async for piece in vllm_openai.call(await self._openai_app(slot, info), request.path, request.body):
+                yield piece
+            return
         prompt = self._prompt(slot, request)
         spec = request.sampling
         try:
@@ -198,20 +210,60 @@ class VllmHost:
         if prompt_tokens + spec.max_tokens > info.max_model_len:
             raise BadRequest(f"prompt has {prompt_tokens} tokens and max_tokens is {spec.max_tokens}: "
                              f"more than the model's context of {info.max_model_len} tokens")
+        try:
+            async for out in self._outputs(slot, request.request_id, prompt, params, {}):
+                completion = out.outputs[0] if out.outputs else None
+                yield Piece(text=completion.text if completion else "",
+                            finish_reason=(completion.finish_reason or "stop") if out.finished and completion else None,
+                            prompt_tokens=len(out.prompt_token_ids or []),
+                            new_tokens=len(completion.token_ids) if completion else 0)
+        except StepFailed as exc:
+            raise BadRequest(str(exc), code=500) from exc
+        except Exception as exc:  # refused by the engine: bad input
+            raise BadRequest(str(exc)) from exc
+
+    async def _outputs(self, slot: EngineSlot, request_id: str, prompt, params, kwargs: dict) -> AsyncIterator:
+        """Add a request to the slot's engine and yield its outputs (deltas) as the engine thread fans
+        them out; the engine's refusal or a failed step is raised here. Leaving early aborts it."""
         stream: asyncio.Queue = asyncio.Queue()
-        slot.streams[request.request_id] = (asyncio.get_running_loop(), stream)
-        slot.commands.put(("add", request.request_id, prompt, params))
+        slot.streams[request_id] = (asyncio.get_running_loop(), stream)
+        slot.commands.put(("add", request_id, prompt, params, kwargs))
         slot.wake.set()
         try:
             while True:
-                piece: Piece = await stream.get()
-                yield piece
-                if piece.finish_reason or piece.error:
+                out = await stream.get()
+                if isinstance(out, Exception):
+                    raise out
+                yield out
+                if out.finished:
                     return
         finally:
-            if slot.streams.pop(request.request_id, None) is not None:
-                slot.commands.put(("abort", request.request_id))
-                slot.wake.set()
+            self._abort(slot, request_id)
+
+    @staticmethod
+    def _abort(slot: EngineSlot, request_id: str) -> None:
+        if slot.streams.pop(request_id, None) is not None:
+            slot.commands.put(("abort", request_id))
+            slot.wake.set()
+
+    async def _openai_app(self, slot: EngineSlot, info: ModelInfo):
+        """vLLM's OpenAI app serving `info.name` on this slot's engine, built on first use."""
+        if info.name not in slot.apps:
+            slot.apps[info.name] = asyncio.ensure_future(self._build_app(slot, info.name))
+        try:
+            return await asyncio.shield(slot.apps[info.name])
+        except Exception:
+            slot.apps.pop(info.name, None)
+            raise
+
+    async def _build_app(self, slot: EngineSlot, name: str):
+        tasks: concurrent.futures.Future = concurrent.futures.Future()
+        slot.commands.put(("call", "", slot.engine.get_supported_tasks, tasks))
+        slot.wake.set()
+        client = vllm_openai.SlotClient(slot.engine, lambda *args: self._outputs(slot, *args),
+                                        lambda request_id: self._abort(slot, request_id))
+        return await vllm_openai.serving_app(client, await asyncio.wrap_future(tasks), name,
+                                             slot.engine.model_config.model)
 
     @staticmethod
     def _prompt(slot: EngineSlot, request: InferRequest) -> str:
@@ -235,10 +287,11 @@ class VllmHost:
                     except Exception as exc:  # noqa: BLE001 - handed to the caller
                         done.set_exception(exc)
                 elif op == "add":
+                    prompt, params, kwargs = rest
                     try:
-                        engine.add_request(request_id, rest[0], rest[1])
+                        engine.add_request(request_id, prompt, params, **kwargs)
                     except Exception as exc:  # invalid request: fail that request only
-                        self._emit(slot, request_id, Piece(error=str(exc), error_code=400))
+                        self._emit(slot, request_id, exc)
                 else:
                     engine.abort_request([request_id])
             if not engine.has_unfinished_requests():
@@ -249,19 +302,15 @@ class VllmHost:
                 outputs = engine.step()
             except Exception as exc:
                 for request_id in list(slot.streams):
-                    self._emit(slot, request_id, Piece(error=f"engine step failed: {exc}", error_code=500))
+                    self._emit(slot, request_id, StepFailed(f"engine step failed: {exc}"))
                 continue
             for out in outputs:
-                completion = out.outputs[0] if out.outputs else None
-                self._emit(slot, out.request_id, Piece(
-                    text=completion.text if completion else "",
-                    finish_reason=(completion.finish_reason or "stop") if out.finished and completion else None,
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    new_tokens=len(completion.token_ids) if completion else 0))
+                self._emit(slot, out.request_id, out)
 
     @staticmethod
-    def _emit(slot: EngineSlot, request_id: str, piece: Piece) -> None:
+    def _emit(slot: EngineSlot, request_id: str, item) -> None:
+        """Hand a request's output (or the exception that ends it) to its asyncio caller."""
         target = slot.streams.get(request_id)
         if target:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, piece)
+            loop.call_soon_threadsafe(stream.put_nowait, item)

@@ -193,13 +193,13 @@ class DeviceWorker:
             await send()  # the acknowledgement: the gateway sends again what is not acknowledged
             async for piece in self.host.generate(instance_id, request):
                 if piece.error:
-                    await send(error=piece.error, error_code=piece.error_code or 500)
+                    await send(error=piece.error, error_code=piece.error_code or 500, data=piece.data)
                     return
                 completion += piece.new_tokens
                 if not first_ms and piece.new_tokens:
                     first_ms = (time.perf_counter() - received) * 1000
                 await send(text=piece.text, finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens,
-                           completion_tokens=completion, engine_ttft_ms=first_ms)
+                           completion_tokens=completion, engine_ttft_ms=first_ms, data=piece.data)
         except BadRequest as exc:
             await send(error=str(exc), error_code=exc.code)
         except asyncio.CancelledError:
