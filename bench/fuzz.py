@@ -27,7 +27,6 @@ import httpx
 import msgpack
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from services.gateway.core.params import HONOURED_CHAT, HONOURED_COMPLETION, METADATA, NEUTRAL_ONLY
 from shared.logs import configure_logging
 from shared.schemas import AgentCommand, DeviceCall, Event, InferRequest, InstanceNeed, LoadSample, NodeView
 from shared.subjects import Subjects
@@ -35,7 +34,16 @@ from shared.subjects import Subjects
 FUZZ_MODEL = "fuzz-model"
 VALID_BODY = {"model": FUZZ_MODEL, "prompt": "hello", "max_tokens": 2}
 REQUEST_TIMEOUT_S = 30.0
-PARAMETERS = sorted(HONOURED_CHAT | HONOURED_COMPLETION | METADATA | set(NEUTRAL_ONLY))
+PARAMETERS = [  # OpenAI's and vLLM's request parameters (the gateway forwards them all to vLLM)
+    "add_generation_prompt", "allowed_token_ids", "audio", "bad_words", "best_of", "continue_final_message", "echo",
+    "frequency_penalty", "function_call", "functions", "ignore_eos", "include_stop_str_in_output", "length_penalty",
+    "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "messages", "metadata", "min_p", "min_tokens",
+    "modalities", "model", "n", "parallel_tool_calls", "prediction", "presence_penalty", "priority", "prompt",
+    "prompt_cache_key", "prompt_logprobs", "reasoning_effort", "repetition_penalty", "response_format",
+    "return_tokens_as_token_ids", "safety_identifier", "seed", "service_tier", "skip_special_tokens",
+    "spaces_between_special_tokens", "stop", "stop_token_ids", "store", "stream", "stream_options",
+    "structured_outputs", "suffix", "temperature", "tool_choice", "tools", "top_k", "top_logprobs", "top_p",
+    "truncate_prompt_tokens", "use_beam_search", "user", "verbosity", "web_search_options"]
 HOSTILE_TEXT = ["\ud800", "\udfff", "a\ud800b", "", " ", "\x00", "é" * 3, "🙂", "x" * 300]
 
 # ---------------------------------------------------------------- strategies

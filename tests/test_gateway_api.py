@@ -138,8 +138,8 @@ async def test_timing_headers_on_plain_and_streaming_answers(make_cluster):
     ({"model": "warm", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "warm", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "warm", "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),  # beyond the context (64)
-    ({"model": "warm", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": "warm", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "warm", "prompt": "x", "stop": ["a", ""]}, 400, "stop"),
+    ({"model": "warm", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "warm", "prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"model": "warm", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),

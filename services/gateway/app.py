@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from services.gateway.admin import add_admin_routes
 from services.gateway.core.errors import ApiError
+from services.gateway.core.protocol import ROUTES
 from services.gateway.core.warm import model_cards
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.runtime import GatewayRuntime
@@ -39,22 +40,21 @@ def create_app(settings: Settings, runtime: GatewayRuntime, metrics: GatewayMetr
         if scheme.lower() != "bearer" or key.strip() not in api_keys:
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key")
 
-    async def guarded(http: Request, chat: bool) -> Response:
+    async def guarded(http: Request, endpoint: str) -> Response:
         try:
             check_api_key(http)
         except ApiError as exc:
-            completion.log(AccessRecord(endpoint="chat" if chat else "completions", status=exc.status,
-                                        error=exc.message))
+            completion.log(AccessRecord(endpoint=endpoint, status=exc.status, error=exc.message))
             return JSONResponse(exc.body(), status_code=exc.status)
-        return await completion(http, chat)
+        return await completion(http, endpoint)
 
-    @app.post("/v1/completions")
-    async def completions(http: Request) -> Response:
-        return await guarded(http, chat=False)
+    def route(endpoint: str):
+        async def handle(http: Request) -> Response:
+            return await guarded(http, endpoint)
+        return handle
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: Request) -> Response:
-        return await guarded(http, chat=True)
+    for endpoint, path in ROUTES.items():  # each answered by an instance of the body's model
+        app.add_api_route(path, route(endpoint), methods=["POST"])
 
     @app.get("/v1/models")
     async def models(http: Request) -> Response:

@@ -94,9 +94,9 @@ class Generation:
                 return self._accept(item)
 
     async def first_token(self) -> InferChunk:
-        """The first chunk with text (or the last chunk): empty progress chunks do not count as TTFT."""
+        """The first chunk with output (or the last chunk): empty progress chunks do not count as TTFT."""
         chunk = await self.next_chunk()
-        while not chunk.text and not self.finished:
+        while not chunk.text and not chunk.data and not self.finished:
             chunk = await self.next_chunk()
         return chunk
 
@@ -232,15 +232,17 @@ class GatewayRuntime:
                 self._models[name] = info
         return info
 
-    def submit(self, request: CompletionRequest, arrived_s: float) -> Generation:
-        """Admit a request; its mailbox receives the dispatch, then the engine's chunks (or a refusal)."""
+    def submit(self, request: CompletionRequest, arrived_s: float, path: str) -> Generation:
+        """Admit a request for the OpenAI route `path`; its mailbox receives the dispatch, then the
+        engine's chunks (or a refusal)."""
         if self.closing:
             raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="shutting_down", retry_after_s=1)
         request_id = f"{'chatcmpl' if request.chat else 'cmpl'}-{self.gateway_id}-{next(self._ids):08d}"
         try:
             infer = InferRequest(request_id=request_id, model=request.model,
                                  reply_to=self.subjects.infer_reply(self.gateway_id, request_id),
-                                 prompt=request.prompt, messages=request.messages, sampling=request.sampling)
+                                 prompt=request.prompt, messages=request.messages, sampling=request.sampling,
+                                 path=path, body=request.body)
             payload = encode(infer)
         except (pydantic.ValidationError, EncodeError) as exc:  # the parser should have caught it: still a 400
             raise ApiError(400, f"request cannot be sent to an engine: {exc}", code="invalid_value") from exc
@@ -356,7 +358,7 @@ class GatewayRuntime:
         if not generation.answering and chunk.error is not None and chunk.error_code == INSTANCE_GONE_CODE:
             self._apply(self.scheduler.instance_refused(chunk.request_id, generation.routed_to, self.now()))
             return  # "not serving this instance" before any output: it goes elsewhere
-        if not generation.answering and (chunk.text or chunk.finish_reason or chunk.error is not None):
+        if not generation.answering and (chunk.text or chunk.data or chunk.finish_reason or chunk.error is not None):
             generation.answering = True
             self.scheduler.answering(chunk.request_id)
         generation.mailbox.put_nowait(chunk)

@@ -1,5 +1,7 @@
-"""One completion request from HTTP body to answer: validate, admit, wait for the first token while
+"""One OpenAI request from HTTP body to answer: validate, admit, wait for the first token while
 watching the client, then answer as JSON or as an SSE stream; one access log line per request.
+Engines that speak OpenAI (vLLM's own server) answer in bytes relayed as written; text engines
+(fake, simulated) get their answers rendered here.
 
 The response (its headers included) starts only once the first token is there, so even streaming
 answers carry `x-warmserve-ttft-ms` and its parts, and an engine refusal (a prompt longer than the
@@ -9,6 +11,8 @@ context) is a real HTTP 400. Holding, routing and timing decisions live in the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.gateway.core.errors import ApiError
-from services.gateway.core.protocol import (DONE_EVENT, CompletionRequest, chunk_body, completion_body,
-                                            fit_to_context, parse_request, sse_event, usage, usage_chunk_body)
+from services.gateway.core.protocol import (DONE_EVENT, ROUTES, CompletionRequest, chunk_body, completion_body,
+                                            fit_to_context, parse_model_request, parse_request, sse_event, usage,
+                                            usage_chunk_body)
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.runtime import ClientGone, GatewayRuntime, Generation, Refused
 from shared.logs import get_logger
@@ -61,33 +66,39 @@ class Completion:
     def __init__(self, runtime: GatewayRuntime, metrics: GatewayMetrics, max_body_bytes: int):
         self.runtime, self.metrics, self.max_body_bytes = runtime, metrics, max_body_bytes
 
-    async def __call__(self, http: Request, chat: bool) -> Response:
+    async def __call__(self, http: Request, endpoint: str) -> Response:
+        """`endpoint`: a key of ROUTES (chat, completions, tokenize, detokenize)."""
         arrived_s = self.runtime.now()
-        record = AccessRecord(endpoint="chat" if chat else "completions")
+        record = AccessRecord(endpoint=endpoint)
         generation: Generation | None = None
         streaming: GenerationResponse | None = None
         watcher: asyncio.Task | None = None
         try:
-            request = parse_request(await read_body(http, self.max_body_bytes), chat)
+            body = await read_body(http, self.max_body_bytes)
+            request = (parse_request(body, endpoint == "chat") if endpoint in ("chat", "completions")
+                       else parse_model_request(body))
             info = await self.runtime.model_info(request.model)
             if info is None:
                 raise ApiError(404, f"model {request.model!r} does not exist", param="model", code="model_not_found")
             record.model, record.stream = request.model, request.stream
             request = fit_to_context(request, info.max_model_len)
-            generation = self.runtime.submit(request, arrived_s)
+            generation = self.runtime.submit(request, arrived_s, ROUTES[endpoint])
             record.request_id = generation.request.request_id
             watcher = watch_client(http, generation)
             first = await generation.first_token()
             self._first_token(record, generation, first)
             if request.stream:  # from here on the streaming response owns the generation
                 watcher.cancel()  # and watches the client itself
-                streaming = GenerationResponse(self._sse(request, generation, first, record),
+                events = (self._relay if first.data else self._sse)(request, generation, first, record)
+                streaming = GenerationResponse(events,
                                                lambda: self._finish(generation, record, arrived_s),
                                                headers=record.timing_headers(), media_type="text/event-stream")
                 return streaming
-            text, last = await collect(generation, first)
+            parts, last = await collect(generation, first)
             self._last_chunk(record, last)
-            body = completion_body(request, record.request_id, int(time.time()), text, last.finish_reason,
+            if first.data:
+                return Response(b"".join(parts), media_type="application/json", headers=record.timing_headers())
+            body = completion_body(request, record.request_id, int(time.time()), "".join(parts), last.finish_reason,
                                    usage(last.prompt_tokens, last.completion_tokens))
             return JSONResponse(body, headers=record.timing_headers())
         except Refused as exc:
@@ -151,6 +162,26 @@ class Completion:
             yield b"".join(events), False
             chunks = [await generation.next_chunk(), *generation.take_ready()]
 
+    async def _relay(self, request: CompletionRequest, generation: Generation, first: InferChunk,
+                     record: AccessRecord) -> AsyncIterator[tuple[bytes, bool]]:
+        """An OpenAI engine's SSE bytes as (bytes, is_last), its own [DONE] included; a failure
+        the gateway sees (instance gone, silence) becomes an error event and the end."""
+        chunks = [first, *generation.take_ready()]
+        while True:
+            data = []
+            for chunk in chunks:
+                if chunk.error is not None:
+                    record.status, record.error = chunk.error_code or 502, chunk.error
+                    data.append(chunk.data or sse_event(engine_error(chunk).body()) + DONE_EVENT)
+                else:
+                    data.append(chunk.data)
+                    self._last_chunk(record, chunk)
+            if generation.finished:
+                yield b"".join(data), True
+                return
+            yield b"".join(data), False
+            chunks = [await generation.next_chunk(), *generation.take_ready()]
+
     def _error(self, record: AccessRecord, error: ApiError) -> Response:
         record.status, record.error = error.status, error.message
         headers = {"retry-after": str(math.ceil(error.retry_after_s))} if error.retry_after_s is not None else None
@@ -193,22 +224,28 @@ class GenerationResponse(StreamingResponse):
 
 
 def engine_error(chunk: InferChunk) -> ApiError:
-    """An engine's error chunk as an API error: 400 keeps its meaning (bad input), others are upstream errors."""
+    """An engine's error chunk as an API error: an OpenAI engine's own error body is kept (status,
+    message, type, param); otherwise 400 keeps its meaning (bad input), others are upstream errors."""
     code = chunk.error_code if 400 <= chunk.error_code < 600 else 502
+    if chunk.data:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            error = json.loads(chunk.data)["error"]
+            return ApiError(code, str(error["message"]), kind=str(error.get("type")), param=error.get("param"),
+                            code=error.get("code"))
     if code == 400:
         return ApiError(400, chunk.error or "invalid input", code="invalid_value")
     return ApiError(code, chunk.error or "engine failed", kind="server_error", code="engine_error")
 
 
-async def collect(generation: Generation, first: InferChunk) -> tuple[str, InferChunk]:
-    """The whole text of a non-streaming answer and its last chunk."""
-    parts, chunk = [first.text], first
+async def collect(generation: Generation, first: InferChunk) -> tuple[list, InferChunk]:
+    """A non-streaming answer's parts (an OpenAI engine's bytes, else text) and its last chunk."""
+    parts, chunk = [first.data or first.text], first
     while chunk.finish_reason is None:
         chunk = await generation.next_chunk()
         if chunk.error is not None:
             raise engine_error(chunk)
-        parts.append(chunk.text)
-    return "".join(parts), chunk
+        parts.append(chunk.data or chunk.text)
+    return parts, chunk
 
 
 async def read_body(http: Request, limit_bytes: int) -> bytes:

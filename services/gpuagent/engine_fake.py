@@ -16,7 +16,8 @@ from shared.model_files import content_hash
 from shared.schemas import InferRequest, ModelInfo
 
 PROGRESS_STEPS = 4
-ENGINE_INIT_S = 0.05  # a warm engine per architecture is created once, like the real host
+ENGINE_INIT_S = 0.05
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # a warm engine per architecture is created once, like the real host
 
 
 class FakeHost:
@@ -72,6 +73,8 @@ class FakeHost:
         info = self.instances.get(instance_id)
         if info is None:
             raise BadRequest(f"instance {instance_id} is not serving here", code=503)
+        if request.path in TOKENIZER_PATHS:
+            raise BadRequest(f"{request.path} needs a real tokenizer: not offered by the fake engine", code=501)
         text = request.prompt if request.prompt is not None else " ".join(
             str(m.get("content", "")) for m in request.messages or [])
         prompt_tokens = max(len(text.split()), 1)

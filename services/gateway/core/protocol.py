@@ -1,7 +1,9 @@
-"""OpenAI wire format: parse request bodies into typed requests, render responses, chunks and errors.
+"""OpenAI wire format: check request bodies and read what routing needs; render answers from text.
 
-Pure: no I/O and no clock reads (timestamps come in as arguments). A validation error names the
-offending field, so a 400 says exactly what is wrong.
+The body itself goes to the engine unchanged: vLLM's own server answers it (every parameter it
+knows; unknown ones are ignored, as there). The checks here refuse early, with a 400 naming the
+field, only what vLLM refuses too, and keep hostile input off the bus. Engines that answer text (the
+fake and simulated ones) get their answers rendered here. Pure: no I/O and no clock reads.
 """
 
 from __future__ import annotations
@@ -12,29 +14,29 @@ from typing import Any
 
 from services.gateway.core.body import load_body
 from services.gateway.core.errors import invalid
-from services.gateway.core.params import check_parameters
 from shared.schemas import INT64_MAX, SamplingSpec
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat has no fixed default upstream; clipped to the context length
-MAX_STOP_SEQUENCES = 4
 MAX_TOKEN_LIST = 1024  # stop_token_ids entries
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-MESSAGE_FIELDS = frozenset({"role", "content", "name"})  # what a chat message may carry here
 DONE_EVENT = b"data: [DONE]\n\n"
+ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions",  # endpoint -> the engine's route
+          "tokenize": "/tokenize", "detokenize": "/detokenize"}
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
     chat: bool  # /v1/chat/completions (messages) or /v1/completions (prompt)
     model: str
-    prompt: str | None
-    messages: list[dict[str, Any]] | None
+    prompt: str | None  # text engines: the prompt (a batch or token ids as their text)
+    messages: list[dict[str, Any]] | None  # text engines: the messages' role and text
     sampling: SamplingSpec
     max_tokens_given: bool  # False: the default applies and is clipped to the model's context
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk carries the usage
+    body: bytes = b""  # the client's body, forwarded unchanged to engines that speak OpenAI
 
 
 def parse_request(body: bytes, chat: bool) -> CompletionRequest:
@@ -43,9 +45,7 @@ def parse_request(body: bytes, chat: bool) -> CompletionRequest:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model", "required, a non-empty string")
-    check_parameters(data, chat)
-    if _integer(data, "n", 1, 1) != 1:
-        raise invalid("n", "only one choice per request (n=1) is supported")
+    _integer(data, "n", 1, 1)
     stream = _boolean(data, "stream", False)
     options = data.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
@@ -76,8 +76,18 @@ def parse_request(body: bytes, chat: bool) -> CompletionRequest:
         prompt=None if chat else _prompt(data.get("prompt")),
         messages=_messages(data.get("messages")) if chat else None,
         sampling=sampling, max_tokens_given=data.get(max_key) is not None,
-        stream=stream, include_usage=include_usage,
+        stream=stream, include_usage=include_usage, body=body,
     )
+
+
+def parse_model_request(body: bytes) -> CompletionRequest:
+    """A body whose only field the gateway needs is `model` (/tokenize, /detokenize): the engine checks the rest."""
+    data = load_body(body)
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "required, a non-empty string")
+    return CompletionRequest(chat=False, model=model, prompt=None, messages=None, sampling=SamplingSpec(),
+                             max_tokens_given=False, stream=False, include_usage=False, body=body)
 
 
 def fit_to_context(request: CompletionRequest, max_model_len: int) -> CompletionRequest:
@@ -128,8 +138,6 @@ def _stop(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise invalid("stop", "a non-empty string or a list of non-empty strings")
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise invalid("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
     return stops
 
 
@@ -158,11 +166,19 @@ def _logit_bias(value: Any) -> dict[int, float]:
 
 
 def _prompt(value: Any) -> str:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]  # a batch of one prompt
-    if not isinstance(value, str):
-        raise invalid("prompt", "required, a string (or a list holding one string)")
-    return value
+    """A prompt as text: a string, token ids, or a batch of either (joined for text engines)."""
+    if isinstance(value, str):
+        return value
+    if _is_token_ids(value):
+        return " ".join(map(str, value))
+    if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+        return " ".join(_prompt(p) for p in value)
+    raise invalid("prompt", "required, a string, a list of token ids, or a non-empty list of either")
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in value)
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -179,16 +195,15 @@ def _message(index: int, message: Any) -> dict[str, Any]:
     if not isinstance(role, str) or role not in CHAT_ROLES:
         raise invalid(f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
     content = message.get("content")
-    if isinstance(content, list):  # content parts: only text is supported
+    if isinstance(content, list):  # content parts: the models served take text only
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
             raise invalid(f"{where}.content", "only text content parts are supported")
         content = "".join(p["text"] for p in content)
+    if content is None and role == "assistant":  # an assistant turn that only called tools
+        content = ""
     if not isinstance(content, str):
         raise invalid(f"{where}.content", "must be a string or a list of text parts")
-    for key, value in message.items():  # tool calls and the like would be dropped: refused instead
-        if key not in MESSAGE_FIELDS and value not in (None, "", [], {}):
-            raise invalid(f"{where}.{key}", "not supported by this server")
     name = message.get("name")
     if name is not None and not isinstance(name, str):
         raise invalid(f"{where}.name", "must be a string")
