@@ -399,6 +399,19 @@ def test_an_unserved_model_may_displace_idle_instances_inside_their_protection()
     assert allocate(roomier, "a", 100, unserved_first).effects == ()  # not over-full: protection holds
 
 
+def test_a_scale_up_never_displaces_young_instances():
+    """Only a waiting request takes young instances: a scale-up of a model whose windowed load outlives
+    its requests took them too, and two such models took each other's new instances every tick
+    (bench live, fake engines: 317 cold starts for 242 requests, 267 of them scale-ups)."""
+    young = (inst("b1", "b", 0, 0, started=98), inst("c1", "c", 1, 0, started=97))
+    config = Config(unserved_first=True, prewarm=False)
+    snap = displacement_case(young, loads={"a": 1.0, "b": 1.0, "c": 1.0})
+    assert tick(snap, 100, config) == []
+    assert [type(e) for e in allocate(snap, "a", 100, config).effects] == [Demote, Evict, ColdStart]
+    old = displacement_case((inst("b1", "b", 0, 0), inst("c1", "c", 1, 2)), loads={"a": 1.0, "b": 1.0, "c": 1.0})
+    assert [e.instance_id for e in tick(old, 100, config) if isinstance(e, Demote)] == ["b1"]  # past protection: as before
+
+
 def test_displacement_prefers_a_group_with_a_ready_copy_and_promotes_it():
     snap = displacement_case((inst("b1", "b", 0), inst("c1", "c", 1)), copies=(Copy("a", "n0", (1,)),), free=(1, 5))
     got = allocate(snap, "a", 100, Config())

@@ -55,7 +55,7 @@ def allocate_in(cluster: Cluster, model: str, now_s: float, trigger: str) -> All
 
 
 def _displaced(cluster: Cluster, model: str, now_s: float, trigger: str, for_hit: bool) -> Allocation:
-    displaced = _displace(cluster, model, now_s, for_hit)
+    displaced = _displace(cluster, model, now_s, for_hit, trigger)
     if not displaced:
         return Allocation(NONE, fx.NO_CAPACITY)
     found = _allocate_idle(cluster, model, now_s, trigger, (HIT,) if for_hit else (HIT, IN_PROGRESS, MISS))
@@ -76,18 +76,21 @@ def _allocate_idle(cluster: Cluster, model: str, now_s: float, trigger: str, kin
     return _start(cluster, model, now_s, trigger, MISS, fx.COLD_START, node, group, evicted, None)
 
 
-def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool) -> list[fx.Effect]:
+def _displace(cluster: Cluster, model: str, now_s: float, for_hit: bool, trigger: str) -> list[fx.Effect]:
     """Demote the instances on the aligned group that displaces the least load (requests in flight),
     preferring a group holding a ready copy of `model`, then the least windowed load per displaced
     instance, then fewer instances, then less copy score;
     only groups where `model` fits once everything on them is gone (`for_hit`: only idle instances
     over a ready copy). Copies borrowing a displaced instance's KV space are evicted first, then
     the instance is demoted (its weights stay a copy). With unserved_first, a model without a
-    serving instance in an over-full cluster also takes idle instances still inside their
-    protection: there, young instances hold every group it could take."""
+    serving instance in an over-full cluster whose requests wait (`trigger` instance_needed) also
+    takes idle instances still inside their protection: there, young instances hold every group it
+    could take. A scale-up never does: its windowed load outlives the requests for a whole scale
+    window, so two such models would take each other's new instances back and forth every tick."""
     spec = cluster.models[model]
     need = copy_pages(spec) + instance_pages(spec)
-    takes_young = cluster.config.unserved_first and not cluster.serving(model) and _over_full(cluster, model)
+    takes_young = cluster.config.unserved_first and trigger == fx.INSTANCE_NEEDED and not cluster.serving(model) \
+        and _over_full(cluster, model)
 
     def per_instance_load(victim: Occupant) -> float:
         return cluster.loads.get(victim.model, 0.0) / len(cluster.serving(victim.model))
