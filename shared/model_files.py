@@ -65,21 +65,44 @@ def arch_signature(path: Path, **overrides) -> str:
     return digest.hexdigest()[:12]
 
 
+def native_bfloat16() -> bool:
+    """Whether this machine computes in bfloat16 natively (a CUDA GPU, or a CPU with AVX-512 BF16 or
+    AMX); elsewhere (AVX2 CPUs) bfloat16 is emulated and about 2-4x slower than float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
+def serving_dtype(config: dict) -> str:
+    """The dtype engines run a checkpoint in when registration names none: the checkpoint's own, except
+    bfloat16 on a machine that only emulates it, which runs in float32."""
+    stored = config.get("torch_dtype") or "bfloat16"
+    return "float32" if stored == "bfloat16" and not native_bfloat16() else stored
+
+
 def checkpoint_info(name: str, path: Path, tp: int = 1, max_model_len: int | None = None, dtype: str | None = None,
                     on_progress=None) -> ModelInfo:
     """The registry entry of the checkpoint at `path`; `max_model_len` and `dtype` override the config's
-    (engines differ then: they enter the architecture signature). `on_progress` as in `content_hash`."""
+    (engines differ then: they enter the architecture signature). Without `dtype` the entry names the
+    dtype this machine's hardware serves best (`serving_dtype`); `size_bytes` counts the weights in the
+    dtype they are served in, which is what a copy takes on a device. `on_progress` as in `content_hash`."""
     path = path.resolve()
     config = json.loads((path / "config.json").read_text())
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads", heads)
-    dtype_bytes = DTYPE_BYTES.get(dtype or config.get("torch_dtype", "bfloat16"), 2)
+    served = dtype or serving_dtype(config)
+    stored_bytes = DTYPE_BYTES.get(config.get("torch_dtype") or "bfloat16", 2)
     return ModelInfo(
         name=name, path=str(path), tp=tp, content_hash=content_hash(path, on_progress),
-        arch=arch_signature(path, max_model_len=max_model_len, dtype=dtype),
-        size_bytes=weight_bytes(path), max_model_len=max_model_len or config.get("max_position_embeddings", 2048),
-        kv_bytes_per_token=2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes, dtype=dtype or "",
+        arch=arch_signature(path, max_model_len=max_model_len, dtype=served),
+        size_bytes=weight_bytes(path) // stored_bytes * DTYPE_BYTES[served],
+        max_model_len=max_model_len or config.get("max_position_embeddings", 2048),
+        kv_bytes_per_token=2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[served], dtype=served,
     )
 
 

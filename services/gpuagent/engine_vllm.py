@@ -1,10 +1,12 @@
 """Real engine host: vLLM engines (CPU build here, CUDA on GPU nodes) inside one device worker.
 
-The pool holds each prewarmed checkpoint as tensors on the device (checkpoint layout). A warm
-engine per architecture is initialised once (dummy weights, KV cache allocated); promotion hands
-it the pool's tensors with `reload_weights` (CPU: copy + repack into the kernels' layout; CUDA:
-device-to-device copy) and resets the prefix cache. Each engine is stepped by its own thread;
-asyncio callers talk to it through a command queue. Imports vLLM once, at worker start.
+The pool holds each prewarmed checkpoint as an engine-ready model module (services/gpuagent/
+vllm_modules.py: fused projections, the engine's dtype, CPU packed GEMM handles), built off the
+critical path; the checkpoint-layout tensors are dropped once it is built. A warm engine per
+architecture is initialised once (KV cache allocated, its own dummy weights freed); promotion makes
+it compute with the pool's module in place (zero-copy) and resets the prefix cache; demotion hands
+the module back. Each engine is stepped by its own thread; asyncio callers talk to it through a
+command queue. Imports vLLM once, at worker start.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 
 from services.gpuagent import vllm_openai  # noqa: E402
+from services.gpuagent import vllm_modules  # noqa: E402
 from services.gpuagent.engine_api import BadRequest, Piece  # noqa: E402
+from services.gpuagent.vllm_modules import EngineModule  # noqa: E402
 from shared.model_files import read_verified  # noqa: E402
 from shared.schemas import InferRequest, ModelInfo  # noqa: E402
 
@@ -44,8 +48,9 @@ class EngineSlot:
 
     arch: str
     engine: LLMEngine
-    loaded_hash: str = ""  # checkpoint whose weights the engine holds now
+    placeholders: EngineModule  # the engine's own weightless layers, bound while nothing is served
     serving: str = ""  # instance id, or "" when idle
+    bound: EngineModule | None = None  # the pool module the engine computes with while serving
     commands: "queue.Queue" = field(default_factory=queue.Queue)
     wake: threading.Event = field(default_factory=threading.Event)
     streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=dict)
@@ -61,7 +66,7 @@ class VllmHost:
     def __init__(self, device: str, kv_cache_bytes: int):
         self.device = device  # "cpu" or "cuda:N"
         self.kv_cache_bytes = kv_cache_bytes
-        self.pool: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # model -> (hash, tensors)
+        self.pool: dict[str, tuple[str, EngineModule]] = {}  # model -> (content hash, engine-ready module)
         self.slots: dict[str, EngineSlot] = {}  # arch -> warm engine
         self.instances: dict[str, tuple[EngineSlot, ModelInfo]] = {}
         self._engine_lock = asyncio.Lock()  # engine creation / weight swaps one at a time
@@ -75,9 +80,11 @@ class VllmHost:
         if self.device != "cpu":
             tensors = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
             torch.cuda.synchronize()
-        self.pool[info.name] = (info.content_hash, tensors)
-        return {"load_ms": (time.perf_counter() - started) * 1000,
-                "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        read_ms = (time.perf_counter() - started) * 1000
+        module = await asyncio.to_thread(vllm_modules.build, self._engine_args(info, self.kv_cache_bytes), tensors)
+        del tensors  # the pool keeps only the engine-ready form
+        self.pool[info.name] = (info.content_hash, module)
+        return {"load_ms": (time.perf_counter() - started) * 1000, "read_ms": read_ms, "bytes": info.size_bytes}
 
     async def drop_copy(self, model: str) -> None:
         self.pool.pop(model, None)
@@ -99,13 +106,11 @@ class VllmHost:
                 started = time.perf_counter()
                 slot = await asyncio.to_thread(self._new_slot, info, kv_bytes or self.kv_cache_bytes)
                 detail["engine_init_ms"] = (time.perf_counter() - started) * 1000
-            content_hash, tensors = self.pool[info.name]
-            if slot.loaded_hash != content_hash:
-                started = time.perf_counter()
-                await self._on_engine_thread(slot, lambda: self._swap_weights(slot, tensors))
-                slot.loaded_hash = content_hash
-                detail["weight_swap_ms"] = (time.perf_counter() - started) * 1000
-                detail["copied_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+            module = self.pool[info.name][1]
+            started = time.perf_counter()
+            await self._on_engine_thread(slot, lambda: self._bind(slot, module))
+            detail["bind_ms"] = (time.perf_counter() - started) * 1000
+            detail["copied_bytes"] = 0  # the engine computes with the pool's own tensors
             slot.serving = instance_id
             self.instances[instance_id] = (slot, info)
         detail["path"] = "new_engine" if "engine_init_ms" in detail else "warm_engine"
@@ -120,12 +125,17 @@ class VllmHost:
             await asyncio.to_thread(self._new_slot, info, kv_bytes or self.kv_cache_bytes)
             return {"engine_init_ms": (time.perf_counter() - started) * 1000}
 
-    def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
-        args = EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype=info.dtype or "bfloat16",
+    def _engine_args(self, info: ModelInfo, kv_bytes: int) -> EngineArgs:
+        """One recipe for an engine of `info`'s architecture and for the modules it is promoted to."""
+        return EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype=info.dtype or "bfloat16",
                           kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",
                           max_model_len=info.max_model_len, max_num_seqs=64, disable_log_stats=True,
                           **self._memory_share(info, kv_bytes))
-        slot = EngineSlot(info.arch, LLMEngine.from_engine_args(args))
+
+    def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
+        engine = LLMEngine.from_engine_args(self._engine_args(info, kv_bytes))
+        slot = EngineSlot(info.arch, engine, vllm_modules.placeholders(engine))
+        gc.collect()  # the engine's dummy weights
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True,
                                        name=f"engine-{info.arch}")
         slot.thread.start()
@@ -135,7 +145,8 @@ class VllmHost:
     def _memory_share(self, info: ModelInfo, kv_bytes: int) -> dict:
         """CUDA: vLLM refuses to start unless the GPU has `gpu_memory_utilization` of its memory free,
         by default 0.9; with pool copies and other engines resident that fails, so ask for this
-        engine's own share (weights, KV cache, activations) instead. The KV size is fixed anyway."""
+        engine's own share (its dummy weights while it starts, KV cache, activations) instead. The KV
+        size is fixed anyway."""
         if self.device == "cpu":
             return {}
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -151,11 +162,17 @@ class VllmHost:
         await asyncio.wrap_future(done)
 
     @staticmethod
-    def _swap_weights(slot: EngineSlot, tensors: dict[str, torch.Tensor]) -> None:
-        """Hand the pool's tensors to the engine, then drop KV computed with the old weights."""
-        slot.engine.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": iter(tensors.items()), "is_checkpoint_format": True})
+    def _bind(slot: EngineSlot, module: EngineModule) -> None:
+        """Make the engine compute with the pool's module, then drop KV computed with other weights."""
+        vllm_modules.bind(slot.engine, module)
+        slot.bound = module
         slot.engine.reset_prefix_cache()
+
+    @staticmethod
+    def _unbind(slot: EngineSlot) -> None:
+        if slot.bound is not None:
+            vllm_modules.unbind(slot.engine, slot.bound, slot.placeholders)
+            slot.bound = None
 
     async def drop_engine(self, arch: str) -> None:
         """Free an idle warm engine: its thread ends and its weights and KV cache are released."""
@@ -177,9 +194,12 @@ class VllmHost:
         return len(entry[0].streams) if entry else 0
 
     async def stop_instance(self, instance_id: str) -> None:
+        """Demote: the engine hands the pool's module back (after the aborts queued before) and idles."""
         entry = self.instances.pop(instance_id, None)
         if entry:
-            entry[0].serving = ""
+            slot = entry[0]
+            slot.serving = ""
+            await self._on_engine_thread(slot, lambda: self._unbind(slot))
 
     # ------------------------------------------------------------ generation
 

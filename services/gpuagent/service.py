@@ -109,7 +109,7 @@ class AgentService(Service):
         for info in sorted(archs.values(), key=lambda m: m.size_bytes):
             kv = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, self.settings.kv_cache_bytes)
             for ledger in ledgers:
-                if self._stopping or not ledger.reserve_engine(info.arch, info.size_bytes, kv, time.time()):
+                if self._stopping or not ledger.reserve_engine(info.arch, 0, kv, time.time()):
                     continue
                 result = await self._call(ledger.index, DeviceCall(op=DeviceOp.warm_engine, model=info, kv_bytes=kv))
                 if not result.ok:
@@ -349,7 +349,7 @@ class AgentService(Service):
         if load is not None:  # promotion of an in-progress prewarm: wait for the weights
             await asyncio.shield(load)
         kv_bytes = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, kv or self.settings.kv_cache_bytes)
-        engine_bytes = info.size_bytes // info.tp
+        engine_bytes = 0  # an engine computes with the pool copy's own tensors: it holds only its KV cache
         room = ledger.room_for_instance(info.name, info.arch, engine_bytes, kv_bytes)
         for arch in room.engines:
             ledger.engines.pop(arch)

@@ -30,12 +30,11 @@ def core_config(settings: Settings) -> Config:
 
 
 def model_spec(info: ModelInfo, forecast: Forecast | None, settings: Settings) -> ModelSpec:
-    """The agent's memory rules: an instance holds engine weights besides the pool copy, and a
-    KV cache of at least one context."""
+    """The agent's memory rules: an instance computes with its pool copy's own tensors (zero-copy) and
+    holds a KV cache of at least one context."""
     return ModelSpec(info.name, info.size_bytes, info.tp, avg=forecast.avg if forecast else 0.0,
                      peak=forecast.peak if forecast else 0.0,
-                     kv_bytes=instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, settings.kv_cache_bytes),
-                     engine_bytes=info.size_bytes // info.tp)
+                     kv_bytes=instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, settings.kv_cache_bytes))
 
 
 def current_forecasts(forecasts: Mapping[str, Forecast], now_s: float) -> dict[str, Forecast]:

@@ -1,0 +1,100 @@
+"""Zero-copy promotion with real vLLM (CPU build), in-process: after a promotion the engine computes
+with the pool's own module (its parameters by data pointer, its CPU GEMM handles by identity), the
+answers equal those of an engine that loaded the checkpoint itself, and a demotion hands the module
+back without keeping a reference to the engine's KV cache."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from shared.schemas import InferRequest, SamplingSpec
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def vllm_modules():
+    from services.gpuagent import vllm_modules
+
+    return vllm_modules
+
+
+async def greedy(host, instance_id: str, prompt: str = "def main(") -> str:
+    request = InferRequest(request_id=uuid.uuid4().hex, model="m", reply_to="", prompt=prompt,
+                           sampling=SamplingSpec(max_tokens=8, temperature=0.0))
+    return "".join([piece.text async for piece in host.generate(instance_id, request)])
+
+
+def computes_with(served: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Every parameter and buffer `served` holds is `module`'s own storage, and every CPU GEMM
+    handle is the one built at prewarm."""
+    pool_pointers = {t.data_ptr() for t in (*module.parameters(), *module.buffers()) if t.numel()}
+    for name, tensor in (*served.named_parameters(), *served.named_buffers()):
+        assert not tensor.numel() or tensor.data_ptr() in pool_pointers, name
+    pool_layers = dict(module.named_modules())
+    packed = [(name, layer) for name, layer in served.named_modules() if hasattr(layer, "cpu_linear")]
+    assert packed or next(served.parameters()).is_cuda
+    for name, layer in packed:
+        assert layer.cpu_linear is pool_layers[name].cpu_linear, name
+
+
+async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_models, vllm_modules):
+    from services.gpuagent.engine_vllm import VllmHost
+
+    a, b = demo_models["demo-small-a"], demo_models["demo-small-b"]
+    host = VllmHost("cpu", 40 * MiB)
+    for info in (a, b):
+        loaded = await host.load_copy(info, lambda _: None)
+        assert loaded["bytes"] == info.size_bytes
+    first = await host.start_instance("a1", a, 0)
+    assert first["path"] == "new_engine" and first["copied_bytes"] == 0
+    slot = host.instances["a1"][0]
+    computes_with(vllm_modules.served_model(slot.engine), host.pool[a.name][1].model)
+    a_text = await greedy(host, "a1")
+    await host.stop_instance("a1")
+    assert vllm_modules.served_model(slot.engine) is slot.placeholders.model
+    assert all(not layer.kv_cache.numel() for layer in host.pool[a.name][1].attention.values())
+
+    second = await host.start_instance("b1", b, 0)
+    assert second["path"] == "warm_engine" and second["copied_bytes"] == 0
+    assert vllm_modules.served_model(slot.engine) is host.pool[b.name][1].model
+    computes_with(vllm_modules.served_model(slot.engine), host.pool[b.name][1].model)
+    b_text = await greedy(host, "b1")
+    assert b_text != a_text  # greedy decoding: other weights, other tokens (the prefix cache was reset)
+    await host.stop_instance("b1")
+
+    # a fresh engine that loaded b from disk the ordinary way answers the same
+    fresh = VllmHost("cpu", 40 * MiB)
+    await fresh.load_copy(b, lambda _: None)
+    await fresh.start_instance("ref", b, 0)
+    fresh_slot = fresh.instances["ref"][0]
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    reference = LLMEngine.from_engine_args(EngineArgs(
+        model=b.path, enforce_eager=True, dtype=b.dtype, kv_cache_memory_bytes=40 * MiB,
+        distributed_executor_backend="uni", max_model_len=b.max_model_len, disable_log_stats=True))
+    from vllm import SamplingParams
+
+    reference.add_request("r", "def main(", SamplingParams(max_tokens=8, temperature=0.0))
+    text = ""
+    while reference.has_unfinished_requests():
+        for out in reference.step():
+            text = out.outputs[0].text
+    assert text == b_text
+    assert await greedy(fresh, "ref") == b_text
+    await fresh.stop_instance("ref")
+    for h in (host, fresh):
+        for arch in list(h.slots):
+            await h.drop_engine(arch)
+    del fresh_slot
+
+
+def test_an_unsupported_vllm_is_refused_with_a_clear_error(vllm_modules, monkeypatch):
+    monkeypatch.setattr(vllm_modules.vllm, "__version__", "0.1.0")
+    with pytest.raises(vllm_modules.UnsupportedVllm, match="0.1.0"):
+        vllm_modules.check_version()
