@@ -11,9 +11,13 @@ import time
 import uuid
 from pathlib import Path
 
+from services.forecaster.service import ForecasterService
+from services.gateway.service import GatewayService
 from services.gpuagent.service import AgentService
+from services.placer.service import PlacerService
 from shared.bus import Bus
 from shared.runner import Running
+from shared.settings import load_settings
 from shared.state import State
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, Event, InferChunk, InferRequest, ModelInfo,
                             SamplingSpec)
@@ -119,3 +123,25 @@ async def running_agent(settings, models: list[ModelInfo]):
         if running.accepting:
             await running.shutdown()
         await state.close()
+
+
+@contextlib.asynccontextmanager
+async def running_stack(infra_servers, models, data_dir, **overrides):
+    """The four services in this process on the session's servers, `models` registered; yields the
+    gateway's base URL (real vLLM engines unless `engine` is overridden)."""
+    nats, redis = infra_servers
+    s = load_settings({"namespace": "st" + uuid.uuid4().hex[:8], "nats_url": nats.url, "redis_url": redis.url,
+                       "data_dir": str(data_dir)}, env={})
+    s = s.with_overrides(**{"engine": "vllm", "gateway_port": 0, "heartbeat_s": 0.5, "placer_tick_s": 0.5,
+                            **overrides})
+    state = await State.connect(s)
+    for info in models:
+        await state.register_model(info)
+    await state.close()
+    services = [await Running.start(cls(s), with_health=False)
+                for cls in (AgentService, ForecasterService, PlacerService, GatewayService)]
+    try:
+        yield f"http://127.0.0.1:{services[-1].service.port}"
+    finally:
+        for running in reversed(services):
+            await running.shutdown()

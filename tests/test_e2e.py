@@ -5,18 +5,11 @@ gpuagent (prewarm/cold start) -> tokens streamed back over NATS -> SSE to the cl
 from __future__ import annotations
 
 import json
-import uuid
 
 import httpx
 import pytest
 
-from services.forecaster.service import ForecasterService
-from services.gateway.service import GatewayService
-from services.gpuagent.service import AgentService
-from services.placer.service import PlacerService
-from shared.runner import Running
-from shared.settings import load_settings
-from shared.state import State
+from tests.agent_helpers import running_stack
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MiB = 1 << 20
@@ -25,22 +18,10 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 async def stack(infra_servers, demo_models, tmp_path_factory):
     """One stack for the module: starting vLLM workers is the slow part."""
-    nats, redis = infra_servers
-    s = load_settings({"namespace": "e2e" + uuid.uuid4().hex[:8], "nats_url": nats.url, "redis_url": redis.url,
-                       "data_dir": str(tmp_path_factory.mktemp("e2e"))}, env={})
-    s = s.with_overrides(engine="vllm", devices=2, device_memory_bytes=900 * MiB, gateway_port=0,
-                                kv_cache_bytes=32 * MiB, heartbeat_s=0.5, placer_tick_s=0.5)
-    state = await State.connect(s)
-    for info in demo_models.values():
-        await state.register_model(info)
-    await state.close()
-    services = [await Running.start(cls(s), with_health=False)
-                for cls in (AgentService, ForecasterService, PlacerService, GatewayService)]
-    gateway = services[-1].service
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", timeout=300) as client:
-        yield client
-    for running in reversed(services):
-        await running.shutdown()
+    async with running_stack(infra_servers, demo_models.values(), tmp_path_factory.mktemp("e2e"), devices=2,
+                             device_memory_bytes=900 * MiB, kv_cache_bytes=32 * MiB) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            yield client
 
 
 async def test_streaming_chat_through_the_whole_stack(stack):
