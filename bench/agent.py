@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -29,12 +30,14 @@ from shared.runner import Running
 from shared.schemas import AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, SamplingSpec
 from shared.settings import load_settings
 from shared.state import State
+from sim.timing import MEASURED_DIR
 from warmserve import infra
 from warmserve.models import DEMO_MODELS, DemoSpec, build_model, build_tokenizer
 
 REPEATS = 5
 FRESH_SERVER_KV_BYTES = 1 << 30  # vLLM refuses a KV cache too small for one max-length request
 PROMPT = "def fibonacci(n):"
+TIMING_PROMPT_WORDS = 200  # the long prompt of token_timing ("hello " repeated: about a token a word)
 
 
 def build_pairs(root: Path, large: DemoSpec | None) -> list[tuple[str, str]]:
@@ -66,6 +69,10 @@ class Bench:
 
     async def first_token_s(self, instance_id: str) -> float:
         """Send one request; seconds until its first token arrives (the rest is drained)."""
+        return (await self.request_s(instance_id))[0]
+
+    async def request_s(self, instance_id: str, prompt: str = PROMPT, max_tokens: int = 8) -> tuple[float, float]:
+        """Send one request; seconds until its first token arrives and until its last."""
         request_id = uuid.uuid4().hex
         reply = self.bus.subjects.infer_reply("bench", request_id)
         chunks = self.bus.stream(reply, InferChunk)
@@ -74,23 +81,35 @@ class Bench:
         await self.bus.nc.flush()
         started = time.perf_counter()
         await self.bus.publish(self.bus.subjects.infer(instance_id), InferRequest(
-            request_id=request_id, model="", reply_to=reply, prompt=PROMPT,
-            sampling=SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True)))
+            request_id=request_id, model="", reply_to=reply, prompt=prompt,
+            sampling=SamplingSpec(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
         chunk = await asyncio.wait_for(first, 120)
         while not (chunk.text or chunk.finish_reason or chunk.error):  # the acknowledgement is no token
             chunk = await asyncio.wait_for(chunks.__anext__(), 120)
         elapsed = time.perf_counter() - started
         while not (chunk.finish_reason or chunk.error):
             chunk = await chunks.__anext__()
+        total = time.perf_counter() - started
         await chunks.aclose()
         if chunk.error:
             raise RuntimeError(chunk.error)
-        return elapsed
+        return elapsed, total
 
     async def timed(self, coro) -> tuple[float, object]:
         started = time.perf_counter()
         result = await coro
         return time.perf_counter() - started, result
+
+
+async def token_timing(b: Bench, instance_id: str) -> dict:
+    """Prefill per prompt token (a short and a long prompt, one output token) and decode per output
+    token (32 more), medians of 3, on a running instance at batch 1."""
+    short, long_ = (statistics.median([(await b.request_s(instance_id, "hello " * words, tokens))[k] for _ in range(3)])
+                    for words, tokens, k in ((8, 1, 0), (TIMING_PROMPT_WORDS, 1, 0)))
+    first, total = zip(*[await b.request_s(instance_id, "hello " * 8, 33) for _ in range(3)])
+    per_token = max(long_ - short, 0.0) / (TIMING_PROMPT_WORDS - 8)
+    return {"prefill_s_per_token": per_token, "prefill_overhead_s": max(short - 8 * per_token, 0.0),
+            "decode_s_per_token": statistics.median(t - f for f, t in zip(first, total)) / 32}
 
 
 async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
@@ -115,6 +134,8 @@ async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
         promote.append(seconds + await b.first_token_s(f"p{i}"))
         out.setdefault("b_copied_bytes", result.detail.get("copied_bytes"))
         warm.extend([await b.first_token_s(f"p{i}") for _ in range(3)])  # (c) running instance
+        if i == 0:
+            out["tokens"] = await token_timing(b, f"p{i}")
         await b.cmd(CommandKind.demote, instance_id=f"p{i}")
     for _ in range(3):
         seconds, _ = await b.timed(b.cmd(CommandKind.evict, other, device))
@@ -205,6 +226,29 @@ async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoS
         redis.stop()
 
 
+def timing_profile(report: dict, models_dir: Path) -> dict:
+    """This machine's figures for the simulator (sim.timing.apply_measured's format; bench live reads
+    them): load bytes per second and what a promote, a cold start into a warm engine (worker) and a
+    fresh engine add to a running instance's first token beyond the load; per measured model, its
+    prefill and decode per token. Not measured here: the batch slowdown (0) and the demote (the
+    base profile's)."""
+    rows = report["models"]
+    bandwidth = statistics.median(r["size_bytes"] / r["prewarm_s"] for r in rows)
+    beyond = lambda key: statistics.median(max(r[key] - r["c_running_s"] - r["size_bytes"] / bandwidth, 0.0)  # noqa: E731
+                                           for r in rows)
+    engine_s = beyond("a_cold_start_s")
+    gpu = {"host_to_gpu_bytes_s": bandwidth,
+           "promote_s": statistics.median(max(r["b_promote_s"] - r["c_running_s"], 0.0) for r in rows),
+           "worker_start_s": beyond("a2_disk_into_warm_engine_s"), "engine_start_s": engine_s,
+           "eager_engine_start_s": engine_s}  # the agent's engines are in-process and eager
+    models = {r["model"]: {"size_bytes": r["size_bytes"], "tp": 1,
+                           "kv_bytes_per_token": checkpoint_info(r["model"], models_dir / r["model"]).kv_bytes_per_token,
+                           **r["tokens"], "decode_batch_slowdown": 0.0} for r in rows}
+    return {"notes": [f"Measured by `warmserve bench agent --device-kind {report['device_kind']}` on "
+                      f"{platform.node()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end)."],
+            "gpu": gpu, "models": models}
+
+
 def render(report: dict) -> str:
     cols = [("model", "model", "{}"), ("params_m", "M params", "{}"), ("a_cold_start_s", "(a) cold s", "{:.3f}"),
             ("a2_disk_into_warm_engine_s", "(a2) disk->warm s", "{:.3f}"), ("b_promote_s", "(b) promote s", "{:.3f}"),
@@ -236,5 +280,8 @@ def main(argv: list[str]) -> int:
     root = Path(args.models_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(run(root, args.device_kind, args.skip_fresh_server, large))
+    profile = MEASURED_DIR / f"{args.device_kind}_agent.json"
+    profile.write_text(json.dumps(timing_profile(report, root), indent=1) + "\n")
+    print(f"wrote the simulator's timing profile of this machine to {profile}", file=sys.stderr)
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0

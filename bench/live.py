@@ -8,14 +8,18 @@ devices can hold). The learn days are imported into the forecaster (`forecast im
 path; season and window compressed by `compress`), then the slice's ServeGen arrivals (Azure
 lengths, capped) go through the gateway's HTTP API at compressed times, non-streaming. Per system:
 P50/P95/P99 TTFT and wait for an instance (queue + instance start, the gateway's x-warmserve
-headers), instance starts by what they found, bytes loaded, device-seconds (instances), requests
-that did not finish. Progress on stderr. No simulator run beside it yet (issue 18, item 5).
+headers), instance starts by what they found, bytes loaded, device-seconds (instances, over the
+replay window), requests that did not finish. Beside each live run the simulator (bench.live_sim)
+replays the same slice on the same cluster through the same cores, and an `oracle` (every model
+always warm) gives the physical limit. Writes a TTFT CDF and per-device timelines into --out.
+Progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import subprocess
@@ -27,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench import live_sim
 from bench.chaos import Stack
 from services.forecaster.core.replay import Compression
 from services.forecaster.core.windows import RequestTiming, window_index
@@ -34,11 +39,19 @@ from shared.bus import Bus
 from shared.schemas import Event, ModelInfo
 from shared.settings import load_settings
 from shared.state import State
-from shared.workload import DAY_S, build_workload
+from shared.workload import DAY_S, Workload, build_workload
+from sim import plots
+from sim.replay import percentiles
+from sim.cluster import state_of
+from sim.run import RunResult
 from warmserve import history
 from warmserve.models import build_demo
 
 START_KINDS = ("forecast_prewarm", "kept_copy", "loading", "miss")
+COPY_EVENTS = ("prewarm_started", "prewarm_finished", "prewarm_failed", "evicted")
+TIMELINE_EVENTS = {"prewarm_started": "loading", "prewarm_finished": "ready", "prewarm_failed": "", "evicted": "",
+                   "instance_starting": "starting", "instance_ready": "ready", "instance_stopped": "",
+                   "instance_failed": ""}  # what each event makes of the copy or instance it names ("": gone)
 SYSTEMS = {  # settings that make each system (the rest are the defaults: ours)
     "ours": {},
     "paper": {"forecast_method": "csp", "allocation": "paper", "promotable_copies": "false", "unserved_first": "false"},
@@ -70,7 +83,8 @@ class Config:
     prefill_s_per_token: float = 0.001  # how long a request is outstanding here, for the imported history
     decode_s_per_token: float = 0.03
     engine: str = "vllm"
-    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    profile: str = "cpu_agent"  # the simulator's timing with --engine vllm: `bench agent`'s file in sim/measured/
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS) + ["oracle"])
 
     @property
     def window_s(self) -> float:
@@ -93,28 +107,25 @@ class CappedTiming:
             np.minimum(prompt_tokens, c.prompt_cap), np.minimum(output_tokens, c.output_cap))
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    p = np.percentile(values, [50, 95, 99])
-    return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
-
-
 # ---------------------------------------------------------------- one system
 
 
 class Recorder:
-    """Agent events of the run: instance starts by kind, bytes loaded, device-seconds."""
+    """Agent and placer events of the run (kept for the timeline and --out), instance starts by
+    kind, bytes loaded, device-seconds of instances within the replay window [start_s, end_s)."""
 
-    def __init__(self, sizes: dict[str, int]):
+    def __init__(self, sizes: dict[str, int], start_s: float, end_s: float):
         self.sizes = sizes
+        self.start_s, self.end_s = start_s, end_s
         self.starts = dict.fromkeys(START_KINDS, 0)
         self.other_starts = 0
         self.bytes_loaded = 0
         self.running: dict[str, float] = {}  # instance id -> start
         self.device_s = 0.0
+        self.events: list[dict] = []
 
     async def on_event(self, event: Event) -> None:
+        self.events.append(event.model_dump())
         if event.name == "instance_starting":
             kind = event.detail.get("start", "")
             if kind in self.starts:
@@ -123,13 +134,40 @@ class Recorder:
                 self.other_starts += 1
             self.running[event.instance_id] = event.at_s
         elif event.name in ("instance_stopped", "instance_failed") and event.instance_id in self.running:
-            self.device_s += event.at_s - self.running.pop(event.instance_id)
+            self._held(self.running.pop(event.instance_id), event.at_s)
         elif event.name == "prewarm_finished":
             self.bytes_loaded += self.sizes.get(event.model, 0)
 
     def close(self, now_s: float) -> None:
-        self.device_s += sum(now_s - t for t in self.running.values())
+        for since in self.running.values():
+            self._held(since, now_s)
         self.running.clear()
+
+    def _held(self, since: float, until: float) -> None:
+        self.device_s += max(min(until, self.end_s) - max(since, self.start_s), 0.0)
+
+
+def device_timeline(events: list[dict]) -> list[tuple[float, int, int, int]]:
+    """(t, node, device, state) changes from the agents' events, in the simulator's timeline codes."""
+    copies: dict[tuple[int, int], dict[str, str]] = {}  # (node, device) -> model -> loading | ready
+    instances: dict[tuple[int, int], dict[str, str]] = {}  # (node, device) -> instance id -> starting | ready
+    state: dict[tuple[int, int], int] = {}
+    out = []
+    for e in sorted(events, key=lambda e: e["at_s"]):
+        if e["name"] not in TIMELINE_EVENTS or not e["devices"]:
+            continue
+        key = (int(e["node"].removeprefix("node")), e["devices"][0])
+        held, name = (copies, e["model"]) if e["name"] in COPY_EVENTS else (instances, e["instance_id"])
+        now_held = held.setdefault(key, {})
+        if TIMELINE_EVENTS[e["name"]]:
+            now_held[name] = TIMELINE_EVENTS[e["name"]]
+        else:
+            now_held.pop(name, None)
+        code = state_of(list(instances.get(key, {}).values()), list(copies.get(key, {}).values()))
+        if state.get(key) != code:
+            state[key] = code
+            out.append((e["at_s"], *key, code))
+    return out
 
 
 async def send(client: httpx.AsyncClient, at_s: float, model: str, prompt_words: int, max_tokens: int,
@@ -169,13 +207,26 @@ async def until_engines_warm(stack: Stack, config: Config, say, timeout_s: float
     raise RuntimeError(f"agents not ready within {timeout_s:g} s: see {stack.data_dir}")
 
 
-async def run_system(name: str, config: Config, infos: list[ModelInfo], models_dir: str, say) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix=f"warmserve-live-{name}-"))
-    stack = Stack(tmp, config.engine, config.devices_per_node, models_dir)
+@dataclass
+class LiveRun:
+    summary: dict  # the figures (JSON)
+    result: RunResult  # per request TTFT (inf: unfinished) and the device timeline, as the simulator gives them
+    events: list[dict]  # every agent and placer event
+
+
+def make_stack(name: str, config: Config, models_dir: str, data_dir: Path) -> Stack:
+    """The stack's settings for `name` on the replay's cluster (the oracle's: ours')."""
+    stack = Stack(data_dir, config.engine, config.devices_per_node, models_dir)
     stack.flags.update(window_s=str(config.window_s), season_s=str(config.season_s), placer_tick_s="0.5",
                        device_memory_bytes=str(config.device_memory_bytes), kv_cache_bytes=str(config.kv_cache_bytes),
-                       **SYSTEMS[name])
+                       **SYSTEMS.get(name, {}))
     stack.settings = load_settings(stack.flags, env={})
+    return stack
+
+
+async def run_system(name: str, config: Config, infos: list[ModelInfo], models_dir: str, say) -> LiveRun:
+    tmp = Path(tempfile.mkdtemp(prefix=f"warmserve-live-{name}-"))
+    stack = make_stack(name, config, models_dir, tmp)
     say(f"[{name}] starting the stack in {tmp}")
     stack.start()
     agents: list[subprocess.Popen] = []
@@ -206,9 +257,13 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
         stack.stop()
 
 
-async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name: str) -> dict:
+def workload_of(config: Config) -> Workload:
+    return build_workload(config.models, config.alpha, config.rate_rps, config.seed, order=config.client_order)
+
+
+async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name: str) -> LiveRun:
     names = [i.name for i in infos]
-    workload = build_workload(len(names), config.alpha, config.rate_rps, config.seed, order=config.client_order)
+    workload = workload_of(config)
     start_trace = config.replay_day * DAY_S + config.replay_start_h * 3600
     # the learn days end where the current window starts (the forecaster takes closed windows only) ...
     closed_s = window_index(time.time() - 1.0, config.window_s) * config.window_s
@@ -221,9 +276,10 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
     say(f"[{name}] imported {sum(map(len, imported.values()))} windows; replay starts in "
         f"{anchor - time.time():.1f} s, {(anchor - closed_s) / config.window_s:g} windows after the history")
     arrivals = workload.arrivals(start_trace, compression.trace(anchor + config.replay_live_s))
-    recorder = Recorder({i.name: i.size_bytes for i in infos})
+    recorder = Recorder({i.name: i.size_bytes for i in infos}, anchor, anchor + config.replay_live_s)
     bus = await Bus.connect(stack.settings, "bench-live")
     await bus.subscribe(bus.subjects.domain_events("agent"), Event, recorder.on_event)
+    await bus.subscribe(bus.subjects.domain_events("placer"), Event, recorder.on_event)
     outcomes: list[dict] = []
     async with httpx.AsyncClient(base_url=stack.url, timeout=stack.settings.queue_deadline_s + 30) as client:
         tasks = [asyncio.create_task(send(client, float(compression.live(t)), names[m],
@@ -240,12 +296,16 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
     await bus.close()
     ok = [o for o in outcomes if o["ok"]]
     ttft, wait = percentiles([o["ttft_s"] for o in ok]), percentiles([o["wait_s"] for o in ok])
-    return {"requests": len(arrivals), "ok": len(ok), "unfinished": len(arrivals) - len(ok),
-            "ttft_p50_s": ttft["p50"], "ttft_p95_s": ttft["p95"], "ttft_p99_s": ttft["p99"],
-            "wait_p50_s": wait["p50"], "wait_p95_s": wait["p95"], "wait_p99_s": wait["p99"],
-            "starts": dict(recorder.starts), "other_starts": recorder.other_starts,
-            "bytes_loaded": recorder.bytes_loaded, "device_seconds": round(recorder.device_s, 1),
-            "errors": sorted({o.get("error") or str(o.get("status")) for o in outcomes if not o["ok"]})[:5]}
+    summary = {"requests": len(arrivals), "ok": len(ok), "unfinished": len(arrivals) - len(ok),
+               "ttft_p50_s": ttft["p50"], "ttft_p95_s": ttft["p95"], "ttft_p99_s": ttft["p99"],
+               "wait_p50_s": wait["p50"], "wait_p95_s": wait["p95"], "wait_p99_s": wait["p99"],
+               "starts": dict(recorder.starts), "other_starts": recorder.other_starts,
+               "bytes_loaded": recorder.bytes_loaded, "device_seconds": round(recorder.device_s, 1),
+               "history_gap_windows": round((anchor - closed_s) / config.window_s),
+               "errors": sorted({o.get("error") or str(o.get("status")) for o in outcomes if not o["ok"]})[:5]}
+    ttfts = np.array([o["ttft_s"] if o["ok"] else np.inf for o in outcomes] + [np.inf] * (len(arrivals) - len(outcomes)))
+    result = RunResult(name, summary, ttfts, device_timeline(recorder.events), anchor, anchor + config.replay_live_s)
+    return LiveRun(summary, result, recorder.events)
 
 
 # ---------------------------------------------------------------- command
@@ -258,30 +318,53 @@ def model_infos(config: Config, models_dir: str) -> list[ModelInfo]:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'system':<14}{'req':>5}{'unfin':>6}{'TTFT p50':>9}{'p99':>8}{'wait p50':>9}{'p99':>8}"
+    lines = [f"{'system':<20}{'req':>5}{'unfin':>6}{'TTFT p50':>9}{'p99':>8}{'wait p50':>9}{'p99':>8}"
              f"{'fcst':>6}{'kept':>6}{'load':>6}{'miss':>6}{'MB loaded':>10}{'dev-s':>8}"]
-    for name, r in result["systems"].items():
+    rows = [(name, "live", r) for name, r in result["systems"].items()] + \
+        [(name, "sim", r) for name, r in result["sim"].items()]
+    for name, side, r in sorted(rows, key=lambda row: (list(result["sim"]).index(row[0]), row[1])):
         s = r["starts"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"{name:<14}{r['requests']:>5}{r['unfinished']:>6}{fmt(r['ttft_p50_s']):>9}{fmt(r['ttft_p99_s']):>8}"
-                     f"{fmt(r['wait_p50_s']):>9}{fmt(r['wait_p99_s']):>8}{s['forecast_prewarm']:>6}{s['kept_copy']:>6}"
-                     f"{s['loading']:>6}{s['miss']:>6}{r['bytes_loaded'] / 1e6:>10.0f}{r['device_seconds']:>8.0f}")
+        lines.append(f"{name + ' ' + side:<20}{r['requests']:>5}{r['unfinished']:>6}{fmt(r['ttft_p50_s']):>9}"
+                     f"{fmt(r['ttft_p99_s']):>8}{fmt(r['wait_p50_s']):>9}{fmt(r['wait_p99_s']):>8}"
+                     f"{s['forecast_prewarm']:>6}{s['kept_copy']:>6}{s['loading']:>6}{s['miss']:>6}"
+                     f"{r['bytes_loaded'] / 1e6:>10.0f}{r['device_seconds']:>8.0f}")
     c = result["config"]
     lines.append(f"{c['models']} models on {c['nodes']}x{c['devices_per_node']} devices of "
                  f"{c['device_memory_bytes'] // MiB} MiB; a trace day in {DAY_S / c['compress'] / 60:g} min "
                  f"(window {300 / c['compress']:g} s); replay {c['replay_live_s']:g} s live from day "
-                 f"{c['replay_day']:g} {c['replay_start_h']:g} h; starts: fcst = forecast_prewarm, kept = kept_copy")
+                 f"{c['replay_day']:g} {c['replay_start_h']:g} h; starts: fcst = forecast_prewarm, kept = kept_copy; "
+                 f"sim timing: {next(iter(result['sim'].values()), {}).get('profile', '-')}")
+    lines += [f"wrote {path}" for path in result["files"]]
     return "\n".join(lines)
+
+
+def write_files(out: Path, config: Config, runs: dict[str, LiveRun], simulated: list[RunResult]) -> list[str]:
+    """The TTFT CDF of every system (live and simulated), a device timeline per run, each live
+    run's events (JSON lines)."""
+    out.mkdir(parents=True, exist_ok=True)
+    live = [dataclasses.replace(run.result, system=f"{name} live") for name, run in runs.items()]
+    sim = [dataclasses.replace(r, system=f"{r.system} sim") for r in simulated]
+    files = [plots.ttft_cdf(live + sim, out / "ttft-cdf.png")]
+    for r in live + [r for r in sim if r.system != "oracle sim"]:  # the oracle holds a device per instance
+        files.append(plots.gpu_timeline(r, config.nodes, config.devices_per_node,
+                                        out / f"devices-{r.system.replace(' ', '-')}.png"))
+    for name, run in runs.items():
+        path = out / f"events-{name}.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in run.events))
+        files.append(path)
+    return [str(f) for f in files]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="warmserve bench live", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file with any of the Config fields")
-    parser.add_argument("--systems", help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", help=f"comma-separated, of {', '.join(SYSTEMS)}, oracle (simulated only)")
     parser.add_argument("--engine", choices=["vllm", "fake"])
     parser.add_argument("--replay-s", type=float, help="live seconds of the slice to replay")
     parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--out", default="out/bench-live", help="directory for the PNGs, result.json and the events")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv[1:] if argv[:1] == ["live"] else argv)
     config = Config(**(json.loads(Path(args.config).read_text()) if args.config else {}))
@@ -291,7 +374,7 @@ def main(argv: list[str]) -> int:
         config.engine = args.engine
     if args.replay_s:
         config.replay_live_s = args.replay_s
-    unknown = set(config.systems) - set(SYSTEMS)
+    unknown = set(config.systems) - set(SYSTEMS) - {"oracle"}
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}")
 
@@ -299,10 +382,23 @@ def main(argv: list[str]) -> int:
         print(message, file=sys.stderr, flush=True)
 
     infos = model_infos(config, args.models_dir)
-    result = {"config": asdict(config), "systems": {}}
+    workload = workload_of(config)
+    result: dict = {"config": asdict(config), "systems": {}, "sim": {}}
+    runs: dict[str, LiveRun] = {}
+    simulated = []
     for name in config.systems:
-        result["systems"][name] = asyncio.run(run_system(name, config, infos, args.models_dir, say))
-        say(json.dumps({name: result["systems"][name]}))
+        if name in SYSTEMS:
+            runs[name] = asyncio.run(run_system(name, config, infos, args.models_dir, say))
+            result["systems"][name] = runs[name].summary
+            say(json.dumps({name: runs[name].summary}))
+        settings = make_stack(name, config, args.models_dir, Path(args.out)).settings
+        gap = runs[name].summary["history_gap_windows"] if name in runs else 1
+        result["sim"][name], sim_result = live_sim.simulate(name, config, infos, settings, workload,
+                                                            CappedTiming(config), gap)
+        simulated.append(sim_result)
+        say(json.dumps({f"{name} (sim)": result["sim"][name]}))
+    result["files"] = write_files(Path(args.out), config, runs, simulated)
+    (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 

@@ -31,6 +31,7 @@ class Copy:
     ready_at: float
     state: str = "loading"  # "loading" | "ready"
     kv_host: Instance | None = None  # the instance whose idle KV space holds it (None: pool memory)
+    kept: bool = False  # left by a demoted instance whose weights a cold start loaded (not prewarmed)
 
 
 @dataclass(eq=False, slots=True)
@@ -53,6 +54,7 @@ class Instance:
     compute_share: float = 1.0  # fraction of the GPUs' compute this instance gets
     kv_lent_bytes: int = 0  # KV space per device lent to prewarmed copies
     then: str = ""  # after draining: "demote" (keep weights) or "stop"
+    cold_weights: bool = True  # its weights came from a cold start (or a kept copy of one), not a prewarm
 
 
 @dataclass(eq=False, slots=True)
@@ -86,6 +88,8 @@ class Cluster:
         self.gpu_seconds = 0.0
         self.books = (loop.now, float("inf"))  # GPU-seconds (GPUs holding an instance) count in this window
         self.starts = {"hit": 0, "loading": 0, "miss": 0}
+        self.kept_hits = 0  # of the hits, promotions of a copy a cold start loaded and a demote left (the
+        #                     rest were prewarmed: a prewarmed copy stays one however often it serves, as in the agent)
         self.timeline: list[tuple[float, int, int, int]] | None = [] if record_timeline else None
         self.changed_nodes: set[int] = set()  # nodes whose memory, copies or instances changed (shells clear it)
         self.served_nodes: set[int] = set()  # nodes whose instances' requests changed (Serving adds, shells clear it)
@@ -133,10 +137,13 @@ class Cluster:
         """Serve from a prewarmed copy (ready or still loading); the copy's memory becomes the instance's."""
         self._release(copy)
         kind = "hit" if copy.state == "ready" else "loading"
+        self.kept_hits += kind == "hit" and copy.kept
         copy.state = "promoted"
         ready_at = max(copy.ready_at, self.loop.now) + self.timing.gpu.promote_s
-        return self._new_instance(instance_id, copy.model, copy.node, copy.devices, kv_bytes_per_gpu,
+        inst = self._new_instance(instance_id, copy.model, copy.node, copy.devices, kv_bytes_per_gpu,
                                   capacity, ready_at, kind)
+        inst.cold_weights = copy.kept
+        return inst
 
     def cold_start(self, model: str, node: int, devices: tuple[int, ...], instance_id: str,
                    kv_bytes_per_gpu: int, capacity: int, start_kind: str = "miss", engine: str = "engine") -> Instance:
@@ -144,6 +151,12 @@ class Cluster:
         ready_at = self._load_done_at(model, node, devices) + self.timing.gpu.start_s(engine)
         return self._new_instance(instance_id, model, node, devices, kv_bytes_per_gpu, capacity,
                                   ready_at, start_kind)
+
+    def start_warm(self, model: str, node: int, devices: tuple[int, ...], instance_id: str,
+                   kv_bytes_per_gpu: int, capacity: int) -> Instance:
+        """An instance ready at once with nothing loaded: a model that is always warm (the oracle)."""
+        return self._new_instance(instance_id, model, node, devices, kv_bytes_per_gpu, capacity,
+                                  self.loop.now, "static")
 
     def retire(self, inst: Instance, then: str) -> None:
         """Stop taking requests; once drained, "demote" keeps the weights as a copy, "stop" frees all."""
@@ -232,7 +245,8 @@ class Cluster:
             copy.kv_host = None  # the KV space is gone: the copy now holds pool memory
             self._take(copy.node, copy.devices, copy.bytes_per_gpu)
         if inst.then == "demote":
-            copy = Copy(inst.model, inst.node, inst.devices, inst.weights_per_gpu, self.loop.now, "ready")
+            copy = Copy(inst.model, inst.node, inst.devices, inst.weights_per_gpu, self.loop.now, "ready",
+                        kept=inst.cold_weights)
             self._take(inst.node, inst.devices, inst.weights_per_gpu)
             for d in inst.devices:
                 self.gpus[inst.node][d].copies.append(copy)
@@ -289,8 +303,13 @@ class Cluster:
 
 
 def _gpu_state(gpu: Gpu) -> int:
-    if gpu.instances:
-        return SERVING if any(i.state != "starting" for i in gpu.instances) else STARTING
-    if any(c.state == "loading" for c in gpu.copies):
+    return state_of([i.state for i in gpu.instances], [c.state for c in gpu.copies])
+
+
+def state_of(instance_states: list[str], copy_states: list[str]) -> int:
+    """A device's timeline state from its instances' ("starting", ...) and copies' ("loading", ...)."""
+    if instance_states:
+        return SERVING if any(s != "starting" for s in instance_states) else STARTING
+    if "loading" in copy_states:
         return LOADING
-    return PREWARMED if gpu.copies else EMPTY
+    return PREWARMED if copy_states else EMPTY

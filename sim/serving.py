@@ -25,6 +25,7 @@ class Requests:
         self.model = np.asarray(model, np.int64)[order]
         self.prompt_tokens = np.asarray(prompt_tokens, np.int64)[order]
         self.output_tokens = np.maximum(np.asarray(output_tokens, np.int64)[order], 1)
+        self.admitted_s = np.full(len(order), np.nan)  # sent to an instance (queue and instance start over)
         self.first_token_s = np.full(len(order), np.nan)
         self.finish_s = np.full(len(order), np.nan)
 
@@ -141,6 +142,7 @@ class Serving:
         inst.inflight += 1
         inst.kv_tokens_used += self._prompt[i] + self._output[i]
         self.cluster.served_nodes.add(inst.node)
+        self.req.admitted_s[i] = now
         self.req.first_token_s[i] = first
         done = first + self._output[i] * prof.decode_step_s(inst.inflight) * slow
         self.loop.at(done, self._finish, i, inst)

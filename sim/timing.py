@@ -103,11 +103,10 @@ def load_profile(path: str | Path = DEFAULT_PROFILE) -> TimingProfile:
 def apply_measured(profile: TimingProfile, measured: dict) -> TimingProfile:
     """Override figures with measured ones: {"gpu": {field: value}, "models": {kind: {field: value}}}.
 
-    Unknown fields are an error (a typo must not silently keep the default)."""
+    Unknown fields are an error (a typo must not silently keep the default); a model kind the
+    profile lacks is added, and must then give every field (`bench agent` measures demo models)."""
     gpu = dataclasses.replace(profile.gpu, **measured.get("gpu", {}))
     models = dict(profile.models)
     for kind, fields in measured.get("models", {}).items():
-        if kind not in models:
-            raise KeyError(f"measured figures for unknown model kind {kind!r}")
-        models[kind] = dataclasses.replace(models[kind], **fields)
+        models[kind] = dataclasses.replace(models[kind], **fields) if kind in models else ModelProfile(**fields)
     return TimingProfile(profile.name + "+measured", gpu, models)

@@ -17,6 +17,7 @@ from services.forecaster.core.online import OnlineForecaster
 from services.forecaster.core.windows import trace_windows
 from services.placer.core.planner import allocate, tick
 from services.placer.core.cluster import Reuse
+from services.placer.core.scores import LoadPoint, windowed_load
 from services.placer.core.snapshot import Config
 from shared.workload import DAY_S
 from sim.cache import cached
@@ -44,6 +45,9 @@ class Variant:
     prewarm: bool = True
     kv_prewarm: bool = True
     window_s: float = 300.0
+    season_s: float = DAY_S  # the forecaster's season (shorter when a replay compresses time)
+    tick_s: float = 0.0  # placer tick, loads windowed over the scale window as the live placer does (0: one
+    #                      tick per scale window, each with the mean load since the last)
 
 
 VARIANTS = {v.name: v for v in (
@@ -63,6 +67,15 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
+def core_config(v: Variant, capacity: int, cfg: dict) -> Config:
+    """The placer core's Config of a variant (B = `capacity`; the run config's score bandwidth)."""
+    return Config(capacity=capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
+                  prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm, allocation=v.allocation,
+                  scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at, keep_s=v.keep_s,
+                  promotable_copies=v.promotable_copies, promotable_max_tp=v.promotable_max_tp,
+                  unserved_first=v.unserved_first)
+
+
 class WarmServe:
     def __init__(self, variant: Variant):
         self.variant = variant
@@ -71,16 +84,14 @@ class WarmServe:
     def start(self, ctx: Context) -> None:
         v, cfg = self.variant, ctx.config
         self.ctx = ctx
-        self.config = Config(capacity=ctx.capacity, load_bandwidth_bytes_s=cfg.get("score_bandwidth_bytes_s", 32e9),
-                             prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm,
-                             allocation=v.allocation, scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at,
-                             keep_s=v.keep_s, promotable_copies=v.promotable_copies,
-                             promotable_max_tp=v.promotable_max_tp, unserved_first=v.unserved_first)
-        kv = {name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
-              for name in ctx.models}
+        self.config = core_config(v, ctx.capacity, cfg)
+        kv = cfg.get("kv_bytes_per_gpu") or {  # given: what an instance takes besides its copy, as a live agent books it
+            name: ctx.cluster.profile(name).kv_bytes_per_gpu(ctx.capacity * cfg["kv_tokens_per_request"])
+            for name in ctx.models}
         self.shell = PlacerShell(ctx.cluster, ctx.serving, ctx.capacity, kv, v.universal_workers)
         self.reuse = Reuse()  # the core's index carries over between ticks and asks (same decisions)
-        self.forecaster = OnlineForecaster(v.forecast, v.window_s, cfg.get("csp_days", 3), cfg.get("csp_errors", 10))
+        self.forecaster = OnlineForecaster(v.forecast, v.window_s, cfg.get("csp_days", 3), cfg.get("csp_errors", 10),
+                                           v.season_s)
         for name in ctx.models:
             self.forecaster.add_model(name)
         self.window = math.floor(ctx.loop.now / v.window_s)
@@ -89,13 +100,23 @@ class WarmServe:
         self.window_meter, self.tick_meter = LoadMeter(ctx.serving), LoadMeter(ctx.serving)
         self.asked = [False] * len(ctx.models)
         self.loads: dict[str, float] = {}
+        self.points: dict[str, list[LoadPoint]] = {name: [] for name in ctx.models}  # with tick_s: the last window's
         ctx.serving.on_waiting = self._waiting
         ctx.loop.at((self.window + 1) * v.window_s, self._window_closed)
         ctx.loop.after(0.0, self._tick)
 
     def _learn_history(self, days: int) -> None:
-        """Windows of the learning days before the simulation, from the workload's own requests."""
+        """Windows of the learning days before the simulation, from the workload's own requests, or
+        the config's `history` ({model: [WindowLoad]}, what a live replay imported) when given."""
         ctx, w = self.ctx, self.variant.window_s
+        if ctx.config.get("history") is not None:
+            by_window: dict[int, dict[str, tuple[float, float]]] = {}
+            for name, loads in ctx.config["history"].items():
+                for load in loads:
+                    by_window.setdefault(round(load.window_start_s / w), {})[name] = (load.avg, load.peak)
+            for t in sorted(by_window):
+                self.forecaster.observe(t, by_window[t])
+            return
         first = max(math.floor((ctx.loop.now - days * DAY_S) / w), 0)
         if first >= self.window:
             return
@@ -134,11 +155,21 @@ class WarmServe:
 
     def _tick(self) -> None:
         ctx = self.ctx
-        self.loads = {name: avg for name, (avg, _, _) in zip(ctx.models, self.tick_meter.take())}
+        self.loads = self._loads(ctx.loop.now)
         snapshot = self.shell.snapshot(self.forecasts, self.loads)
         self.shell.execute(tick(snapshot, ctx.loop.now, self.config, self.reuse), ctx.loop.now)
         if ctx.loop.now < ctx.replay_end_s:
-            ctx.loop.after(self.config.scale_window_s, self._tick)
+            ctx.loop.after(self.variant.tick_s or self.config.scale_window_s, self._tick)
+
+    def _loads(self, now_s: float) -> dict[str, float]:
+        taken = self.tick_meter.take()
+        if not self.variant.tick_s:
+            return {name: avg for name, (avg, _, _) in zip(self.ctx.models, taken)}
+        window = self.config.scale_window_s
+        for name, (avg, _, _) in zip(self.ctx.models, taken):
+            self.points[name] = [p for p in self.points[name] if p.at_s > now_s - window] + \
+                [LoadPoint(now_s, self.variant.tick_s, avg)]
+        return {name: windowed_load(points, now_s, window) for name, points in self.points.items()}
 
     def _waiting(self, m: int) -> None:
         """Like the gateway: ask once when a model's queue starts, retry after "no capacity"."""
