@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -149,7 +150,7 @@ async def call(app, path: str, body: bytes) -> AsyncIterator[Piece]:
             if status != 200:
                 error += data
                 if last:
-                    yield Piece(data=error, error=error.decode(errors="replace")[:500], error_code=status)
+                    yield Piece(data=error, error=_message(error), error_code=status)
                     return
                 continue
             yield Piece(data=data, prompt_tokens=usage.prompt_tokens, new_tokens=new,
@@ -160,3 +161,11 @@ async def call(app, path: str, body: bytes) -> AsyncIterator[Piece]:
         yield Piece(error="the OpenAI layer ended without an answer", error_code=500)
     finally:
         task.cancel()
+
+
+def _message(error_body: bytes) -> str:
+    """The message of vLLM's error body (for logs), else the body's start."""
+    try:
+        return str(json.loads(error_body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return error_body.decode(errors="replace")[:500]
