@@ -83,11 +83,12 @@ CHATS = {
 }
 
 
-def _vllm_args(port: int, path: str) -> list[str]:
+def _vllm_args(port: int, info) -> list[str]:
     from services.gpuagent.vllm_openai import SERVE_ARGS  # the flags the stack's engines serve with
 
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name",
-            MODEL, "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "2048",
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", info.path, "--served-model-name",
+            MODEL, "--port", str(port), "--host", "127.0.0.1", "--dtype", info.dtype or "bfloat16",
+            "--max-model-len", str(info.max_model_len),
             "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES), "--max-num-seqs", "64",
             "--disable-log-stats", *SERVE_ARGS]
 
@@ -99,7 +100,7 @@ async def plain_vllm(demo_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("plain-vllm") / "server.log"
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
-        server = subprocess.Popen(_vllm_args(port, demo_models[MODEL].path), stdout=out, stderr=subprocess.STDOUT,
+        server = subprocess.Popen(_vllm_args(port, demo_models[MODEL]), stdout=out, stderr=subprocess.STDOUT,
                                   env=env)
     url = f"http://127.0.0.1:{port}"
     try:
