@@ -1,7 +1,7 @@
 """`warmserve bench agent [--json]`: time to first token with real vLLM, side by side, per model:
 (a) nothing resident: cold start from disk on a fresh device (engine init + weights),
-(a2) cold from disk on a device whose warm engine is idle (disk read + weight swap),
-(b) a prewarmed copy: promote (weight swap into the warm engine, no disk, no process),
+(a2) cold from disk on a device whose warm engine is idle (disk read + module build + bind),
+(b) a prewarmed copy: promote (the warm engine computes with the pool's module: zero-copy, no disk),
 (c) a running instance, and (d) a fresh `python -m vllm.entrypoints.openai.api_server` process.
 Also prewarm and evict times and the peak RSS of each device worker. CPU by default; CUDA with
 `--device-kind cuda` (bench/gpu_agent.sh)."""
@@ -25,7 +25,7 @@ from pathlib import Path
 from services.gpuagent.service import AgentService
 from shared.bus import Bus
 from shared.logs import configure_logging
-from shared.model_files import checkpoint_info
+from shared.model_files import DTYPE_BYTES, checkpoint_info
 from shared.runner import Running
 from shared.schemas import AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, SamplingSpec
 from shared.settings import load_settings
@@ -104,8 +104,8 @@ class Bench:
 async def token_timing(b: Bench, instance_id: str) -> dict:
     """Prefill per prompt token (a short and a long prompt, one output token) and decode per output
     token (32 more), medians of 3, on a running instance at batch 1."""
-    short, long_ = (statistics.median([(await b.request_s(instance_id, "hello " * words, tokens))[k] for _ in range(3)])
-                    for words, tokens, k in ((8, 1, 0), (TIMING_PROMPT_WORDS, 1, 0)))
+    short, long_ = [statistics.median([(await b.request_s(instance_id, "hello " * words, 1))[0] for _ in range(3)])
+                    for words in (8, TIMING_PROMPT_WORDS)]
     first, total = zip(*[await b.request_s(instance_id, "hello " * 8, 33) for _ in range(3)])
     per_token = max(long_ - short, 0.0) / (TIMING_PROMPT_WORDS - 8)
     return {"prefill_s_per_token": per_token, "prefill_overhead_s": max(short - 8 * per_token, 0.0),
@@ -113,30 +113,32 @@ async def token_timing(b: Bench, instance_id: str) -> dict:
 
 
 async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
+    """Instance ids name the model: a stopped instance answers its id with 503s for a while."""
     out: dict = {"model": model}
     # (a) nothing resident on a fresh device: the cold start every cache miss pays
-    seconds, result = await b.timed(b.cmd(CommandKind.cold_start, model, device, "cold"))
-    out["a_cold_start_s"] = seconds + await b.first_token_s("cold")
+    seconds, result = await b.timed(b.cmd(CommandKind.cold_start, model, device, f"{model}-cold"))
+    out["a_cold_start_s"] = seconds + await b.first_token_s(f"{model}-cold")
     out["a_detail"] = {k: v for k, v in result.detail.items() if k.endswith("_ms") or k == "path"}
-    await b.cmd(CommandKind.demote, instance_id="cold")
+    await b.cmd(CommandKind.demote, instance_id=f"{model}-cold")
     # (a2) cold from disk, engine warm: evict the copy, load again
     await b.cmd(CommandKind.evict, model, device)
-    seconds, _ = await b.timed(b.cmd(CommandKind.cold_start, model, device, "cold2"))
-    out["a2_disk_into_warm_engine_s"] = seconds + await b.first_token_s("cold2")
-    await b.cmd(CommandKind.demote, instance_id="cold2")
+    seconds, _ = await b.timed(b.cmd(CommandKind.cold_start, model, device, f"{model}-cold2"))
+    out["a2_disk_into_warm_engine_s"] = seconds + await b.first_token_s(f"{model}-cold2")
+    await b.cmd(CommandKind.demote, instance_id=f"{model}-cold2")
     # prewarm/evict of the other checkpoint, then (b) promote with a real weight swap each time
-    prewarm, evict, promote, warm = [], [], [], []
+    prewarm, evict, promote, command, warm = [], [], [], [], []
     await b.cmd(CommandKind.prewarm, other, device)
     for i in range(REPEATS):
-        await b.cmd(CommandKind.promote, other, device, f"o{i}")  # the engine now holds other weights
-        await b.cmd(CommandKind.demote, instance_id=f"o{i}")
-        seconds, result = await b.timed(b.cmd(CommandKind.promote, model, device, f"p{i}"))
-        promote.append(seconds + await b.first_token_s(f"p{i}"))
-        out.setdefault("b_copied_bytes", result.detail.get("copied_bytes"))
-        warm.extend([await b.first_token_s(f"p{i}") for _ in range(3)])  # (c) running instance
+        await b.cmd(CommandKind.promote, other, device, f"{model}-o{i}")  # the engine now holds other weights
+        await b.cmd(CommandKind.demote, instance_id=f"{model}-o{i}")
+        seconds, result = await b.timed(b.cmd(CommandKind.promote, model, device, f"{model}-p{i}"))
+        command.append(seconds)  # the promote command's own time: ordered -> ready (a bus round trip)
+        promote.append(seconds + await b.first_token_s(f"{model}-p{i}"))
+        out["promote_copied_bytes"] = max(out.get("promote_copied_bytes", 0), result.detail["copied_bytes"])
+        warm.extend([await b.first_token_s(f"{model}-p{i}") for _ in range(3)])  # (c) running instance
         if i == 0:
-            out["tokens"] = await token_timing(b, f"p{i}")
-        await b.cmd(CommandKind.demote, instance_id=f"p{i}")
+            out["tokens"] = await token_timing(b, f"{model}-p{i}")
+        await b.cmd(CommandKind.demote, instance_id=f"{model}-p{i}")
     for _ in range(3):
         seconds, _ = await b.timed(b.cmd(CommandKind.evict, other, device))
         evict.append(seconds)
@@ -145,17 +147,19 @@ async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
     await b.cmd(CommandKind.evict, other, device)
     await b.cmd(CommandKind.evict, model, device)
     out.update(b_promote_s=statistics.median(promote), c_running_s=statistics.median(warm),
-               prewarm_s=statistics.median(prewarm), evict_s=statistics.median(evict))
+               promote_command_s=statistics.median(command), prewarm_s=statistics.median(prewarm),
+               evict_s=statistics.median(evict))
+    out["ratio_b_over_c"] = out["b_promote_s"] / out["c_running_s"]
     return out
 
 
-def fresh_server_ttft_s(path: str, kv_bytes: int, max_model_len: int) -> float:
+def fresh_server_ttft_s(path: str, kv_bytes: int, max_model_len: int, dtype: str) -> float:
     """(d) spawn vLLM's own OpenAI server for the model; seconds from spawn to the first token."""
     port = infra.free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
-                             "--port", str(port), "--enforce-eager", "--dtype", "bfloat16",
+                             "--port", str(port), "--enforce-eager", "--dtype", dtype,
                              "--kv-cache-memory-bytes", str(kv_bytes), "--max-model-len", str(max_model_len)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -213,10 +217,11 @@ async def run(models_dir: Path, device_kind: str, skip_fresh: bool, large: DemoS
         await running.shutdown()
         for r, (model, _) in zip(results, pairs):
             info = checkpoint_info(model, models_dir / model)
-            r["size_bytes"], r["params_m"] = info.size_bytes, round(info.size_bytes / 2 / 1e6, 1)
+            r["size_bytes"], r["dtype"] = info.size_bytes, info.dtype
+            r["params_m"] = round(info.size_bytes / DTYPE_BYTES[info.dtype] / 1e6, 1)
             if not skip_fresh:
                 r["d_fresh_api_server_s"] = fresh_server_ttft_s(str(models_dir / model), FRESH_SERVER_KV_BYTES,
-                                                                  info.max_model_len)
+                                                                  info.max_model_len, info.dtype)
                 r["ratio_b_over_d"] = r["b_promote_s"] / r["d_fresh_api_server_s"]
             r["ratio_b_over_a"] = r["b_promote_s"] / r["a_cold_start_s"]
         return {"device_kind": device_kind, "models": results, "worker_peak_rss_bytes": peaks,
@@ -253,6 +258,8 @@ def render(report: dict) -> str:
     cols = [("model", "model", "{}"), ("params_m", "M params", "{}"), ("a_cold_start_s", "(a) cold s", "{:.3f}"),
             ("a2_disk_into_warm_engine_s", "(a2) disk->warm s", "{:.3f}"), ("b_promote_s", "(b) promote s", "{:.3f}"),
             ("c_running_s", "(c) running s", "{:.4f}"), ("d_fresh_api_server_s", "(d) api_server s", "{:.1f}"),
+            ("ratio_b_over_c", "b/c", "{:.2f}"), ("promote_command_s", "promote cmd s", "{:.4f}"),
+            ("promote_copied_bytes", "promote copied B", "{}"),
             ("ratio_b_over_a", "b/a", "{:.4f}"), ("ratio_b_over_d", "b/d", "{:.5f}"),
             ("prewarm_s", "prewarm s", "{:.3f}"), ("evict_s", "evict s", "{:.4f}")]
     lines = ["  ".join(f"{title:>16}" for _, title, _ in cols)]

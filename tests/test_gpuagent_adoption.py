@@ -35,17 +35,16 @@ def test_the_adopted_ledger_charges_what_the_commands_charged():
     built = DeviceLedger(0, 64 * MiB)
     built.reserve_copy("m1", "h-m1", 5 * MiB + 1, 1.0)
     built.copy_ready("m1")
-    assert built.reserve_engine("a2", 3 * MiB, 2 * MiB, 1.0)
-    built.start_instance("i1", "m1", "a1", 5 * MiB + 1, 4 * MiB, 2.0)
+    assert built.reserve_engine("a2", 2 * MiB, 1.0)
+    built.start_instance("i1", "m1", "a1", 4 * MiB, 2.0)
     status = {"memory_bytes": 64 * MiB, "pool": [{"model": "m1", "content_hash": "h-m1", "bytes": 5 * MiB + 1}],
-              "engines": [{"arch": "a1", "model": "m1", "bytes": 5 * MiB + 1, "kv_bytes": 4 * MiB},
-                          {"arch": "a2", "model": "m2", "bytes": 3 * MiB, "kv_bytes": 2 * MiB}],
+              "engines": [{"arch": "a1", "model": "m1", "kv_bytes": 4 * MiB},
+                          {"arch": "a2", "model": "m2", "kv_bytes": 2 * MiB}],
               "instances": [{"instance_id": "i1", "model": "m1", "arch": "a1", "started_at_s": 2.0}]}
     adopted = adopted_ledger(0, status, 9.0)
     assert adopted.used_bytes == built.used_bytes and adopted.free_bytes == built.free_bytes
     assert adopted.idle_engine_bytes == built.idle_engine_bytes == built.engines["a2"].bytes
-    assert {a: (e.bytes, e.kv_bytes) for a, e in adopted.engines.items()} == {
-        a: (e.bytes, e.kv_bytes) for a, e in built.engines.items()}
+    assert {a: e.bytes for a, e in adopted.engines.items()} == {a: e.bytes for a, e in built.engines.items()}
     assert (adopted.instance.instance_id, adopted.instance.state, adopted.instance.started_at_s) == (
         "i1", InstanceState.ready, 2.0)
     assert adopted.copies["m1"].origin == KEPT_COPY and adopted.copies["m1"].bytes == built.copies["m1"].bytes

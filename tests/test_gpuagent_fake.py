@@ -119,14 +119,14 @@ async def test_observed_state_in_redis_and_restart_shows_nothing_stale(agent, se
 
 async def test_idle_warm_engine_is_counted_and_dropped_when_room_is_needed(agent):
     running, bus, state, s = agent
-    await state.register_model(fake_model("other-arch", 50 * MiB, arch="a2"))
+    await state.register_model(fake_model("other-arch", 55 * MiB, arch="a2"))
     assert (await command(bus, s.node, CommandKind.cold_start, "m1", instance_id="i1")).ok
     assert (await command(bus, s.node, CommandKind.demote, instance_id="i1")).ok
     device = running.service.view().devices[0]
-    engine_bytes = 8 * MiB + 2 * MiB  # weights + KV (one page-rounded context)
+    engine_bytes = 2 * MiB  # its KV cache (one page-rounded context): it computes with the pool copy's tensors
     assert device.idle_engine_bytes == engine_bytes
     assert device.free_bytes == 64 * MiB - 8 * MiB  # the idle engine counts as free for planning
-    # 50 MiB copy + 8 MiB copy of m1 + 10 MiB engine > 64 MiB: the idle engine goes, the copy stays
+    # 55 MiB copy + 8 MiB copy of m1 + 2 MiB engine > 64 MiB: the idle engine goes, the copy stays
     assert (await command(bus, s.node, CommandKind.prewarm, "other-arch")).ok
     device = running.service.view().devices[0]
     assert device.idle_engine_bytes == 0 and {c.model for c in running.service.view().copies} == {"m1", "other-arch"}
@@ -135,14 +135,14 @@ async def test_idle_warm_engine_is_counted_and_dropped_when_room_is_needed(agent
 
 
 async def test_device_prewarming_warms_one_engine_per_architecture_where_it_fits(settings):
-    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=100 * MiB, kv_cache_bytes=2 * MiB,
-                                warm_engines=True)
+    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=100 * MiB, kv_cache_bytes=40 * MiB,
+                                warm_engines=True)  # an engine holds its KV cache only: 40 MiB each
     models = [fake_model("x1", 8 * MiB, arch="small"), fake_model("x2", 8 * MiB, arch="small"),
-              fake_model("big", 40 * MiB, arch="large"), fake_model("giant", 60 * MiB, arch="giant")]
+              fake_model("big", 40 * MiB, arch="large"), fake_model("giant", 70 * MiB, arch="giant")]
     async with running_agent(s, models) as (running, bus, state):
         await asyncio.wait_for(running.service._warming, 10)
-        for ledger in running.service.ledgers:  # giant (60 + 2 MiB) does not fit beside the other two
-            assert {a: e.bytes for a, e in ledger.engines.items()} == {"small": 10 * MiB, "large": 42 * MiB}
+        for ledger in running.service.ledgers:  # a third engine does not fit beside the other two
+            assert {a: e.bytes for a, e in ledger.engines.items()} == {"small": 40 * MiB, "large": 40 * MiB}
         promoted = await command(bus, s.node, CommandKind.cold_start, "x2", instance_id="i")
         assert promoted.ok and promoted.detail["path"] == "warm_engine"  # no engine init on the request path
         copy = await command(bus, s.node, CommandKind.prewarm, "giant", devices=(1,))

@@ -48,9 +48,9 @@ def test_instance_evicts_least_recently_used_copies_only_as_needed():
         d.copy_ready(name)
     d.reserve_copy("m", "h", 4 * MiB, 4)
     d.copy_ready("m")
-    # 4 MiB free; instance needs 4 (engine) + 4 (kv) = 8: one eviction is enough
-    assert d.room_for_instance("m", "arch", 4 * MiB, 4 * MiB) == Room([], ["old"])
-    d.start_instance("i", "m", "arch", 4 * MiB, 4 * MiB, now_s=5)
+    # 4 MiB free; the instance's engine needs its 8 MiB KV cache: one eviction is enough
+    assert d.room_for_instance("m", "arch", 8 * MiB) == Room([], ["old"])
+    d.start_instance("i", "m", "arch", 8 * MiB, now_s=5)
     assert set(d.copies) == {"mid", "new", "m"} and d.free_bytes == 0
 
 
@@ -60,16 +60,16 @@ def test_loading_copies_and_the_model_itself_are_never_evicted():
     d.copy_ready("m")
     d.reserve_copy("loading", "h", 4 * MiB, 0)
     with pytest.raises(Refused, match="short by"):
-        d.room_for_instance("m", "arch", 4 * MiB, 4 * MiB)
+        d.room_for_instance("m", "arch", 8 * MiB)
 
 
 def test_one_instance_per_device_and_serving_copy_cannot_be_dropped():
     d = DeviceLedger(0, 100 * MiB)
     d.reserve_copy("m", "h", MiB, 0)
     d.copy_ready("m")
-    d.start_instance("i1", "m", "arch", MiB, MiB, 0)
+    d.start_instance("i1", "m", "arch", MiB, 0)
     with pytest.raises(Refused, match="already serves m"):
-        d.room_for_instance("x", "arch", MiB, MiB)
+        d.room_for_instance("x", "arch", MiB)
     with pytest.raises(Refused, match="demote it first"):
         d.drop_copy("m")
     assert d.end_instance("i1", 1).model == "m" and d.instance is None
@@ -91,7 +91,7 @@ def test_instance_start_kinds_follow_the_copy_history():
     assert d.start_kind("m", loading=True) == "loading" and d.start_kind("m", loading=False) == "forecast_prewarm"
     d.reserve_copy("m", "h", MiB, 1, origin="cold_start")  # the same copy again: keeps its origin
     assert d.copies["m"].origin == "forecast_prewarm"
-    d.start_instance("i1", "m", "arch", MiB, MiB, 2)
+    d.start_instance("i1", "m", "arch", MiB, 2)
     d.end_instance("i1", 3)
     assert d.start_kind("m", loading=False) == "kept_copy"
     d.reserve_copy("c", "h", MiB, 4, origin="cold_start")
@@ -106,29 +106,29 @@ def test_kv_reservation_never_below_one_context():
 
 def test_demoted_engine_stays_warm_and_is_reused_without_new_room():
     d = DeviceLedger(0, 20 * MiB)
-    d.start_instance("i1", "a", "arch", 4 * MiB, 4 * MiB, now_s=0)
+    d.start_instance("i1", "a", "arch", 8 * MiB, now_s=0)
     d.end_instance("i1", now_s=1)
     assert d.engines["arch"].bytes == 8 * MiB and d.idle_engine_bytes == 8 * MiB
     assert d.free_bytes == 12 * MiB and d.reclaimable_free_bytes == 20 * MiB  # the placer may plan with it
-    assert d.room_for_instance("b", "arch", 4 * MiB, 4 * MiB) == Room([], [])  # same architecture: reuse
+    assert d.room_for_instance("b", "arch", 4 * MiB) == Room([], [])  # same architecture: reuse
 
 
 def test_idle_engines_are_dropped_before_copies_and_serving_engine_never():
     d = DeviceLedger(0, 24 * MiB)
-    d.start_instance("i1", "a", "arch1", 4 * MiB, 4 * MiB, now_s=0)
+    d.start_instance("i1", "a", "arch1", 8 * MiB, now_s=0)
     d.end_instance("i1", now_s=1)
     d.reserve_copy("c", "h", 8 * MiB, 2)
     d.copy_ready("c")
-    # 8 free; other arch needs 8 + 4 = 12: drop the idle arch1 engine (8), keep the copy
-    assert d.room_for_instance("b", "arch2", 8 * MiB, 4 * MiB) == Room(["arch1"], [])
-    d.start_instance("i2", "b", "arch2", 8 * MiB, 4 * MiB, now_s=3)
+    # 8 free; the other arch's engine needs 12: drop the idle arch1 engine (8), keep the copy
+    assert d.room_for_instance("b", "arch2", 12 * MiB) == Room(["arch1"], [])
+    d.start_instance("i2", "b", "arch2", 12 * MiB, now_s=3)
     assert set(d.engines) == {"arch2"} and "c" in d.copies
     assert d._idle_engines_to_drop(100 * MiB) == []  # the serving engine is not idle
 
 
 def test_prewarm_drops_idle_engines_only_as_needed():
     d = DeviceLedger(0, 16 * MiB)
-    d.start_instance("i1", "a", "arch1", 4 * MiB, 4 * MiB, now_s=0)
+    d.start_instance("i1", "a", "arch1", 8 * MiB, now_s=0)
     d.end_instance("i1", now_s=1)
     assert d.reserve_copy("small", "h", 8 * MiB, 2) == []
     assert d.reserve_copy("big", "h", 8 * MiB, 3) == ["arch1"]
@@ -139,6 +139,6 @@ def test_prewarm_drops_idle_engines_only_as_needed():
 
 def test_failed_start_forgets_the_engine():
     d = DeviceLedger(0, 16 * MiB)
-    d.start_instance("i1", "a", "arch", 4 * MiB, 4 * MiB, now_s=0)
+    d.start_instance("i1", "a", "arch", 4 * MiB, now_s=0)
     d.end_instance("i1", now_s=1, keep_engine=False)
     assert d.engines == {} and d.free_bytes == 16 * MiB

@@ -4,6 +4,7 @@ too, several files), the content hash is the registered identity, and a changed 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,18 @@ def test_the_hash_depends_on_block_order_and_size(tmp_path, monkeypatch):
     assert content_hash(tmp_path / "m") == whole  # deterministic across thread schedules
     monkeypatch.setattr(model_files, "HASH_BLOCK_BYTES", 128)
     assert content_hash(tmp_path / "m") != whole  # the block size is part of the identity
+
+
+@pytest.mark.parametrize("native, stored, served", [
+    (False, "bfloat16", "float32"), (True, "bfloat16", "bfloat16"), (False, "float16", "float16"),
+    (False, None, "float32")])
+def test_registration_names_the_dtype_the_hardware_serves_and_counts_sizes_in_it(
+        demo_models, monkeypatch, native, stored, served):
+    monkeypatch.setattr(model_files, "native_bfloat16", lambda: native)
+    assert model_files.serving_dtype({"torch_dtype": stored}) == served
+    small = demo_models["demo-small-a"]  # a bfloat16 checkpoint
+    info = model_files.checkpoint_info("x", Path(small.path))
+    assert info.dtype == ("bfloat16" if native else "float32")
+    assert info.size_bytes == model_files.weight_bytes(Path(small.path)) // 2 * (2 if native else 4)
+    forced = model_files.checkpoint_info("x", Path(small.path), dtype="bfloat16")
+    assert forced.dtype == "bfloat16" and forced.arch != info.arch or native

@@ -35,7 +35,7 @@ class AgentMetrics:
         self.copies = gauge("warmserve_agent_copies", "prewarmed copies", per_device + ["state"])
         self.copy_bytes = gauge("warmserve_agent_copy_bytes", "memory held by prewarmed copies",
                                 per_device + ["state"])
-        self.engine_bytes = gauge("warmserve_agent_engine_bytes", "engine memory (weights and KV cache): "
+        self.engine_bytes = gauge("warmserve_agent_engine_bytes", "engine memory (its KV cache): "
                                   "serving an instance, or idle (warm, dropped on demand)", per_device + ["use"])
         self.resident = gauge("warmserve_agent_model_resident", "1 for each model on each device, by state "
                               "(copy: loading ready evicting; instance: starting serving draining)",

@@ -109,7 +109,7 @@ class AgentService(Service):
         for info in sorted(archs.values(), key=lambda m: m.size_bytes):
             kv = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, self.settings.kv_cache_bytes)
             for ledger in ledgers:
-                if self._stopping or not ledger.reserve_engine(info.arch, 0, kv, time.time()):
+                if self._stopping or not ledger.reserve_engine(info.arch, kv, time.time()):
                     continue
                 result = await self._call(ledger.index, DeviceCall(op=DeviceOp.warm_engine, model=info, kv_bytes=kv))
                 if not result.ok:
@@ -349,14 +349,13 @@ class AgentService(Service):
         if load is not None:  # promotion of an in-progress prewarm: wait for the weights
             await asyncio.shield(load)
         kv_bytes = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, kv or self.settings.kv_cache_bytes)
-        engine_bytes = 0  # an engine computes with the pool copy's own tensors: it holds only its KV cache
-        room = ledger.room_for_instance(info.name, info.arch, engine_bytes, kv_bytes)
+        room = ledger.room_for_instance(info.name, info.arch, kv_bytes)
         for arch in room.engines:
             ledger.engines.pop(arch)
             await self._drop_engine(ledger, arch, f"room_for_instance:{info.name}")
         for victim in room.copies:
             await self._evict(ledger, victim, f"evicted_for:{info.name}")
-        ledger.start_instance(instance_id, info.name, info.arch, engine_bytes, kv_bytes, time.time())
+        ledger.start_instance(instance_id, info.name, info.arch, kv_bytes, time.time())
         await self._event("instance_starting", model=info.name, devices=[ledger.index], instance_id=instance_id,
                           reason=reason, detail={"start": start})
         started = time.perf_counter()
@@ -444,7 +443,7 @@ class AgentService(Service):
                 i = d.instance
                 instances.append(InstanceView(instance_id=i.instance_id, model=i.model, devices=[d.index],
                                               state=i.state, inflight=self.inflight.get(i.instance_id, 0),
-                                              started_at_s=i.started_at_s, kv_bytes=d.engines[i.arch].kv_bytes))
+                                              started_at_s=i.started_at_s, kv_bytes=d.engines[i.arch].bytes))
         return NodeView(node=self.node, at_s=time.time(), devices=devices, copies=copies, instances=instances,
                         boot_id=self.boot_id)
 

@@ -116,7 +116,7 @@ class DeviceWorker:
     def _held_engine(self, info, kv_bytes: int) -> None:
         """Remember the engine of `info`'s architecture as the first call that needed it sized it."""
         self._engines.setdefault(info.arch, {"arch": info.arch, "model": info.name,
-                                             "bytes": info.size_bytes // info.tp, "kv_bytes": kv_bytes})
+                                             "kv_bytes": kv_bytes})
 
     def _progress_reporter(self, model: str):
         """A callback safe to call from the loading thread: publishes prewarm_progress events."""

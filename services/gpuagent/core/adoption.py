@@ -20,8 +20,7 @@ def adopted_ledger(index: int, status: dict, now_s: float) -> DeviceLedger:
         ledger.copies[c["model"]] = CopyRecord(c["model"], c["content_hash"], page_bytes(c["bytes"]),
                                                CopyState.ready, 1.0, now_s, KEPT_COPY)
     for e in status["engines"]:
-        kv = page_bytes(e["kv_bytes"])
-        ledger.engines[e["arch"]] = EngineRecord(e["arch"], page_bytes(e["bytes"]) + kv, kv, now_s)
+        ledger.engines[e["arch"]] = EngineRecord(e["arch"], page_bytes(e["kv_bytes"]), now_s)
     for i in status["instances"]:  # at most one
         ledger.instance = InstanceRecord(i["instance_id"], i["model"], i["arch"], InstanceState.ready,
                                          i["started_at_s"])

@@ -1,9 +1,9 @@
 """Per-device memory ledger and copy/instance state machine of the GPU agent (pure, no I/O).
 
 Memory is counted in 2 MiB pages. A device holds prewarmed weight copies (loading / ready /
-evicting), warm engines (one per architecture: weights + KV cache, kept after a demote so the next
-promotion only swaps weights) and at most one serving instance, which runs in the engine of its
-architecture. Idle engines are a cache: they are dropped before anything else when room is
+evicting), warm engines (one per architecture: a KV cache, kept after a demote so the next promotion
+needs no engine start; an engine computes with its instance's copy, so it holds no weights of its
+own) and at most one serving instance, which runs in the engine of its architecture. Idle engines are a cache: they are dropped before anything else when room is
 needed. Each copy remembers why it is here (its origin), so an instance start can say what it
 found. The ledger says what fits and what to free; the shell applies the answer.
 """
@@ -76,8 +76,7 @@ class InstanceRecord:
 @dataclass
 class EngineRecord:
     arch: str
-    bytes: int  # page-rounded engine weights + KV cache
-    kv_bytes: int  # page-rounded KV cache (part of `bytes`)
+    bytes: int  # page-rounded KV cache: what the engine holds
     last_used_s: float = 0.0
 
 
@@ -128,12 +127,12 @@ class DeviceLedger:
                 need -= engine.bytes
         return victims
 
-    def reserve_engine(self, arch: str, engine_bytes: int, kv_bytes: int, now_s: float) -> bool:
+    def reserve_engine(self, arch: str, kv_bytes: int, now_s: float) -> bool:
         """Book an idle warm engine if the architecture has none and it fits in free memory."""
-        need = page_bytes(engine_bytes) + page_bytes(kv_bytes)
+        need = page_bytes(kv_bytes)
         if arch in self.engines or need > self.free_bytes:
             return False
-        self.engines[arch] = EngineRecord(arch, need, page_bytes(kv_bytes), last_used_s=now_s)
+        self.engines[arch] = EngineRecord(arch, need, last_used_s=now_s)
         return True
 
     # ------------------------------------------------------------ copies
@@ -193,14 +192,14 @@ class DeviceLedger:
             return LOADING
         return KEPT_COPY if copy.origin == COLD_START else copy.origin
 
-    def room_for_instance(self, model: str, arch: str, engine_bytes: int, kv_bytes: int) -> Room:
+    def room_for_instance(self, model: str, arch: str, kv_bytes: int) -> Room:
         """What to free so the instance fits, only as much as needed: idle engines of other
         architectures first, then idle copies, least recently used first. The model's own copy and
         copies still loading are never chosen; an existing engine of `arch` needs no room."""
         if self.instance is not None:
             raise Refused(f"device {self.index} already serves {self.instance.model} "
                           f"({self.instance.instance_id})")
-        need = 0 if arch in self.engines else page_bytes(engine_bytes) + page_bytes(kv_bytes)
+        need = 0 if arch in self.engines else page_bytes(kv_bytes)
         need -= self.free_bytes
         engines = self._idle_engines_to_drop(need, keep=arch)
         need -= sum(self.engines[a].bytes for a in engines)
@@ -211,17 +210,16 @@ class DeviceLedger:
                           f"short by {need} bytes after freeing every idle engine and copy")
         return Room(engines, copies)
 
-    def start_instance(self, instance_id: str, model: str, arch: str, engine_bytes: int, kv_bytes: int,
+    def start_instance(self, instance_id: str, model: str, arch: str, kv_bytes: int,
                        now_s: float) -> Room:
         """Free what `room_for_instance` says and book the instance (and its engine if new)."""
-        room = self.room_for_instance(model, arch, engine_bytes, kv_bytes)
+        room = self.room_for_instance(model, arch, kv_bytes)
         for a in room.engines:
             self.engines.pop(a)
         for m in room.copies:
             self.copies.pop(m)
         if arch not in self.engines:
-            self.engines[arch] = EngineRecord(arch, page_bytes(engine_bytes) + page_bytes(kv_bytes),
-                                              page_bytes(kv_bytes))
+            self.engines[arch] = EngineRecord(arch, page_bytes(kv_bytes))
         self.engines[arch].last_used_s = now_s
         self.instance = InstanceRecord(instance_id, model, arch, started_at_s=now_s)
         if model in self.copies:
