@@ -1,6 +1,6 @@
 """A periodic batch job learnt live, with no imported history: the four services in-process with
-fake engines, 1 s windows, 2 devices of 160 MiB (an instance fills one). A steady model keeps
-device 0 serving; on device 1 a batch model's burst every 8 s alternates with a filler model's
+fake engines, 1 s windows, 2 devices of 160 MiB (an instance, 60 MiB copy + 96 MiB KV cache, fills
+one). A steady model keeps device 0 serving; on device 1 a batch model's burst every 8 s alternates with a filler model's
 request, each evicting the other's copy. After three periods the forecaster has found the period
 and at least 80 % of the bursts are served by promoting a copy that a forecast placed."""
 
@@ -41,7 +41,7 @@ async def steady(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
 
 
 async def test_periodic_bursts_find_forecast_placed_copies(settings):
-    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=160 * MiB, kv_cache_bytes=32 * MiB,
+    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=160 * MiB, kv_cache_bytes=96 * MiB,
                                 fake_token_s=0.001, fake_load_bytes_s=1e10, gateway_port=0, heartbeat_s=0.2,
                                 placer_tick_s=0.1, window_s=1.0, sample_interval_s=0.25, scale_window_s=1.0)
     state = await State.connect(s)
