@@ -1,7 +1,7 @@
 """A periodic batch job learnt live, with no imported history: the four services in-process with
 fake engines, 1 s windows, 2 devices of 160 MiB (an instance, 60 MiB copy + 96 MiB KV cache, fills
-one). A steady model keeps device 0 serving; on device 1 a batch model's burst every 8 s alternates with a filler model's
-request, each evicting the other's copy. After three periods the forecaster has found the period
+one). A steady model keeps device 0 serving; on device 1 a batch model's burst every 8 s alternates
+with a filler model's request, each evicting the other's copy. After three periods the forecaster has found the period
 and at least 80 % of the bursts are served by promoting a copy that a forecast placed."""
 
 from __future__ import annotations
