@@ -40,7 +40,8 @@ def nats_permissions() -> dict[str, dict[str, Any]]:
                    [s.load_samples(), s.domain_requests("placer")], True),
         "forecaster": ([s.domain("forecast")], [s.load_samples(), s.domain_requests("forecast")], True),
         "gpuagent": ([s.domain("agent"), s.all_infer_replies(), *JS_STREAM_SETUP],
-                     [s.domain("agent"), s.infer_requests(), s.infer_cancels()], True),
+                     [s.domain("agent"), s.infer_requests(), s.infer_cancels(),
+                      s.domain_events("registry")], True),  # engines follow the registry
         "monitor": ([*JS_STREAM_READ], [s.all_events(), s.agent_heartbeat()], False),
     }
     permissions: dict[str, dict[str, Any]] = {"admin": {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}}

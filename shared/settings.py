@@ -150,8 +150,9 @@ class Settings:
     device_memory_bytes: int = _setting(4 << 30, "memory budget per logical CPU device", _positive)
     kv_cache_bytes: int = _setting(128 << 20, "KV cache per instance (at least one full context is always reserved)", _positive)
     max_parallel_prewarms: int = _setting(2, "prewarms running at once per node", _positive)
-    warm_engines: bool = _setting(True, "at start, initialise one idle engine per registered architecture on "
-                                        "every device where it fits (device prewarming; dropped on demand)")
+    warm_engines: bool = _setting(True, "initialise one idle engine per registered architecture on every device "
+                                        "where it fits, at start and when one is registered (device "
+                                        "prewarming; dropped on demand)")
     heartbeat_s: float = _setting(1.0, "agent heartbeat interval", _positive)
     heartbeat_ttl_s: float = _setting(5.0, "agent considered dead after this", _positive)
     demote_timeout_s: float = _setting(30.0, "how long demote waits for in-flight requests", _positive)

@@ -10,7 +10,8 @@ import pytest
 from services.gpuagent.service import AgentService
 from shared.runner import Running
 from shared.schemas import CommandKind, InstanceState
-from tests.agent_helpers import command, fake_model, infer, running_agent
+from shared import registry
+from tests.agent_helpers import agent_events, command, eventually, fake_model, infer, running_agent
 
 MiB = 1 << 20
 
@@ -148,3 +149,41 @@ async def test_device_prewarming_warms_one_engine_per_architecture_where_it_fits
         copy = await command(bus, s.node, CommandKind.prewarm, "giant", devices=(1,))
         assert copy.ok, copy.reason  # idle engines are a cache: dropped to make room for the copy
         assert running.service.ledgers[1].engines == {}
+
+
+async def test_engines_follow_registrations_and_removals_while_running(settings):
+    s = settings.with_overrides(engine="fake", devices=2, device_memory_bytes=100 * MiB, kv_cache_bytes=40 * MiB,
+                                fake_token_s=0.001, fake_load_bytes_s=1e9, warm_engines=True)
+    async with running_agent(s, [fake_model("x1", 8 * MiB, arch="small")]) as (running, bus, state):
+        agent = running.service
+        await asyncio.wait_for(agent._warming, 10)
+        engines = lambda: [set(ledger.engines) for ledger in agent.ledgers]  # noqa: E731
+        assert engines() == [{"small"}, {"small"}]
+        assert (await command(bus, s.node, CommandKind.cold_start, "x1", devices=(1,), instance_id="i")).ok
+        async with agent_events(bus, "engine_warmed") as warmed:
+            await registry.register(state, bus, fake_model("q1", 8 * MiB, arch="qwen"))
+            assert {(await asyncio.wait_for(warmed.get(), 10)).devices[0] for _ in range(2)} == {0, 1}
+        assert engines() == [{"small", "qwen"}, {"small", "qwen"}]
+        # the rules of the start: no room for a third 40 MiB engine (100 MiB, and device 1 holds x1's copy)
+        await registry.register(state, bus, fake_model("g1", 8 * MiB, arch="giant"))
+        await eventually(lambda: "giant" in agent._archs and agent._warming.done(), 10, "registration seen")
+        assert engines() == [{"small", "qwen"}, {"small", "qwen"}]
+
+        async with agent_events(bus, "engine_dropped") as dropped:
+            await registry.register(state, bus, fake_model("x2", 8 * MiB, arch="small"))
+            await registry.remove(state, bus, "x1", requests=0)  # x2 still needs the small engines
+            await registry.remove(state, bus, "q1", requests=0)  # idle everywhere: dropped everywhere
+            gone = [await asyncio.wait_for(dropped.get(), 10) for _ in range(2)]
+            assert {(e.devices[0], e.reason, e.detail["arch"]) for e in gone} == {(0, "unregistered", "qwen"),
+                                                                                   (1, "unregistered", "qwen")}
+            assert engines() == [{"small"}, {"small"}]
+            await registry.remove(state, bus, "x2", requests=0)  # device 1's engine serves: it stays
+            assert (await asyncio.wait_for(dropped.get(), 10)).devices == [0]
+            assert engines() == [set(), {"small"}]
+            assert (await command(bus, s.node, CommandKind.demote, instance_id="i")).ok
+            assert (await asyncio.wait_for(dropped.get(), 10)).devices == [1]  # idle now: dropped
+        assert engines() == [set(), set()]
+        async with agent_events(bus, "engine_warmed") as warmed:  # an architecture back is new again
+            await registry.register(state, bus, fake_model("x1", 8 * MiB, arch="small"))
+            assert {(await asyncio.wait_for(warmed.get(), 10)).devices[0] for _ in range(2)} == {0, 1}
+        assert engines() == [{"small"}, {"small"}]

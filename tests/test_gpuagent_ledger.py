@@ -8,7 +8,8 @@ import pytest
 
 from services.gpuagent.core.ledger import (PAGE_BYTES, DeviceLedger, Refused, Room, copy_origin, instance_kv_bytes,
                                            page_bytes, pages)
-from shared.schemas import CopyState
+from services.gpuagent.core.engines import engine_models, stale_engines
+from shared.schemas import CopyState, ModelInfo
 
 MiB = 1 << 20
 
@@ -142,3 +143,18 @@ def test_failed_start_forgets_the_engine():
     d.start_instance("i1", "a", "arch", 4 * MiB, now_s=0)
     d.end_instance("i1", now_s=1, keep_engine=False)
     assert d.engines == {} and d.free_bytes == 16 * MiB
+
+
+def test_engines_follow_the_registry():
+    def model(name, size, arch, tp=1):
+        return ModelInfo(name=name, path="", size_bytes=size, content_hash=name, arch=arch, tp=tp)
+
+    models = [model("l-big", 9, "llama"), model("l-small", 5, "llama"), model("q", 7, "qwen"),
+              model("wide", 1, "mixtral", tp=2)]
+    assert [m.name for m in engine_models(models)] == ["l-small", "q"]  # smallest per arch, smallest first
+    d = DeviceLedger(0, 100 * MiB)
+    for arch in ("llama", "qwen", "gone"):
+        d.reserve_engine(arch, 2 * MiB, now_s=1)
+    assert stale_engines(d, {"llama", "qwen", "mixtral"}) == ["gone"]
+    d.start_instance("i", "x", "gone", 2 * MiB, now_s=2)
+    assert stale_engines(d, {"llama"}) == ["qwen"]  # a serving engine is never stale

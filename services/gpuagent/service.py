@@ -6,7 +6,8 @@ core decides memory; device workers do the work; every change is an event, and a
 written to Redis with a TTL'd liveness key each heartbeat. A restarted agent adopts the device
 workers still running (their instances never stopped serving): it rebuilds each one's ledger from
 its status and publishes the view at once; devices without one get a new worker. Every worker is
-called each heartbeat, which keeps it from its orphan timeout. A dead device worker costs only its
+called each heartbeat, which keeps it from its orphan timeout. Registry events keep the idle engines
+in line with the registered architectures while the agent runs (core.engines). A dead device worker costs only its
 device: its instance is reported failed, it is started again (with backoff) and warmed again.
 Redis or NATS failures never abort a command: the next heartbeat writes the whole view again.
 /readyz is ready only while every device worker is up.
@@ -20,12 +21,14 @@ import uuid
 from collections import OrderedDict
 
 from services.gpuagent.core.adoption import adopted_ledger
+from services.gpuagent.core.engines import engine_models, stale_engines
 from services.gpuagent.core.ledger import DeviceLedger, Refused, copy_origin, instance_kv_bytes, page_bytes
 from services.gpuagent.metrics import AgentMetrics
 from services.gpuagent.workers import DeviceWorkers, describe_exit
 from shared.runner import Service, every
 from shared.schemas import (AgentCommand, CommandKind, CommandResult, CopyState, CopyView, DeviceCall,
                             DeviceOp, DeviceView, Event, InstanceState, InstanceView, ModelInfo, NodeView)
+REGISTRY_CHANGES = ("model_registered", "model_removed")
 from shared.state import StateError
 
 
@@ -51,7 +54,10 @@ class AgentService(Service):
         self._prewarm_slots = asyncio.Semaphore(settings.max_parallel_prewarms)
         self._ready = False
         self._stopping = False
-        self._warming: asyncio.Task | None = None
+        self._warming: asyncio.Task | None = None  # the engines' sync with the registry (_sync_engines)
+        self._engines_stale = False  # the registry changed during that sync: it runs once more
+        self._archs: set[str] = set()  # the registered architectures as the last sync read them
+        self._unwarmed: set[int] = set()  # devices that want every registered architecture's engine
         self._revivals: dict[int, asyncio.Task] = {}  # device -> its worker's restart (and warming)
 
     # ------------------------------------------------------------ lifecycle
@@ -75,11 +81,12 @@ class AgentService(Service):
         self.log.info("device_workers_ready", devices=len(self.ledgers), adopted=adopted, budgets=budgets)
         await self._publish_view()
         await self.bus.subscribe(self.bus.subjects.agent_command(self.node), AgentCommand, self.on_command)
+        await self.bus.subscribe(self.bus.subjects.domain_events("registry"), Event, self.on_registry_event)
         self._ready = True
         await self._event("agent_started", detail={"devices": len(self.ledgers), "engine": s.engine,
                                                    "boot_id": self.boot_id})
-        if s.warm_engines:
-            self._warming = asyncio.create_task(self._warm_engines(self.ledgers))
+        self._unwarmed = set(range(len(self.ledgers)))
+        self._sync_engines()
 
     async def _adopt_workers(self) -> list[int]:
         """Adopt the device workers a previous agent left running: their ledgers rebuilt from their
@@ -101,14 +108,48 @@ class AgentService(Service):
                                       "engines": sorted(ledger.engines)})
         return sorted(adopted)
 
-    async def _warm_engines(self, ledgers: list[DeviceLedger]) -> None:
-        """Device prewarming: one idle engine per registered architecture per device, in the
-        background (commands are served meanwhile); smaller architectures first."""
-        models = sorted((await self.state.models()).values(), key=lambda m: (m.size_bytes, m.name))
-        archs = {m.arch: m for m in reversed(models) if m.tp == 1}
-        for info in sorted(archs.values(), key=lambda m: m.size_bytes):
+    async def on_registry_event(self, event: Event) -> None:
+        if event.name in REGISTRY_CHANGES:
+            self._sync_engines()
+
+    def _sync_engines(self) -> asyncio.Task | None:
+        """Bring the idle engines in line with the registry, in the background (commands are served
+        meanwhile): one sync at a time; a call during one makes it run once more. Its task."""
+        if self._stopping:
+            return None
+        self._engines_stale = True
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.create_task(self._engines_loop())
+        return self._warming
+
+    async def _engines_loop(self) -> None:
+        while self._engines_stale and not self._stopping:
+            self._engines_stale = False
+            try:
+                await self._sync_engines_once()
+            except StateError as exc:  # the next registry change or revival tries again
+                self.log.warning("engine_sync_failed", reason=str(exc))
+
+    async def _sync_engines_once(self) -> None:
+        """Drop the idle engines of architectures no longer registered; with device prewarming, warm
+        one idle engine per architecture that is new since the last sync on every device where it
+        fits, and every architecture's on the devices in _unwarmed (started or restarted); smaller
+        architectures first."""
+        models = list((await self.state.models()).values())
+        known, self._archs = self._archs, {m.arch for m in models}
+        fresh, self._unwarmed = self._unwarmed, set()
+        for ledger in self.ledgers:
+            for arch in stale_engines(ledger, self._archs) if self.workers.is_up(ledger.index) else ():
+                ledger.engines.pop(arch)
+                await self._drop_engine(ledger, arch, "unregistered")
+                await self._publish_view()
+        if not self.settings.warm_engines:
+            return
+        for info in engine_models(models):
             kv = instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, self.settings.kv_cache_bytes)
-            for ledger in ledgers:
+            for ledger in self.ledgers:
+                if info.arch in known and ledger.index not in fresh:
+                    continue
                 if self._stopping or not ledger.reserve_engine(info.arch, kv, time.time()):
                     continue
                 result = await self._call(ledger.index, DeviceCall(op=DeviceOp.warm_engine, model=info, kv_bytes=kv))
@@ -180,8 +221,10 @@ class AgentService(Service):
             self.ledgers[index] = DeviceLedger(index, budget)
             await self._event("device_worker_restarted", devices=[index], detail={"pid": self.workers.pid(index)})
             await self._publish_view()
-            if self.settings.warm_engines and not self._stopping:
-                await self._warm_engines([self.ledgers[index]])
+            self._unwarmed.add(index)
+            sync = self._sync_engines()
+            if sync:
+                await asyncio.shield(sync)
         except Exception:  # never leave a device dead silently
             self.log.exception("device_revive_failed", device=index)
         finally:
@@ -386,6 +429,8 @@ class AgentService(Service):
         ledger.end_instance(instance_id, time.time())
         if model in ledger.copies:
             ledger.copies[model].last_used_s = time.time()
+        if stale_engines(ledger, self._archs):  # its model was unregistered: its engine goes too
+            self._sync_engines()
         await self._event("instance_stopped", model=model, devices=[ledger.index], instance_id=instance_id,
                           reason=reason, detail={"kept_copy": model in ledger.copies})
         return {"instance_id": instance_id, "drain_ms": (time.perf_counter() - started) * 1000}
