@@ -1,5 +1,5 @@
-"""`warmserve bench live [--config FILE] [--systems a,b] [--engine vllm|fake] [--json]`: the real stack
-under a compressed real-trace slice, one system after another on the same slice.
+"""`warmserve bench live [--config FILE] [--systems a,b] [--engine vllm|fake] [--out DIR] [--json]`: the
+real stack under a compressed real-trace slice, one system after another on the same slice.
 
 Per system: a fresh `warmserve up` (bench.chaos.Stack: embedded NATS and Redis with credentials, the
 node0 agent) and a second agent process (node1), each with `devices_per_node` logical devices whose
@@ -41,8 +41,8 @@ from shared.settings import load_settings
 from shared.state import State
 from shared.workload import DAY_S, Workload, build_workload
 from sim import plots
-from sim.replay import percentiles
 from sim.cluster import state_of
+from sim.replay import percentiles
 from sim.run import RunResult
 from warmserve import history
 from warmserve.models import build_demo

@@ -50,7 +50,7 @@ def test_a_short_replay_stands_beside_its_simulation(demo_models, tmp_path, caps
 
 
 def test_the_simulated_systems_run_the_live_placer_configuration(demo_models, tmp_path):
-    config = Config(engine="fake", replay_live_s=30.0)
+    config = Config(engine="fake", replay_live_s=20.0)
     models_dir = models_dir_of(demo_models)
     infos = model_infos(config, models_dir)
     for name in ("ours", "paper", "reactive", "serverlessllm"):
@@ -62,6 +62,10 @@ def test_the_simulated_systems_run_the_live_placer_configuration(demo_models, tm
         summary, result = live_sim.simulate(name, config, infos, settings, workload_of(config), CappedTiming(config))
         assert summary["unfinished"] == 0 and summary["requests"] == len(result.ttft_s) > 0, name
         assert result.timeline, name
+    oracle, _ = live_sim.simulate("oracle", config, infos, make_stack("oracle", config, models_dir, tmp_path).settings,
+                                  workload_of(config), CappedTiming(config))
+    assert (oracle["wait_p99_s"], oracle["bytes_loaded"], oracle["unfinished"]) == (0.0, 0, 0)
+    assert oracle["requests"] == summary["requests"] and oracle["ttft_p99_s"] <= summary["ttft_p99_s"]
 
 
 def test_the_device_timeline_follows_copies_and_instances():

@@ -53,6 +53,15 @@ def test_measured_figures_override_and_typos_fail():
         apply_measured(PROFILE, {"gpu": {"promote_seconds": 0.05}})
 
 
+def test_measured_figures_add_a_model_kind_only_with_every_field():
+    """`bench agent` measures demo models the cited profile lacks (sim/measured/cpu_agent.json)."""
+    shipped = timing_for({**DEFAULTS, "measured": "cpu_agent"})
+    demo = shipped.models["demo-small-a"]
+    assert demo.size_bytes > 0 and demo.decode_s_per_token > 0 and shipped.models["llama2-7b"] == PROFILE.models["llama2-7b"]
+    with pytest.raises(TypeError):
+        apply_measured(PROFILE, {"models": {"new-kind": {"decode_s_per_token": 0.01}}})
+
+
 def test_a_config_names_measured_figures_shipped_in_sim_measured_or_gives_a_path(tmp_path):
     shipped = timing_for({**DEFAULTS, "measured": "h100_agent_load"})
     assert shipped.gpu.host_to_gpu_bytes_s == 8e9 and shipped.models == PROFILE.models
