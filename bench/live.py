@@ -147,6 +147,18 @@ class Recorder:
         self.device_s += max(min(until, self.end_s) - max(since, self.start_s), 0.0)
 
 
+def instance_spans(events: list[dict]) -> list[tuple]:
+    """(start, end or inf, node, devices, model) of every instance, as the simulator records them."""
+    spans: dict[str, list] = {}
+    for e in sorted(events, key=lambda e: e["at_s"]):
+        if e["name"] == "instance_starting":
+            spans[e["instance_id"]] = [e["at_s"], float("inf"), int(e["node"].removeprefix("node")),
+                                       tuple(e["devices"]), e["model"]]
+        elif e["name"] in ("instance_stopped", "instance_failed") and e["instance_id"] in spans:
+            spans[e["instance_id"]][1] = e["at_s"]
+    return [tuple(span) for span in spans.values()]
+
+
 def device_timeline(events: list[dict]) -> list[tuple[float, int, int, int]]:
     """(t, node, device, state) changes from the agents' events, in the simulator's timeline codes."""
     copies: dict[tuple[int, int], dict[str, str]] = {}  # (node, device) -> model -> loading | ready
@@ -304,7 +316,8 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
                "history_gap_windows": round((anchor - closed_s) / config.window_s),
                "errors": sorted({o.get("error") or str(o.get("status")) for o in outcomes if not o["ok"]})[:5]}
     ttfts = np.array([o["ttft_s"] if o["ok"] else np.inf for o in outcomes] + [np.inf] * (len(arrivals) - len(outcomes)))
-    result = RunResult(name, summary, ttfts, device_timeline(recorder.events), anchor, anchor + config.replay_live_s)
+    result = RunResult(name, summary, ttfts, device_timeline(recorder.events), anchor, anchor + config.replay_live_s,
+                       instance_spans(recorder.events))
     return LiveRun(summary, result, recorder.events)
 
 

@@ -91,6 +91,7 @@ class Cluster:
         self.kept_hits = 0  # of the hits, promotions of a copy a cold start loaded and a demote left (the
         #                     rest were prewarmed: a prewarmed copy stays one however often it serves, as in the agent)
         self.timeline: list[tuple[float, int, int, int]] | None = [] if record_timeline else None
+        self._spans: dict[str, list] = {}  # instance id -> [start, end (inf: still there), node, devices, model]
         self.changed_nodes: set[int] = set()  # nodes whose memory, copies or instances changed (shells clear it)
         self.served_nodes: set[int] = set()  # nodes whose instances' requests changed (Serving adds, shells clear it)
         self.on_instance_ready: Callable[[Instance], None] = lambda inst: None
@@ -170,6 +171,10 @@ class Cluster:
         if inst.state == "draining" and inst.inflight == 0:
             self._drained(inst)
 
+    def spans(self) -> list[tuple] | None:
+        """Every instance's (start, end or inf, node, devices, model), when the timeline is recorded."""
+        return None if self.timeline is None else [tuple(span) for span in self._spans.values()]
+
     def close_books(self) -> None:
         """Count the GPU-seconds of the GPUs still holding instances."""
         for row in self.gpus:
@@ -193,6 +198,8 @@ class Cluster:
         if kind in self.starts:
             self.starts[kind] += 1
         self.instances[instance_id] = inst
+        if self.timeline is not None:
+            self._spans[instance_id] = [self.loop.now, float("inf"), node, devices, model]
         for d in devices:
             gpu = self.gpus[node][d]
             if not gpu.instances:
@@ -235,6 +242,8 @@ class Cluster:
         if inst.instance_id not in self.instances:
             return
         del self.instances[inst.instance_id]
+        if inst.instance_id in self._spans:
+            self._spans[inst.instance_id][1] = self.loop.now
         for d in inst.devices:
             gpu = self.gpus[inst.node][d]
             gpu.instances.remove(inst)

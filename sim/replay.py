@@ -67,7 +67,7 @@ def run(sl: Slice, cell: Cell, timeline: bool = True) -> tuple[dict, RunResult]:
     cell.system.start(ctx)
     loop.run(requests.arrival_s, serving.arrive, end + sl.drain_s)
     cluster.close_books()
-    result = RunResult(cell.system.name, {}, ttft_s(requests), cluster.timeline, start, end)
+    result = RunResult(cell.system.name, {}, ttft_s(requests), cluster.timeline, start, end, cluster.spans())
     return summary(requests, cluster), result
 
 

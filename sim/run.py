@@ -98,6 +98,7 @@ class RunResult:
     timeline: list | None  # (t, node, device, state) changes, when recorded
     replay_start_s: float
     replay_end_s: float
+    spans: list | None = None  # (start, end or inf, node, devices, model) of every instance, when recorded
 
 
 def run(config: dict, system, progress: bool = False, timeline: bool = False,
@@ -121,4 +122,5 @@ def run(config: dict, system, progress: bool = False, timeline: bool = False,
     cluster.close_books()
     measured = requests.arrival_s >= start
     summary = summarize(requests, cluster, end - start, measured)
-    return RunResult(system.name, summary, ttft_s(requests)[measured], cluster.timeline, start, end)
+    return RunResult(system.name, summary, ttft_s(requests)[measured], cluster.timeline, start, end,
+                     cluster.spans())

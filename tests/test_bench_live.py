@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import live_sim
-from bench.live import START_KINDS, CappedTiming, Config, device_timeline, main, make_stack, model_infos, workload_of
+from bench.live import (START_KINDS, CappedTiming, Config, device_timeline, instance_spans, main, make_stack, model_infos,
+                        workload_of)
 from services.placer.adapter import core_config
 from sim.cluster import EMPTY, LOADING, PREWARMED, SERVING, STARTING
 from sim.systems import warmserve
@@ -61,7 +62,7 @@ def test_the_simulated_systems_run_the_live_placer_configuration(demo_models, tm
         assert variant.universal_workers == settings.warm_engines and variant.window_s == config.window_s
         summary, result = live_sim.simulate(name, config, infos, settings, workload_of(config), CappedTiming(config))
         assert summary["unfinished"] == 0 and summary["requests"] == len(result.ttft_s) > 0, name
-        assert result.timeline, name
+        assert result.timeline and result.spans and {s[4] for s in result.spans} <= {i.name for i in infos}, name
     oracle, _ = live_sim.simulate("oracle", config, infos, make_stack("oracle", config, models_dir, tmp_path).settings,
                                   workload_of(config), CappedTiming(config))
     assert (oracle["wait_p99_s"], oracle["bytes_loaded"], oracle["unfinished"]) == (0.0, 0, 0)
@@ -78,3 +79,4 @@ def test_the_device_timeline_follows_copies_and_instances():
                                     "instance_id": ""}]
     assert device_timeline(events) == [(1, 1, 0, LOADING), (2, 1, 0, PREWARMED), (3, 1, 0, STARTING),
                                        (4, 1, 0, SERVING), (5, 1, 0, PREWARMED), (6, 1, 0, EMPTY)]
+    assert instance_spans(events) == [(3, 5, 1, (0,), "m")]
