@@ -93,12 +93,13 @@ class Bus:
 
     async def subscribe(self, subject: str, kind: type[T],
                         handler: Callable[[T], Awaitable[BaseModel | None]],
-                        queue: str = "", concurrent: bool = True) -> Any:
+                        queue: str = "", concurrent: bool = True, flush: bool = True) -> Any:
         """Decode each message as `kind` and call `handler`; a returned message is the reply.
         Returns a handle for `unsubscribe`.
 
         concurrent=True runs each message in its own task (a slow handler never blocks the
-        subscription); False handles messages one at a time in arrival order.
+        subscription); False handles messages one at a time in arrival order. flush=False leaves
+        the round trip that makes the server know the interest to the caller (one for several).
         """
 
         async def on_message(msg: Msg) -> None:
@@ -111,7 +112,8 @@ class Bus:
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_message, pending_msgs_limit=65536)
         self._subscriptions.append(sub)
-        await self.nc.flush()  # the server knows the interest before we return
+        if flush:
+            await self.nc.flush()  # the server knows the interest before we return
         return sub
 
     async def unsubscribe(self, sub: Any) -> None:

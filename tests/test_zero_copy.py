@@ -1,19 +1,22 @@
 """Zero-copy promotion with real vLLM (CPU build), in-process: after a promotion the engine computes
 with the pool's own module (its parameters by data pointer, its CPU GEMM handles by identity), the
 answers equal those of an engine that loaded the checkpoint itself, and a demotion hands the module
-back without keeping a reference to the engine's KV cache."""
+back without keeping a reference to the engine's KV cache; in the dtype registration picked for
+this machine and in float32."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
+from services.gpuagent.core.ledger import instance_kv_bytes
+from shared.model_files import checkpoint_info
 from shared.schemas import InferRequest, SamplingSpec
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +45,18 @@ def computes_with(served: torch.nn.Module, module: torch.nn.Module) -> None:
         assert layer.cpu_linear is pool_layers[name].cpu_linear, name
 
 
-async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_models, vllm_modules):
+@pytest.mark.parametrize("dtype", ["registered", "float32"])
+async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_models, vllm_modules, dtype):
+    """`registered`: the dtype registration picked for this machine; float32: what an AVX2 CPU runs."""
     from services.gpuagent.engine_vllm import VllmHost
 
     a, b = demo_models["demo-small-a"], demo_models["demo-small-b"]
-    host = VllmHost("cpu", 40 * MiB)
+    if dtype != "registered":
+        if a.dtype == dtype:
+            pytest.skip(f"registration already picked {dtype} here")
+        a, b = (checkpoint_info(i.name, Path(i.path), dtype=dtype) for i in (a, b))
+    kv_bytes = instance_kv_bytes(a.kv_bytes_per_token, a.max_model_len, 0)  # one full context
+    host = VllmHost("cpu", kv_bytes)
     for info in (a, b):
         loaded = await host.load_copy(info, lambda _: None)
         assert loaded["bytes"] == info.size_bytes
@@ -68,7 +78,7 @@ async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_
     await host.stop_instance("b1")
 
     # a fresh engine that loaded b from disk the ordinary way answers the same
-    fresh = VllmHost("cpu", 40 * MiB)
+    fresh = VllmHost("cpu", kv_bytes)
     await fresh.load_copy(b, lambda _: None)
     await fresh.start_instance("ref", b, 0)
     fresh_slot = fresh.instances["ref"][0]
@@ -76,7 +86,7 @@ async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_
     from vllm.v1.engine.llm_engine import LLMEngine
 
     reference = LLMEngine.from_engine_args(EngineArgs(
-        model=b.path, enforce_eager=True, dtype=b.dtype, kv_cache_memory_bytes=40 * MiB,
+        model=b.path, enforce_eager=True, dtype=b.dtype, kv_cache_memory_bytes=kv_bytes,
         distributed_executor_backend="uni", max_model_len=b.max_model_len, disable_log_stats=True))
     from vllm import SamplingParams
 

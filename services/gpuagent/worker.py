@@ -153,9 +153,10 @@ class DeviceWorker:
 
         subjects = self.bus.subjects
         self._instance_subs[instance_id] = [
-            await self.bus.subscribe(subjects.infer(instance_id), InferRequest, on_request),
-            await self.bus.subscribe(subjects.infer_cancel(instance_id), CancelInference, on_cancel),
+            await self.bus.subscribe(subjects.infer(instance_id), InferRequest, on_request, flush=False),
+            await self.bus.subscribe(subjects.infer_cancel(instance_id), CancelInference, on_cancel, flush=False),
         ]
+        await self.bus.nc.flush()  # one round trip: the server knows both before the instance is reported ready
 
     async def _drain_instance(self, instance_id: str, timeout_s: float) -> None:
         """Refuse new requests (503), let accepted ones finish (bounded), then cancel the rest."""
