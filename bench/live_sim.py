@@ -42,21 +42,21 @@ def variant(name: str, s: Settings) -> Variant:
 
 
 def timing(config: Config, info: ModelInfo, s: Settings) -> TimingProfile:
-    """This machine's timing for the replayed models, on devices of the live budget (nothing reserved;
-    the page cache is the host cache, so a load reads at the measured host-to-device rate)."""
+    """This machine's timing for the replayed models (sized as registered), on devices of the live
+    budget (nothing reserved; the page cache is the host cache: a load reads at the measured rate)."""
+    sizes = {"size_bytes": info.size_bytes, "tp": info.tp, "kv_bytes_per_token": info.kv_bytes_per_token}
     if config.engine == "fake":
         measured = {"gpu": {"host_to_gpu_bytes_s": s.fake_load_bytes_s, "promote_s": 0.0, "worker_start_s": 0.0,
                             "engine_start_s": ENGINE_INIT_S, "eager_engine_start_s": ENGINE_INIT_S, "demote_s": 0.0},
-                    "models": {KIND: {"size_bytes": info.size_bytes, "tp": info.tp,
-                                      "kv_bytes_per_token": info.kv_bytes_per_token, "prefill_s_per_token": 0.0,
-                                      "prefill_overhead_s": s.fake_token_s, "decode_s_per_token": s.fake_token_s,
-                                      "decode_batch_slowdown": 0.0}}}
+                    "models": {KIND: {**sizes, "prefill_s_per_token": 0.0, "prefill_overhead_s": s.fake_token_s,
+                                      "decode_s_per_token": s.fake_token_s, "decode_batch_slowdown": 0.0}}}
     else:
         measured = json.loads((MEASURED_DIR / f"{config.profile}.json").read_text())
     prof = apply_measured(load_profile(DEFAULT_PROFILE), measured)
     bandwidth = prof.gpu.host_to_gpu_bytes_s
     prof = apply_measured(prof, {"gpu": {"memory_bytes": config.device_memory_bytes, "reserved_bytes": 0,
-                                         "ssd_bytes_s": bandwidth, "host_cache_bytes_per_node": 1 << 50}})
+                                         "ssd_bytes_s": bandwidth, "host_cache_bytes_per_node": 1 << 50},
+                                 "models": {KIND: sizes}})  # measured in another dtype, perhaps
     return TimingProfile(f"{config.engine}:{config.profile if config.engine != 'fake' else 'fake-engine'}",
                          prof.gpu, {KIND: prof.models[KIND]})
 
