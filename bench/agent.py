@@ -1,7 +1,8 @@
 """`warmserve bench agent [--json]`: time to first token with real vLLM, side by side, per model:
 (a) nothing resident: cold start from disk on a fresh device (engine init + weights),
 (a2) cold from disk on a device whose warm engine is idle (disk read + module build + bind),
-(b) a prewarmed copy: promote (the warm engine computes with the pool's module: zero-copy, no disk),
+(b) a prewarmed copy: promote (zero-copy: the warm engine computes with the pool's module; timed to the agent's
+instance_ready event, which the gateway dispatches on),
 (c) a running instance, and (d) a fresh `python -m vllm.entrypoints.openai.api_server` process.
 Also prewarm and evict times and the peak RSS of each device worker. CPU by default; CUDA with
 `--device-kind cuda` (bench/gpu_agent.sh)."""
@@ -27,7 +28,7 @@ from shared.bus import Bus
 from shared.logs import configure_logging
 from shared.model_files import DTYPE_BYTES, checkpoint_info
 from shared.runner import Running
-from shared.schemas import AgentCommand, CommandKind, CommandResult, InferChunk, InferRequest, SamplingSpec
+from shared.schemas import AgentCommand, CommandKind, CommandResult, Event, InferChunk, InferRequest, SamplingSpec
 from shared.settings import load_settings
 from shared.state import State
 from sim.timing import MEASURED_DIR
@@ -66,6 +67,25 @@ class Bench:
         if not result.ok:
             raise RuntimeError(f"{kind.value} {model}: {result.reason}")
         return result
+
+    async def promote_until_ready(self, model: str, device: int, instance_id: str) -> tuple[float, CommandResult]:
+        """Order a promotion; seconds until the agent's `instance_ready` event for it arrives (what the
+        gateway dispatches on; the command's reply follows after the agent's state write)."""
+        ready = asyncio.get_running_loop().create_future()
+
+        async def on_event(event: Event) -> None:
+            if event.instance_id == instance_id and not ready.done():
+                ready.set_result(None)
+
+        sub = await self.bus.subscribe(self.bus.subjects.event("agent", "instance_ready"), Event, on_event)
+        started = time.perf_counter()
+        command = asyncio.ensure_future(self.cmd(CommandKind.promote, model, device, instance_id))
+        await asyncio.wait({ready, command}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            await command  # raises: the promotion was refused
+        seconds = time.perf_counter() - started
+        await self.bus.unsubscribe(sub)
+        return seconds, await command
 
     async def first_token_s(self, instance_id: str) -> float:
         """Send one request; seconds until its first token arrives (the rest is drained)."""
@@ -131,8 +151,8 @@ async def measure_model(b: Bench, model: str, other: str, device: int) -> dict:
     for i in range(REPEATS):
         await b.cmd(CommandKind.promote, other, device, f"{model}-o{i}")  # the engine now holds other weights
         await b.cmd(CommandKind.demote, instance_id=f"{model}-o{i}")
-        seconds, result = await b.timed(b.cmd(CommandKind.promote, model, device, f"{model}-p{i}"))
-        command.append(seconds)  # the promote command's own time: ordered -> ready (a bus round trip)
+        seconds, result = await b.promote_until_ready(model, device, f"{model}-p{i}")
+        command.append(seconds)  # the promote command's own time: ordered -> ready
         promote.append(seconds + await b.first_token_s(f"{model}-p{i}"))
         out["promote_copied_bytes"] = max(out.get("promote_copied_bytes", 0), result.detail["copied_bytes"])
         warm.extend([await b.first_token_s(f"{model}-p{i}") for _ in range(3)])  # (c) running instance
