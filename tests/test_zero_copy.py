@@ -6,6 +6,7 @@ this machine and in float32."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from shared.model_files import checkpoint_info
 from shared.schemas import InferRequest, SamplingSpec
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+DEVICE = os.environ.get("WARMSERVE_TEST_DEVICE", "cpu")  # bench/gpu_agent.sh runs it with cuda:0
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_
             pytest.skip(f"registration already picked {dtype} here")
         a, b = (checkpoint_info(i.name, Path(i.path), dtype=dtype) for i in (a, b))
     kv_bytes = instance_kv_bytes(a.kv_bytes_per_token, a.max_model_len, 0)  # one full context
-    host = VllmHost("cpu", kv_bytes)
+    host = VllmHost(DEVICE, kv_bytes)
     for info in (a, b):
         loaded = await host.load_copy(info, lambda _: None)
         assert loaded["bytes"] == info.size_bytes
@@ -78,7 +80,7 @@ async def test_promotion_binds_the_pools_module_and_demotion_hands_it_back(demo_
     await host.stop_instance("b1")
 
     # a fresh engine that loaded b from disk the ordinary way answers the same
-    fresh = VllmHost("cpu", kv_bytes)
+    fresh = VllmHost(DEVICE, kv_bytes)
     await fresh.load_copy(b, lambda _: None)
     await fresh.start_instance("ref", b, 0)
     fresh_slot = fresh.instances["ref"][0]
