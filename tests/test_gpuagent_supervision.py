@@ -14,6 +14,7 @@ import pytest
 
 from services.gateway.service import GatewayService
 from services.gpuagent.core.restarts import RestartPolicy, WorkerLife
+from services.gpuagent.worker import engine_threads
 from shared.runner import Running
 from shared.schemas import CommandKind, CommandResult, DeviceCall, DeviceOp
 from tests.agent_helpers import (command, eventually, fake_model, infer, is_zombie, kill_device_worker,
@@ -33,6 +34,12 @@ def test_restart_backoff(deaths_after_s, delays):
         now += up_s
         assert life.died(now, policy) == now + delay
         now += delay
+
+
+@pytest.mark.parametrize("setting,cores,devices,threads", [
+    (0, 2, 1, 1), (0, 2, 2, 1), (0, 16, 1, 15), (0, 16, 2, 7), (0, 1, 1, 1), (4, 2, 1, 4)])
+def test_engine_threads_leave_a_core_for_serving(setting, cores, devices, threads):
+    assert engine_threads(setting, cores, devices) == threads
 
 
 async def test_killed_worker_is_reported_reaped_restarted_and_warmed_while_the_other_serves(settings):

@@ -310,7 +310,7 @@ class VllmHost:
                     try:
                         engine.add_request(request_id, prompt, params, **kwargs)
                     except Exception as exc:  # invalid request: fail that request only
-                        self._emit(slot, request_id, exc)
+                        self._emit(slot, [(request_id, exc)])
                 else:
                     engine.abort_request([request_id])
             if not engine.has_unfinished_requests():
@@ -320,16 +320,24 @@ class VllmHost:
             try:
                 outputs = engine.step()
             except Exception as exc:
-                for request_id in list(slot.streams):
-                    self._emit(slot, request_id, StepFailed(f"engine step failed: {exc}"))
+                failed = StepFailed(f"engine step failed: {exc}")
+                self._emit(slot, [(request_id, failed) for request_id in list(slot.streams)])
                 continue
-            for out in outputs:
-                self._emit(slot, out.request_id, out)
+            self._emit(slot, [(out.request_id, out) for out in outputs])
 
     @staticmethod
-    def _emit(slot: EngineSlot, request_id: str, item) -> None:
-        """Hand a request's output (or the exception that ends it) to its asyncio caller."""
-        target = slot.streams.get(request_id)
-        if target:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _emit(slot: EngineSlot, items: list) -> None:
+        """Hand each request's output (or the exception that ends it) to its asyncio caller: one
+        wake-up of each callers' loop per step, not one per request (each is a syscall here)."""
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            target = slot.streams.get(request_id)
+            if target:
+                deliveries.setdefault(target[0], []).append((target[1], item))
+        for loop, pending in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, pending)
+
+
+def _deliver(pending: list) -> None:
+    for stream, item in pending:
+        stream.put_nowait(item)

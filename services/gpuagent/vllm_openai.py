@@ -9,6 +9,7 @@ the serve argument parser): they move between vLLM releases, so the version is c
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import inspect
 import json
@@ -114,8 +115,9 @@ async def serving_app(client: SlotClient, tasks: tuple[str, ...], served_name: s
 
 async def call(app, path: str, body: bytes) -> AsyncIterator[Piece]:
     """POST `body` to `path` on the app in this process; its answer as pieces: the bytes it wrote
-    (`data`), tokens generated so far, and on the last piece the finish reason, or the error status."""
-    usage, parts = Usage(), asyncio.Queue()
+    (`data`), tokens generated so far, and on the last piece the finish reason, or the error status.
+    What the app wrote while the previous piece was being sent goes out as one piece."""
+    usage, parts, written = Usage(), collections.deque(), asyncio.Event()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
@@ -129,30 +131,42 @@ async def call(app, path: str, body: bytes) -> AsyncIterator[Piece]:
         await asyncio.Future()  # nobody disconnects: a cancelled call cancels the app's task
 
     async def send(message: dict) -> None:
-        await parts.put(message)
+        parts.append(message)
+        written.set()
 
     async def run() -> None:
         _usage.set(usage)
         try:
             await app(scope, receive, send)
         finally:
-            parts.put_nowait(None)
+            parts.append(None)
+            written.set()
 
     task = asyncio.create_task(run())
-    status, reported, error = 500, 0, b""
+    status, reported, error, ended = 500, 0, b"", False
     try:
-        while (message := await parts.get()) is not None:
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                continue
-            data, last = message.get("body", b""), not message.get("more_body", False)
-            new, reported = usage.completion_tokens - reported, usage.completion_tokens
+        while not ended:
+            await written.wait()
+            written.clear()
+            data, last = b"", False
+            while parts and not last:
+                message = parts.popleft()
+                if message is None:
+                    ended = True
+                elif message["type"] == "http.response.start":
+                    status = message["status"]
+                else:
+                    data += message.get("body", b"")
+                    last = not message.get("more_body", False)
             if status != 200:
                 error += data
                 if last:
                     yield Piece(data=error, error=_message(error), error_code=status)
                     return
                 continue
+            if not data and not last:
+                continue
+            new, reported = usage.completion_tokens - reported, usage.completion_tokens
             yield Piece(data=data, prompt_tokens=usage.prompt_tokens, new_tokens=new,
                         finish_reason=(usage.finish_reason or "stop") if last else None)
             if last:

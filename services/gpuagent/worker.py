@@ -213,15 +213,25 @@ class DeviceWorker:
             await send(error=f"{type(exc).__name__}: {exc}", error_code=500)
 
 
+def engine_threads(setting: int, cores: int, devices: int) -> int:
+    """Intra-op threads of a CPU device's engines: the setting, or (0) the cores less one, which the
+    serving layer, the bus and the gateway need beside the engines, shared by the devices; at least 1.
+    More threads than that only wait for each other (OpenMP spins) while those need the cores."""
+    return setting or max(1, (cores - 1) // devices)
+
+
 def _host(settings: Settings) -> tuple[EngineHost, int]:
     """This process's engine host and the memory budget it offers."""
     if settings.engine == "fake":
         from services.gpuagent.engine_fake import FakeHost
 
         return FakeHost(settings.fake_load_bytes_s, settings.fake_token_s), settings.device_memory_bytes
+    device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
+    if device == "cpu":  # read once, when torch loads OpenMP below
+        os.environ["OMP_NUM_THREADS"] = str(engine_threads(settings.engine_threads, len(os.sched_getaffinity(0)),
+                                                           settings.devices))
     from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
 
-    device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
     memory_bytes = settings.device_memory_bytes
     if device != "cpu":
         import torch
