@@ -320,8 +320,8 @@ class VllmHost:
             try:
                 outputs = engine.step()
             except Exception as exc:
-                failed = StepFailed(f"engine step failed: {exc}")
-                self._emit(slot, [(request_id, failed) for request_id in list(slot.streams)])
+                self._emit(slot, [(request_id, StepFailed(f"engine step failed: {exc}"))
+                                  for request_id in list(slot.streams)])
                 continue
             self._emit(slot, [(out.request_id, out) for out in outputs])
 
