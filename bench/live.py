@@ -224,6 +224,7 @@ class LiveRun:
     summary: dict  # the figures (JSON)
     result: RunResult  # per request TTFT (inf: unfinished) and the device timeline, as the simulator gives them
     events: list[dict]  # every agent and placer event
+    requests: list[dict]  # per request sent: model, sent_s, ok, ttft_s, wait_s (or status, error)
 
 
 def make_stack(name: str, config: Config, models_dir: str, data_dir: Path) -> Stack:
@@ -318,7 +319,7 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
     ttfts = np.array([o["ttft_s"] if o["ok"] else np.inf for o in outcomes] + [np.inf] * (len(arrivals) - len(outcomes)))
     result = RunResult(name, summary, ttfts, device_timeline(recorder.events), anchor, anchor + config.replay_live_s,
                        instance_spans(recorder.events))
-    return LiveRun(summary, result, recorder.events)
+    return LiveRun(summary, result, recorder.events, outcomes)
 
 
 # ---------------------------------------------------------------- command
@@ -354,7 +355,7 @@ def table(result: dict) -> str:
 
 def write_files(out: Path, config: Config, runs: dict[str, LiveRun], simulated: list[RunResult]) -> list[str]:
     """The TTFT CDF of every system (live and simulated), a device timeline per run, each live
-    run's events (JSON lines)."""
+    run's events and requests (JSON lines)."""
     out.mkdir(parents=True, exist_ok=True)
     live = [dataclasses.replace(run.result, system=f"{name} live") for name, run in runs.items()]
     sim = [dataclasses.replace(r, system=f"{r.system} sim") for r in simulated]
@@ -363,9 +364,10 @@ def write_files(out: Path, config: Config, runs: dict[str, LiveRun], simulated: 
         files.append(plots.gpu_timeline(r, config.nodes, config.devices_per_node,
                                         out / f"devices-{r.system.replace(' ', '-')}.png"))
     for name, run in runs.items():
-        path = out / f"events-{name}.jsonl"
-        path.write_text("".join(json.dumps(e) + "\n" for e in run.events))
-        files.append(path)
+        for what, rows in (("events", run.events), ("requests", run.requests)):
+            path = out / f"{what}-{name}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            files.append(path)
     return [str(f) for f in files]
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from services.forecaster.core.replay import Compression
 from services.forecaster.core.windows import RequestTiming
+from services.gateway.core.scheduler import Policy
 from services.gpuagent.engine_fake import ENGINE_INIT_S
 from services.placer import adapter
 from shared.schemas import ModelInfo
@@ -32,13 +33,14 @@ KIND = "demo-small-a"  # the profile kind of every replayed model: both demo-sma
 
 
 def variant(name: str, s: Settings) -> Variant:
-    """The simulated WarmServe whose core Config is the live placer's (adapter.core_config) and whose
-    forecaster is the live one's; cold starts use warm engines only where the live agents have them."""
+    """The simulated WarmServe whose core Config is the live placer's (adapter.core_config), whose
+    forecaster is the live one's and whose asks are as far apart as the gateway's; cold starts use warm
+    engines only where the live agents have them."""
     return Variant(name, forecast=s.forecast_method, placement=s.placement, allocation=s.allocation,
                    keep_s=s.scale_down_keep_s, promotable_copies=s.promotable_copies,
                    promotable_max_tp=s.promotable_max_tp, unserved_first=s.unserved_first,
                    universal_workers=s.warm_engines, prewarm=s.prewarm, kv_prewarm=False, window_s=s.window_s,
-                   season_s=s.season_s, tick_s=s.placer_tick_s)
+                   season_s=s.season_s, tick_s=s.placer_tick_s, ask_interval_s=Policy.ask_interval_s)
 
 
 def timing(config: Config, info: ModelInfo, s: Settings) -> TimingProfile:

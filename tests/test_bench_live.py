@@ -45,7 +45,8 @@ def test_a_short_replay_stands_beside_its_simulation(demo_models, tmp_path, caps
         assert figures["requests"] == run["requests"] and figures["unfinished"] == 0, name
     assert sim["oracle"]["wait_p99_s"] == 0.0 and sim["oracle"]["ttft_p99_s"] <= sim["ours"]["ttft_p99_s"]
     files = {Path(f).name for f in result["files"]}
-    assert {"ttft-cdf.png", "devices-ours-live.png", "devices-ours-sim.png", "events-ours.jsonl"} <= files
+    assert {"ttft-cdf.png", "devices-ours-live.png", "devices-ours-sim.png", "events-ours.jsonl",
+            "requests-ours.jsonl"} <= files
     assert all(Path(f).stat().st_size > 0 for f in result["files"])
     assert json.loads((tmp_path / "result.json").read_text())["sim"] == sim
 

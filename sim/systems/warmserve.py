@@ -48,6 +48,7 @@ class Variant:
     season_s: float = DAY_S  # the forecaster's season (shorter when a replay compresses time)
     tick_s: float = 0.0  # placer tick, loads windowed over the scale window as the live placer does (0: one
     #                      tick per scale window, each with the mean load since the last)
+    ask_interval_s: float = 0.0  # at most one ask per model in this time, as the live gateway (its Policy)
 
 
 VARIANTS = {v.name: v for v in (
@@ -99,6 +100,7 @@ class WarmServe:
         self.forecasts = self._forecast(self.window)
         self.window_meter, self.tick_meter = LoadMeter(ctx.serving), LoadMeter(ctx.serving)
         self.asked = [False] * len(ctx.models)
+        self.next_ask_s = [ctx.loop.now] * len(ctx.models)
         self.loads: dict[str, float] = {}
         self.points: dict[str, list[LoadPoint]] = {name: [] for name in ctx.models}  # with tick_s: the last window's
         ctx.serving.on_waiting = self._waiting
@@ -172,18 +174,24 @@ class WarmServe:
         return {name: windowed_load(points, now_s, window) for name, points in self.points.items()}
 
     def _waiting(self, m: int) -> None:
-        """Like the gateway: ask once when a model's queue starts, retry after "no capacity"."""
+        """Like the gateway: ask once when a model's queue starts (not sooner than ask_interval_s after
+        the last ask), retry after "no capacity"."""
         queue = self.ctx.serving.queues[m]
         if len(queue) == 1:
             self.asked[m] = False
         if not self.asked[m]:
-            self._ask(m)
+            if self.ctx.loop.now >= self.next_ask_s[m]:
+                self._ask(m)
+            else:
+                self.asked[m] = True
+                self.ctx.loop.at(self.next_ask_s[m], self._ask, m)
 
     def _ask(self, m: int) -> None:
         ctx = self.ctx
         if not ctx.serving.queues[m]:
             return
         self.asked[m] = True
+        self.next_ask_s[m] = ctx.loop.now + self.variant.ask_interval_s
         snapshot = self.shell.snapshot(self.forecasts, self.loads)  # the last tick's loads, as the live placer keeps them
         allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config, self.reuse)
         self.shell.execute(allocation.effects, ctx.loop.now)
