@@ -19,6 +19,8 @@ from shared.schemas import ModelInfo
 REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads")  # the memory maths needs them
 TOKENIZERS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, sentencepiece, or BPE vocab + merges
 REGISTRY_TABLE = "_TEXT_GENERATION_MODELS"
+TOOL_PARSER_TABLE = "_TOOL_PARSERS_TO_REGISTER"
+DEFAULT_TOOL_PARSER = ModelInfo.model_fields["tool_parser"].default
 
 
 class CheckpointError(ValueError):
@@ -27,21 +29,32 @@ class CheckpointError(ValueError):
         self.problems = problems
 
 
-@lru_cache(maxsize=1)
-def vllm_architectures() -> frozenset[str] | None:
-    """The text-generation architectures of the installed vLLM's model registry (None: vLLM is not
-    installed here). Read from the registry's source, a literal table: importing vLLM takes ~30 s."""
+@lru_cache(maxsize=None)
+def _vllm_table(module: str, table: str) -> frozenset[str] | None:
+    """The keys of the literal dict `table` in the installed vLLM's `module` (a path under the package;
+    None: vLLM is not installed here). Read from the source: importing vLLM takes ~30 s."""
     spec = importlib.util.find_spec("vllm")
     if spec is None or spec.origin is None:
         return None
-    source = Path(spec.origin).parent / "model_executor" / "models" / "registry.py"
+    source = Path(spec.origin).parent / module
     for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == REGISTRY_TABLE for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == table for t in node.targets):
             return frozenset(k.value for k in node.value.keys if isinstance(k, ast.Constant))
-    raise RuntimeError(f"{REGISTRY_TABLE} not found in {source}: vLLM's registry changed")
+    raise RuntimeError(f"{table} not found in {source}: vLLM changed")
 
 
-def validate(path: Path, tp: int = 1, max_model_len: int | None = None, dtype: str | None = None) -> dict:
+def vllm_architectures() -> frozenset[str] | None:
+    """The text-generation architectures of the installed vLLM's model registry."""
+    return _vllm_table("model_executor/models/registry.py", REGISTRY_TABLE)
+
+
+def vllm_tool_parsers() -> frozenset[str] | None:
+    """The tool-call parsers the installed vLLM registers (its --tool-call-parser names)."""
+    return _vllm_table("tool_parsers/__init__.py", TOOL_PARSER_TABLE)
+
+
+def validate(path: Path, tp: int = 1, max_model_len: int | None = None, dtype: str | None = None,
+             tool_parser: str = DEFAULT_TOOL_PARSER) -> dict:
     """The checkpoint's config; raises CheckpointError listing every problem found."""
     if not path.is_dir():
         raise CheckpointError(path, ["not a directory"])
@@ -59,16 +72,20 @@ def validate(path: Path, tp: int = 1, max_model_len: int | None = None, dtype: s
         problems.append(f"--tp {tp}: must be >= 1")
     if dtype is not None and dtype not in DTYPE_BYTES:
         problems.append(f"--dtype {dtype}: must be one of {', '.join(DTYPE_BYTES)}")
+    parsers = vllm_tool_parsers()
+    if parsers is not None and tool_parser not in parsers:
+        problems.append(f"--tool-parser {tool_parser}: not one of the installed vLLM's ({', '.join(sorted(parsers))})")
     if problems:
         raise CheckpointError(path, problems)
     return config
 
 
 def registry_entry(name: str, path: Path, tp: int = 1, max_model_len: int | None = None, dtype: str | None = None,
-                   on_progress=None) -> ModelInfo:
+                   on_progress=None, tool_parser: str = DEFAULT_TOOL_PARSER) -> ModelInfo:
     """Validate the directory, then hash its weights (`on_progress(bytes)` per block hashed)."""
-    validate(path, tp, max_model_len, dtype)
-    return checkpoint_info(name, path, tp, max_model_len, dtype, on_progress)
+    validate(path, tp, max_model_len, dtype, tool_parser)
+    info = checkpoint_info(name, path, tp, max_model_len, dtype, on_progress)
+    return info.model_copy(update={"tool_parser": tool_parser})
 
 
 def _config(path: Path, problems: list[str]) -> dict | None:

@@ -35,6 +35,7 @@ class ModelInfo(Message):
     max_model_len: int = Field(default=2048, ge=1)  # context length in tokens
     kv_bytes_per_token: int = Field(default=0, ge=0)  # KV cache bytes per token (all layers)
     dtype: str = ""  # the engine's weight and activation dtype (registration fills it in; "": bfloat16)
+    tool_parser: str = "hermes"  # vLLM's tool-call parser for the model's chat answers (--tool-call-parser)
 
 
 # ---------------------------------------------------------------- load and forecasts

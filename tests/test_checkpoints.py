@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_helpers import command, running_agent
-from shared.checkpoints import CheckpointError, registry_entry, validate, vllm_architectures
+from shared.checkpoints import CheckpointError, registry_entry, validate, vllm_architectures, vllm_tool_parsers
 from shared.schemas import CommandKind
 
 MiB = 1 << 20
@@ -84,6 +84,13 @@ def test_overrides_enter_the_architecture_signature(ckpt, demo_models):
     assert shorter.kv_bytes_per_token == 2 * plain.kv_bytes_per_token  # float32 KV
     edit_config(ckpt, max_position_embeddings=1024)
     assert registry_entry("theirs", ckpt).arch != plain.arch
+
+
+def test_tool_parser_is_one_vllm_registers_and_leaves_the_architecture_alone(ckpt):
+    assert {"hermes", "llama3_json", "mistral"} <= vllm_tool_parsers()
+    assert any("--tool-parser nope: not one of the installed vLLM's" in p for p in problems(ckpt, tool_parser="nope"))
+    plain, llama = registry_entry("theirs", ckpt), registry_entry("theirs", ckpt, tool_parser="llama3_json")
+    assert (plain.tool_parser, llama.tool_parser) == ("hermes", "llama3_json") and llama.arch == plain.arch
 
 
 async def test_promotion_never_crosses_architectures(settings, demo_models):

@@ -102,9 +102,10 @@ async def gone(state: State, name: str) -> bool:
 async def test_cli_adds_serves_shows_and_removes_a_checkpoint_it_did_not_build(stack, theirs, demo_models, capsys):
     s, url, state, bus, _ = stack
     registered, removed = await events(bus, "model_registered"), await events(bus, "model_removed")
-    assert await warmserve("models", "add", "their-llama", str(theirs), "--max-model-len", "512", *connection(s)) == 0
+    assert await warmserve("models", "add", "their-llama", str(theirs), "--max-model-len", "512",
+                           "--tool-parser", "llama3_json", *connection(s)) == 0
     info = await state.model("their-llama")
-    assert info.max_model_len == 512 and info.path == str(theirs.resolve())
+    assert info.max_model_len == 512 and info.path == str(theirs.resolve()) and info.tool_parser == "llama3_json"
     assert info.arch != demo_models["demo-small-a"].arch  # another config: another engine
     assert info.content_hash == demo_models["demo-small-a"].content_hash
     await eventually(lambda: [e.model for e in registered] == ["their-llama"], 5, "model_registered")
@@ -171,8 +172,10 @@ async def test_admin_add_show_list_remove(stack, theirs):
         bad = await http.post("/admin/models", json={"name": "x", "path": str(theirs.parent)})
         assert bad.status_code == 400 and "no config.json" in bad.json()["error"]["message"]
         assert (await http.post("/admin/models", json={"name": "x", "path": "/", "tpp": 2})).status_code == 400
+        unknown = await http.post("/admin/models", json={"name": "x", "path": str(theirs), "tool_parser": "nope"})
+        assert unknown.status_code == 400 and "--tool-parser nope" in unknown.json()["error"]["message"]
         added = await http.post("/admin/models", json={"name": "their-llama", "path": str(theirs), "dtype": "float32"})
-        assert added.status_code == 201 and added.json()["dtype"] == "float32"
+        assert added.status_code == 201 and (added.json()["dtype"], added.json()["tool_parser"]) == ("float32", "hermes")
         again = await http.post("/admin/models", json={"name": "their-llama", "path": str(theirs), "dtype": "float32"})
         assert again.status_code == 200
         taken = await http.post("/admin/models", json={"name": "demo-small-a", "path": str(theirs), "tp": 1,

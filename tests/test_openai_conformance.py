@@ -84,13 +84,13 @@ CHATS = {
 
 
 def _vllm_args(port: int, info) -> list[str]:
-    from services.gpuagent.vllm_openai import SERVE_ARGS  # the flags the stack's engines serve with
+    from services.gpuagent.vllm_openai import serve_args  # the flags the stack's engines serve with
 
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", info.path, "--served-model-name",
             MODEL, "--port", str(port), "--host", "127.0.0.1", "--dtype", info.dtype or "bfloat16",
             "--max-model-len", str(info.max_model_len),
             "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES), "--max-num-seqs", "64",
-            "--disable-log-stats", *SERVE_ARGS]
+            "--disable-log-stats", *serve_args(info.tool_parser)]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shared import registry
 from shared.bus import Bus
-from shared.checkpoints import CheckpointError, registry_entry, validate
+from shared.checkpoints import DEFAULT_TOOL_PARSER, CheckpointError, registry_entry, validate
 from shared.model_files import DTYPE_BYTES, weight_bytes
 from shared.schemas import LoadSample, ModelInfo
 from shared.settings import CONNECTION, Settings, add_arguments, load_settings
@@ -24,14 +24,15 @@ from shared.state import State
 POLL_S = 0.5
 
 
-def hashed(name: str, path: Path, tp: int, max_model_len: int | None, dtype: str | None) -> ModelInfo:
+def hashed(name: str, path: Path, tp: int, max_model_len: int | None, dtype: str | None,
+           tool_parser: str = DEFAULT_TOOL_PARSER) -> ModelInfo:
     """Validate the directory, then hash its weights with a progress bar on stderr."""
     from tqdm import tqdm
 
-    validate(path, tp, max_model_len, dtype)  # before the bar: a bad directory has no weight bytes to count
+    validate(path, tp, max_model_len, dtype, tool_parser)  # before the bar: a bad directory has no bytes to count
     with tqdm(total=weight_bytes(path), unit="B", unit_scale=True, desc=f"hashing {name}", file=sys.stderr,
               disable=None) as bar:
-        return registry_entry(name, path, tp, max_model_len, dtype, on_progress=bar.update)
+        return registry_entry(name, path, tp, max_model_len, dtype, on_progress=bar.update, tool_parser=tool_parser)
 
 
 async def add(settings: Settings, info: ModelInfo) -> str:
@@ -90,7 +91,8 @@ async def show(settings: Settings, name: str) -> dict | None:
 def print_description(d: dict) -> None:
     m, f = d["model"], d["forecast"]
     print(f"{m['name']}: {m['path']}\n  {m['size_bytes'] / 1e6:.1f} MB, tp {m['tp']}, max_model_len "
-          f"{m['max_model_len']}, dtype {m['dtype'] or 'default'}, arch {m['arch']}, sha256 {m['content_hash'][:12]}")
+          f"{m['max_model_len']}, dtype {m['dtype'] or 'default'}, tool parser {m['tool_parser']}, arch {m['arch']}, "
+          f"sha256 {m['content_hash'][:12]}")
     print(f"  forecast: avg {f['avg']:.2f} peak {f['peak']:.2f} ({f['method']}, window {f['window_s']:.0f} s)"
           if f else "  forecast: none yet")
     for r in d["residency"] or [{"node": "-", "devices": [], "kind": "cold", "state": "no copy or instance"}]:
@@ -102,12 +104,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="warmserve models")
     actions = parser.add_subparsers(dest="action", required=True)
     adding = actions.add_parser("add", help="validate, hash and register a local Hugging Face-format checkpoint",
-                                usage="%(prog)s NAME PATH [--tp N] [--max-model-len L] [--dtype D] [options]")
+                                usage="%(prog)s NAME PATH [--tp N] [--max-model-len L] [--dtype D] "
+                                      "[--tool-parser P] [options]")
     adding.add_argument("name", help="public model name (the OpenAI `model`)")
     adding.add_argument("path", type=Path, help="directory with config.json, tokenizer files and *.safetensors")
     adding.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per copy)")
     adding.add_argument("--max-model-len", type=int, help="context length (default: the config's)")
     adding.add_argument("--dtype", choices=list(DTYPE_BYTES), help="engine dtype (default: bfloat16)")
+    adding.add_argument("--tool-parser", default=DEFAULT_TOOL_PARSER,
+                        help="vLLM's tool-call parser for the model's chat answers (default: %(default)s)")
     removing = actions.add_parser("remove", help="unregister; the placer drains and evicts it everywhere",
                                   usage="%(prog)s NAME [--force] [--wait-s S] [options]")
     removing.add_argument("name")
@@ -125,7 +130,7 @@ def main(argv: list[str]) -> int:
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if args.action == "add":
         try:
-            info = hashed(args.name, args.path, args.tp, args.max_model_len, args.dtype)
+            info = hashed(args.name, args.path, args.tp, args.max_model_len, args.dtype, args.tool_parser)
             outcome = asyncio.run(add(settings, info))
         except (CheckpointError, registry.ModelConflict) as exc:
             log(f"error: {exc}")

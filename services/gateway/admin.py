@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from services.gateway.core.errors import ApiError
 from services.gateway.runtime import GatewayRuntime
 from shared import registry
-from shared.checkpoints import CheckpointError, registry_entry
+from shared.checkpoints import DEFAULT_TOOL_PARSER, CheckpointError, registry_entry
 from shared.settings import Settings
 
 
@@ -30,6 +30,7 @@ class AddModel(BaseModel):
     tp: int = Field(default=1, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     dtype: str | None = None
+    tool_parser: str = DEFAULT_TOOL_PARSER
 
 
 def add_admin_routes(app: FastAPI, settings: Settings, runtime: GatewayRuntime) -> None:
@@ -63,7 +64,7 @@ def add_admin_routes(app: FastAPI, settings: Settings, runtime: GatewayRuntime) 
             raise ApiError(400, f"bad body: {exc.errors(include_url=False)}", code="invalid_value") from None
         try:  # validation and hashing read the whole checkpoint: off the event loop
             info = await asyncio.to_thread(registry_entry, body.name, Path(body.path), body.tp, body.max_model_len,
-                                           body.dtype)
+                                           body.dtype, tool_parser=body.tool_parser)
             created = await registry.register(runtime.state, runtime.bus, info)
         except CheckpointError as exc:
             raise ApiError(400, str(exc), param="path", code="invalid_checkpoint") from None

@@ -55,7 +55,7 @@ class EngineSlot:
     wake: threading.Event = field(default_factory=threading.Event)
     streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=dict)
     thread: threading.Thread | None = None
-    apps: dict[str, asyncio.Task] = field(default_factory=dict)  # model name -> vLLM's OpenAI app over this engine
+    apps: dict[tuple[str, str], asyncio.Task] = field(default_factory=dict)  # (model, tool parser) -> vLLM's app
 
 
 class StepFailed(RuntimeError):
@@ -267,22 +267,23 @@ class VllmHost:
 
     async def _openai_app(self, slot: EngineSlot, info: ModelInfo):
         """vLLM's OpenAI app serving `info.name` on this slot's engine, built on first use."""
-        if info.name not in slot.apps:
-            slot.apps[info.name] = asyncio.ensure_future(self._build_app(slot, info.name))
+        key = (info.name, info.tool_parser)
+        if key not in slot.apps:
+            slot.apps[key] = asyncio.ensure_future(self._build_app(slot, info))
         try:
-            return await asyncio.shield(slot.apps[info.name])
+            return await asyncio.shield(slot.apps[key])
         except Exception:
-            slot.apps.pop(info.name, None)
+            slot.apps.pop(key, None)
             raise
 
-    async def _build_app(self, slot: EngineSlot, name: str):
+    async def _build_app(self, slot: EngineSlot, info: ModelInfo):
         tasks: concurrent.futures.Future = concurrent.futures.Future()
         slot.commands.put(("call", "", slot.engine.get_supported_tasks, tasks))
         slot.wake.set()
         client = vllm_openai.SlotClient(slot.engine, lambda *args: self._outputs(slot, *args),
                                         lambda request_id: self._abort(slot, request_id))
-        return await vllm_openai.serving_app(client, await asyncio.wrap_future(tasks), name,
-                                             slot.engine.model_config.model)
+        return await vllm_openai.serving_app(client, await asyncio.wrap_future(tasks), info.name,
+                                             slot.engine.model_config.model, info.tool_parser)
 
     @staticmethod
     def _prompt(slot: EngineSlot, request: InferRequest) -> str:

@@ -32,8 +32,6 @@ if not vllm.__version__.startswith(SUPPORTED_VLLM):
     raise ImportError(f"services/gpuagent/vllm_openai.py is written against vLLM {SUPPORTED_VLLM}x (its server "
                       f"internals change between releases); found vLLM {vllm.__version__}: check this module")
 
-# what every engine serves with, here and in the conformance test's plain vLLM server
-SERVE_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 ENGINE_ADD_ARGS = frozenset(inspect.signature(LLMEngine.add_request).parameters)  # what generate() may pass on
 
 # add(request_id, prompt, params, extra add_request kwargs) -> the request's outputs (deltas), ending when it does
@@ -104,10 +102,16 @@ class SlotClient(_Unsupported):
             self._abort(one)
 
 
-async def serving_app(client: SlotClient, tasks: tuple[str, ...], served_name: str, model_path: str):
+def serve_args(tool_parser: str) -> tuple[str, ...]:
+    """What every engine serves a model with, here and in the conformance test's plain vLLM server."""
+    return ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
+
+
+async def serving_app(client: SlotClient, tasks: tuple[str, ...], served_name: str, model_path: str,
+                      tool_parser: str):
     """vLLM's OpenAI app for one served model name over `client` (its routes, handlers and state)."""
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
-        ["--model", model_path, "--served-model-name", served_name, *SERVE_ARGS])
+        ["--model", model_path, "--served-model-name", served_name, *serve_args(tool_parser)])
     app = build_app(args, tasks, client.model_config)
     await init_app_state(client, app.state, args, tasks)
     return app
