@@ -252,9 +252,13 @@ class Bus:
         return self.nc.stats["reconnects"]
 
     async def close(self) -> None:
+        """Flush and close; with the server gone, close anyway (what was not sent is lost)."""
         if not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=2)
             except (nats.errors.Error, asyncio.TimeoutError):
                 pass
-            await self.nc.close()
+            try:
+                await asyncio.wait_for(self.nc.close(), 5)
+            except (nats.errors.Error, OSError, asyncio.TimeoutError):
+                pass

@@ -168,6 +168,9 @@ class Settings:
     worker_orphan_timeout_s: float = _setting(30.0, "a device worker process exits when no agent has called it for "
                                                    "this long (its agent died and none came back to adopt it; the "
                                                    "agent calls each worker every heartbeat)", _positive)
+    worker_bus_lost_exit_s: float = _setting(300.0, "a device worker process exits when NATS has been unreachable "
+                                                    "for this long (its stack is gone: nothing reaches its "
+                                                    "instance meanwhile anyway)", _positive)
 
     @property
     def accepted_api_keys(self) -> frozenset[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -123,3 +124,33 @@ async def test_a_request_without_output_on_a_killed_worker_is_served_by_another_
             assert response.json()["choices"][0]["text"] == " t0 t1"
         finally:
             await gateway.shutdown()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "left alone"])
+def test_a_worker_whose_nats_is_gone_exits(tmp_path, how):
+    """A stack torn down without its workers (kill -9 of `up` and its NATS) must not leave them
+    running for ever: a SIGTERM ends one, and so does NATS staying unreachable for
+    worker_bus_lost_exit_s."""
+    import subprocess
+    import sys
+
+    from warmserve import infra
+
+    nats = infra.start_nats(tmp_path, infra.free_port())
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "services.gpuagent.worker", "--device-index", "0",
+                               "--engine", "fake", "--nats-url", nats.url, "--namespace", "gone",
+                               "--worker-bus-lost-exit-s", "2"], stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        deadline = time.monotonic() + 30
+        while "device_worker_ready" not in log.read_text():  # connected and serving
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        nats.stop()
+        if how == "sigterm":
+            time.sleep(0.5)
+            worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()

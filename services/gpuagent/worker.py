@@ -5,7 +5,8 @@ One per device. With the vLLM engine it is a long-lived process started by the a
 with the fake engine it runs inside the agent's process unless `fake_worker_processes` is set.
 Same code either way. A draining or stopped instance answers requests with a 503, never silence.
 A worker process outlives its agent (its instance keeps serving; a restarted agent adopts it from
-what `status` reports) and exits by itself once no agent has called it for `worker_orphan_timeout_s`.
+what `status` reports) and exits by itself once no agent has called it for `worker_orphan_timeout_s`,
+or once NATS has been unreachable for `worker_bus_lost_exit_s` (its stack is gone).
 `python -m services.gpuagent.worker --device-index N [settings flags]`.
 """
 
@@ -251,10 +252,17 @@ async def _run_process(settings: Settings, index: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    bus_lost_s = None  # since when NATS has been unreachable
     while not stop.is_set():  # serve on while the agent is away; leave when none has called for too long
-        if not bus.connected:  # a NATS outage is nobody's absence: the clock starts again when it is back
-            worker.agent_called_s = time.monotonic()
-        if time.monotonic() - worker.agent_called_s > settings.worker_orphan_timeout_s:
+        now = time.monotonic()
+        bus_lost_s = None if bus.connected else bus_lost_s or now
+        if bus_lost_s is not None:  # a NATS outage is nobody's absence: the clock starts again when it is back
+            worker.agent_called_s = now
+            if now - bus_lost_s > settings.worker_bus_lost_exit_s:
+                log.warning("device_worker_bus_lost", device=index, pid=os.getpid(),
+                            timeout_s=settings.worker_bus_lost_exit_s)
+                break
+        if now - worker.agent_called_s > settings.worker_orphan_timeout_s:
             log.warning("device_worker_orphaned", device=index, pid=os.getpid(),
                         timeout_s=settings.worker_orphan_timeout_s)
             break
