@@ -412,8 +412,8 @@ def main(argv: list[str]) -> int:
                                                             CappedTiming(config), gap)
         simulated.append(sim_result)
         say(json.dumps({f"{name} (sim)": result["sim"][name]}))
-    result["files"] = write_files(Path(args.out), config, runs, simulated)
-    (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1))
+        result["files"] = write_files(Path(args.out), config, runs, simulated)  # after each system: a later
+        (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1))  # failure keeps these
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 
