@@ -148,8 +148,8 @@ class Settings:
     device_kind: str = _setting("cpu", "cpu (logical devices) or cuda", _one_of("cpu", "cuda"))
     devices: int = _setting(2, "number of logical CPU devices (cuda: all visible GPUs)", _positive)
     engine_threads: int = _setting(0, "CPU devices: intra-op threads of each device's engines (0: the cores "
-                                      "this process may use less one for serving and the bus, shared "
-                                      "by the devices, at least 1)", _non_negative)
+                                      "this process may use, shared by the devices, at least 1)",
+                                   _non_negative)
     device_memory_bytes: int = _setting(4 << 30, "memory budget per logical CPU device", _positive)
     kv_cache_bytes: int = _setting(128 << 20, "KV cache per instance (at least one full context is always reserved)", _positive)
     max_parallel_prewarms: int = _setting(2, "prewarms running at once per node", _positive)

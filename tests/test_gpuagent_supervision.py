@@ -38,8 +38,8 @@ def test_restart_backoff(deaths_after_s, delays):
 
 
 @pytest.mark.parametrize("setting,cores,devices,threads", [
-    (0, 2, 1, 1), (0, 2, 2, 1), (0, 16, 1, 15), (0, 16, 2, 7), (0, 1, 1, 1), (4, 2, 1, 4)])
-def test_engine_threads_leave_a_core_for_serving(setting, cores, devices, threads):
+    (0, 2, 1, 2), (0, 2, 2, 1), (0, 16, 1, 16), (0, 16, 3, 5), (0, 1, 2, 1), (4, 2, 1, 4)])
+def test_engine_threads_share_the_cores_between_devices(setting, cores, devices, threads):
     assert engine_threads(setting, cores, devices) == threads
 
 

@@ -215,10 +215,9 @@ class DeviceWorker:
 
 
 def engine_threads(setting: int, cores: int, devices: int) -> int:
-    """Intra-op threads of a CPU device's engines: the setting, or (0) the cores less one, which the
-    serving layer, the bus and the gateway need beside the engines, shared by the devices; at least 1.
-    More threads than that only wait for each other (OpenMP spins) while those need the cores."""
-    return setting or max(1, (cores - 1) // devices)
+    """Intra-op threads of a CPU device's engines: the setting, or (0) this process's cores shared by
+    the devices, at least 1. A prefill's GEMMs use them all; decode's small operations run on one."""
+    return setting or max(1, cores // devices)
 
 
 def _host(settings: Settings) -> tuple[EngineHost, int]:
@@ -228,9 +227,11 @@ def _host(settings: Settings) -> tuple[EngineHost, int]:
 
         return FakeHost(settings.fake_load_bytes_s, settings.fake_token_s), settings.device_memory_bytes
     device = "cpu" if settings.device_kind == "cpu" else "cuda:0"  # the agent sets CUDA_VISIBLE_DEVICES
-    if device == "cpu":  # read once, when torch loads OpenMP below
+    if device == "cpu":  # read once, when torch loads OpenMP below; idle OpenMP threads sleep instead of
+        # spinning, which took the cores from the serving layer, the bus and the gateway between steps
         os.environ["OMP_NUM_THREADS"] = str(engine_threads(settings.engine_threads, len(os.sched_getaffinity(0)),
                                                            settings.devices))
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from services.gpuagent.engine_vllm import VllmHost  # the expensive import, once per worker
 
     memory_bytes = settings.device_memory_bytes
