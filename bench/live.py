@@ -66,7 +66,8 @@ class Config:
     models: int = 12  # names over the demo checkpoints (small-a, small-b alternately)
     nodes: int = 2
     devices_per_node: int = 2
-    device_memory_bytes: int = 170 * MiB  # 2 copies of 62 MiB, or engine + copy, or one instance (160 MiB)
+    device_memory_bytes: int = 170 * MiB  # bfloat16 demo sizes: 2 copies of 63 MB and an idle engine's KV cache
+    #                                        (36 MiB), or an instance (copy + KV) and a copy (float32 hosts: double it)
     kv_cache_bytes: int = 32 * MiB
     alpha: float = 0.5
     rate_rps: float = 0.02  # total, in trace time (live: x compress)
