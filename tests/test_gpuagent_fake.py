@@ -187,3 +187,29 @@ async def test_engines_follow_registrations_and_removals_while_running(settings)
             await registry.register(state, bus, fake_model("x1", 8 * MiB, arch="small"))
             assert {(await asyncio.wait_for(warmed.get(), 10)).devices[0] for _ in range(2)} == {0, 1}
         assert engines() == [{"small"}, {"small"}]
+
+
+async def test_a_promotion_during_a_prewarm_that_first_drops_an_engine_waits_for_the_copy(agent, monkeypatch):
+    """The copy is loading from the moment the ledger books it: a promotion arriving while the
+    prewarm still frees room (dropping an idle engine, slow on a busy vLLM worker) waits for the
+    load instead of starting an engine on weights that are not there (live: instance_failed, and
+    the engine dropped with it)."""
+    running, bus, state, s = agent
+    assert (await command(bus, s.node, CommandKind.cold_start, "m1", instance_id="i1")).ok
+    assert (await command(bus, s.node, CommandKind.demote, instance_id="i1")).ok
+    assert (await command(bus, s.node, CommandKind.evict, "m1")).ok
+    assert (await command(bus, s.node, CommandKind.prewarm, "m2")).ok  # device 0: m2 (8 MiB), an idle engine (2)
+    await state.register_model(fake_model("big", 55 * MiB))  # its copy fits once the idle engine is dropped
+    service = running.service
+    drop = service._drop_engine
+
+    async def slow_drop(ledger, arch, reason):
+        await asyncio.sleep(0.5)
+        await drop(ledger, arch, reason)
+
+    monkeypatch.setattr(service, "_drop_engine", slow_drop)
+    prewarm = asyncio.ensure_future(command(bus, s.node, CommandKind.prewarm, "big"))
+    await asyncio.sleep(0.2)  # the prewarm is dropping the engine
+    promoted = await command(bus, s.node, CommandKind.promote, "big", instance_id="b1")
+    assert promoted.ok, promoted.reason
+    assert promoted.detail["start"] == "loading" and (await prewarm).ok

@@ -326,16 +326,18 @@ class AgentService(Service):
                                       copy_origin(reason))
         if engines is None:
             return {"device": ledger.index, "already": True}
-        for arch in engines:
-            await self._drop_engine(ledger, arch, f"room_for_copy:{info.name}")
-        future = asyncio.ensure_future(self._load(ledger, info, reason))
+        # known as loading from the moment the ledger books it: a promotion meanwhile waits for it
+        future = asyncio.ensure_future(self._load(ledger, info, reason, engines))
         self._loads[key] = future
         try:
             return await asyncio.shield(future)
         finally:
             self._loads.pop(key, None)
 
-    async def _load(self, ledger: DeviceLedger, info: ModelInfo, reason: str) -> dict:
+    async def _load(self, ledger: DeviceLedger, info: ModelInfo, reason: str, engines: list[str]) -> dict:
+        """Drop the idle engines the ledger gave up for the copy's room, then load it."""
+        for arch in engines:
+            await self._drop_engine(ledger, arch, f"room_for_copy:{info.name}")
         await self._event("prewarm_started", model=info.name, devices=[ledger.index], reason=reason)
         async with self._prewarm_slots:
             result = await self._call(ledger.index, DeviceCall(op=DeviceOp.load_copy, model=info))
