@@ -22,7 +22,7 @@ from shared.schemas import ModelInfo
 HASH_BLOCK_BYTES = 64 << 20
 HASH_THREADS = min(16, os.cpu_count() or 1)  # reads and hashlib release the GIL on large blocks
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# config fields that decide tensor shapes: engines with equal values can swap weights in place
+# config fields that decide tensor shapes: engines with equal values can serve each other's modules
 ARCH_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings",
                "tie_word_embeddings", "torch_dtype", "rope_theta", "rms_norm_eps")

@@ -31,7 +31,7 @@ class ModelInfo(Message):
     size_bytes: int = Field(ge=0)  # total weight bytes, in the dtype they are served in
     tp: int = Field(default=1, ge=1)  # tensor-parallel degree (devices per copy)
     content_hash: str  # block sha256 of the safetensors files (shared/model_files.py), identifies a copy
-    arch: str = ""  # architecture signature: engines with equal `arch` can swap weights
+    arch: str = ""  # architecture signature: engines with equal `arch` can serve each other's modules
     max_model_len: int = Field(default=2048, ge=1)  # context length in tokens
     kv_bytes_per_token: int = Field(default=0, ge=0)  # KV cache bytes per token (all layers)
     dtype: str = ""  # the engine's weight and activation dtype (registration fills it in; "": bfloat16)

@@ -69,7 +69,7 @@ class VllmHost:
         self.pool: dict[str, tuple[str, EngineModule]] = {}  # model -> (content hash, engine-ready module)
         self.slots: dict[str, EngineSlot] = {}  # arch -> warm engine
         self.instances: dict[str, tuple[EngineSlot, ModelInfo]] = {}
-        self._engine_lock = asyncio.Lock()  # engine creation / weight swaps one at a time
+        self._engine_lock = asyncio.Lock()  # engine creation, binds and drops one at a time
 
     # ------------------------------------------------------------ pool
 
