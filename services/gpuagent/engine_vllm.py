@@ -70,6 +70,7 @@ class VllmHost:
         self.slots: dict[str, EngineSlot] = {}  # arch -> warm engine
         self.instances: dict[str, tuple[EngineSlot, ModelInfo]] = {}
         self._engine_lock = asyncio.Lock()  # engine creation, binds and drops one at a time
+        self._construction = threading.Lock()  # model constructions (engines and pool modules) one at a time
 
     # ------------------------------------------------------------ pool
 
@@ -78,7 +79,8 @@ class VllmHost:
         tensors = await asyncio.to_thread(read_verified, Path(info.path), info.content_hash, on_progress,
                                           self.device != "cpu")  # CUDA: pinned, for fast copies into the module
         read_ms = (time.perf_counter() - started) * 1000
-        module = await asyncio.to_thread(vllm_modules.build, self._engine_args(info, self.kv_cache_bytes), tensors)
+        module = await asyncio.to_thread(self._constructed, vllm_modules.build,
+                                         self._engine_args(info, self.kv_cache_bytes), tensors)
         if self.device != "cpu":
             torch.cuda.synchronize()
         del tensors  # the pool keeps only the engine-ready form (on CUDA the only device-resident one)
@@ -124,6 +126,13 @@ class VllmHost:
             await asyncio.to_thread(self._new_slot, info, kv_bytes or self.kv_cache_bytes)
             return {"engine_init_ms": (time.perf_counter() - started) * 1000}
 
+    def _constructed(self, make, *args):
+        """Build a model (an engine's or a pool module) one at a time: vLLM's layers register with the
+        process-wide "current" config while they are constructed, so two builds in two threads at once
+        mixed their layers up (an engine failed with "Duplicate layer name")."""
+        with self._construction:
+            return make(*args)
+
     def _engine_args(self, info: ModelInfo, kv_bytes: int) -> EngineArgs:
         """One recipe for an engine of `info`'s architecture and for the modules it is promoted to."""
         return EngineArgs(model=info.path, load_format="dummy", enforce_eager=True, dtype=info.dtype or "bfloat16",
@@ -132,7 +141,7 @@ class VllmHost:
                           **self._memory_share(info, kv_bytes))
 
     def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
-        engine = LLMEngine.from_engine_args(self._engine_args(info, kv_bytes))
+        engine = self._constructed(LLMEngine.from_engine_args, self._engine_args(info, kv_bytes))
         slot = EngineSlot(info.arch, engine, vllm_modules.placeholders(engine))
         gc.collect()  # the engine's dummy weights
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True,
