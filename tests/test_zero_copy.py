@@ -6,7 +6,6 @@ this machine and in float32."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -112,21 +111,3 @@ def test_an_unsupported_vllm_is_refused_with_a_clear_error(vllm_modules, monkeyp
     with pytest.raises(vllm_modules.UnsupportedVllm, match="0.1.0"):
         vllm_modules.check_version()
 
-
-async def test_copies_and_engines_built_at_once_keep_their_own_layers(demo_models):
-    """vLLM's layers register with the process-wide "current" config while they are built: a pool
-    module and an engine of another architecture built at the same time must not mix them up (it
-    failed live with "Duplicate layer name" and a promotion refused as "a different architecture")."""
-    from services.gpuagent.engine_vllm import VllmHost
-
-    llama, qwen = demo_models["demo-small-a"], demo_models["demo-qwen2"]
-    kv_bytes = max(instance_kv_bytes(i.kv_bytes_per_token, i.max_model_len, 0) for i in (llama, qwen))
-    host = VllmHost(DEVICE, kv_bytes)
-    await asyncio.gather(host.load_copy(llama, lambda _: None), host.warm_engine(qwen, 0),
-                         host.load_copy(qwen, lambda _: None), host.warm_engine(llama, 0))
-    for info in (llama, qwen):
-        await host.start_instance(info.name, info, 0)
-        assert await greedy(host, info.name)
-        await host.stop_instance(info.name)
-    for arch in list(host.slots):
-        await host.drop_engine(arch)
