@@ -43,7 +43,7 @@ class DeviceWorker:
         self._generations: dict[tuple[str, int], asyncio.Task] = {}  # (request id, attempt) -> its generation
         # what the agent's calls put here, with the sizes they gave (what an adopting agent rebuilds its ledger from)
         self._copies: dict[str, dict] = {}  # model -> {model, content_hash, bytes}
-        self._engines: dict[str, dict] = {}  # arch -> {arch, model, bytes, kv_bytes}: the call that created it
+        self._engines: dict[str, dict] = {}  # arch -> {arch, model, kv_bytes}: the call that created it
         self._instances: dict[str, dict] = {}  # instance id -> {instance_id, model, arch, started_at_s}
         self._busy: list[str] = []  # ops in progress (an adopting agent waits until none is)
         self.agent_called_s = time.monotonic()  # last call from an agent (monotonic)
