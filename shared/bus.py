@@ -86,8 +86,11 @@ class Bus:
         await self.nc.publish(subject, payload)
 
     async def publish_event(self, domain: str, event: Event) -> None:
-        """Publish a lifecycle event; the event stream (if set up) keeps it."""
+        """Publish a lifecycle event; the event stream (if set up) keeps it. Yields once, so the client's
+        flusher sends it before the caller's next synchronous work (an `instance_ready` is what a held
+        request waits on)."""
         await self.nc.publish(self.subjects.event(domain, event.name), encode(event))
+        await asyncio.sleep(0)
 
     # ------------------------------------------------------------ subscribe
 

@@ -1,6 +1,6 @@
 """GPU agent through outages of its own redis-server / nats-server (killed, then started again on
 the same port and data): a demote during a Redis outage still ends `stopped` and the view in Redis
-converges within 5 s of the server's return (every heartbeat writes the whole view again); during
+converges within 5 s of the server's return, and a promotion meanwhile needs no Redis (every heartbeat writes the whole view again); during
 a NATS outage the heartbeats keep the node alive in Redis, and commands work once it is back."""
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ async def test_demote_during_a_redis_outage_ends_stopped_and_the_view_converges(
             assert demoted.ok, demoted.reason
             assert agent.ledgers[0].instance is None and list(agent.ledgers[0].copies) == ["m1"]
             assert (await accepted)[-1].finish_reason == "length"
+            # a burst during the outage still finds its copy: a promotion needs no registry read
+            promoted = await command(bus, s.node, CommandKind.promote, "m1", instance_id="i2", timeout_s=30)
+            assert promoted.ok, promoted.reason
+            assert (await command(bus, s.node, CommandKind.demote, instance_id="i2", timeout_s=30)).ok
             await asyncio.sleep(2 * s.heartbeat_s)  # heartbeats keep running (and failing) meanwhile
 
             redis = infra.start_redis(tmp_path, port, tmp_path / "redis.log")

@@ -56,7 +56,7 @@ class AgentService(Service):
         self._stopping = False
         self._warming: asyncio.Task | None = None  # the engines' sync with the registry (_sync_engines)
         self._engines_stale = False  # the registry changed during that sync: it runs once more
-        self._archs: set[str] = set()  # the registered architectures as the last sync read them
+        self._registered: dict[str, ModelInfo] = {}  # the registry as the last engine sync read it
         self._unwarmed: set[int] = set()  # devices that want every registered architecture's engine
         self._revivals: dict[int, asyncio.Task] = {}  # device -> its worker's restart (and warming)
 
@@ -135,8 +135,9 @@ class AgentService(Service):
         one idle engine per architecture that is new since the last sync on every device where it
         fits, and every architecture's on the devices in _unwarmed (started or restarted); smaller
         architectures first."""
-        models = list((await self.state.models()).values())
-        known, self._archs = self._archs, {m.arch for m in models}
+        known = self._archs
+        self._registered = await self.state.models()
+        models = list(self._registered.values())
         fresh, self._unwarmed = self._unwarmed, set()
         for ledger in self.ledgers:
             for arch in stale_engines(ledger, self._archs) if self.workers.is_up(ledger.index) else ():
@@ -160,6 +161,11 @@ class AgentService(Service):
                 await self._event("engine_warmed", devices=[ledger.index], model=info.name,
                                   detail={"arch": info.arch, **result.detail})
                 await self._publish_view()
+
+    @property
+    def _archs(self) -> set[str]:
+        """The registered architectures as the last engine sync read them."""
+        return {m.arch for m in self._registered.values()}
 
     def is_ready(self) -> bool:
         """Ready while every device worker is up: a node with a restarting worker serves from its
@@ -288,7 +294,7 @@ class AgentService(Service):
         if cmd.kind == CommandKind.evict:  # needs no registry entry: a removed model's copies are evicted too
             return {"devices": [await self._evict(d, cmd.model, cmd.reason or "placer")
                                 for d in self._ledgers_for(cmd.devices)]}
-        info = await self.state.model(cmd.model)
+        info = await self._model_info(cmd)
         if info is None:
             raise Refused(f"unknown model {cmd.model!r}")
         ledgers = self._ledgers_for(cmd.devices)
@@ -304,6 +310,16 @@ class AgentService(Service):
         if cmd.kind == CommandKind.cold_start:
             return await self._cold_start(ledgers[0], info, instance_id, cmd.kv_bytes, cmd.reason or "cold_start")
         raise Refused(f"unknown command {cmd.kind}")
+
+    async def _model_info(self, cmd: AgentCommand) -> ModelInfo | None:
+        """The registry's entry for the command's model. A promotion, the command a burst waits on,
+        skips the state store when the entry the last engine sync read is the one its copy was loaded
+        from (same content hash)."""
+        if cmd.kind == CommandKind.promote and len(cmd.devices) == 1 and 0 <= cmd.devices[0] < len(self.ledgers):
+            known, copy = self._registered.get(cmd.model), self.ledgers[cmd.devices[0]].copies.get(cmd.model)
+            if known is not None and copy is not None and copy.content_hash == known.content_hash:
+                return known
+        return await self.state.model(cmd.model)
 
     def _ledgers_for(self, devices: list[int]) -> list[DeviceLedger]:
         if not devices:

@@ -93,11 +93,18 @@ class DeviceWorker:
             self._copies.pop(info.name, None)
             return await self.host.drop_copy(info.name)
         if call.op == DeviceOp.start_instance:
-            detail = await self.host.start_instance(call.instance_id, info, call.kv_bytes)
+            # subscribed while the engine binds: the server learns both subjects in the same time
+            await self._serve_instance(call.instance_id)
+            try:
+                detail, _ = await asyncio.gather(self.host.start_instance(call.instance_id, info, call.kv_bytes),
+                                                 self.bus.nc.flush())
+            except BaseException:
+                for sub in self._instance_subs.pop(call.instance_id):
+                    await self.bus.unsubscribe(sub)
+                raise
             self._held_engine(info, call.kv_bytes)
             self._instances[call.instance_id] = {"instance_id": call.instance_id, "model": info.name,
                                                  "arch": info.arch, "started_at_s": time.time()}
-            await self._serve_instance(call.instance_id)
             return detail
         if call.op == DeviceOp.warm_engine:
             detail = await self.host.warm_engine(info, call.kv_bytes)
@@ -153,11 +160,10 @@ class DeviceWorker:
                     task.cancel()
 
         subjects = self.bus.subjects
-        self._instance_subs[instance_id] = [
+        self._instance_subs[instance_id] = [  # the caller flushes: the server knows both before "ready"
             await self.bus.subscribe(subjects.infer(instance_id), InferRequest, on_request, flush=False),
             await self.bus.subscribe(subjects.infer_cancel(instance_id), CancelInference, on_cancel, flush=False),
         ]
-        await self.bus.nc.flush()  # one round trip: the server knows both before the instance is reported ready
 
     async def _drain_instance(self, instance_id: str, timeout_s: float) -> None:
         """Refuse new requests (503), let accepted ones finish (bounded), then cancel the rest."""
