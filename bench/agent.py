@@ -35,7 +35,7 @@ from sim.timing import MEASURED_DIR
 from warmserve import infra
 from warmserve.models import DEMO_MODELS, DemoSpec, build_model, build_tokenizer
 
-REPEATS = 5
+REPEATS = 9
 FRESH_SERVER_KV_BYTES = 1 << 30  # vLLM refuses a KV cache too small for one max-length request
 PROMPT = "def fibonacci(n):"
 TIMING_PROMPT_WORDS = 200  # the long prompt of token_timing ("hello " repeated: about a token a word)

@@ -187,6 +187,8 @@ class DeviceCall(Message):
     drain_timeout_s: float = 30.0
     arch: str = ""  # drop_engine: the architecture whose warm engine to free
     agent_boot_id: str = ""  # the calling agent's boot id: only an agent's calls keep a worker from its orphan timeout
+    ready_event: Event | None = None  # start_instance: the agent's instance_ready, which the worker publishes
+    #                                     the moment the instance serves (a hop sooner than the agent could)
 
 
 # ---------------------------------------------------------------- placement requests

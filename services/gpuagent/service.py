@@ -420,8 +420,11 @@ class AgentService(Service):
         await self._event("instance_starting", model=info.name, devices=[ledger.index], instance_id=instance_id,
                           reason=reason, detail={"start": start})
         started = time.perf_counter()
+        ready = Event(name="instance_ready", at_s=0.0, node=self.node, model=info.name, devices=[ledger.index],
+                      instance_id=instance_id, reason=reason, detail={"start": start})
         result = await self._call(ledger.index, DeviceCall(op=DeviceOp.start_instance, model=info,
-                                                           instance_id=instance_id, kv_bytes=kv_bytes))
+                                                           instance_id=instance_id, kv_bytes=kv_bytes,
+                                                           ready_event=ready))
         if not result.ok:  # the engine's state is unknown: drop it on both sides
             ledger.end_instance(instance_id, time.time(), keep_engine=False)
             await self._drop_engine(ledger, info.arch, "instance_failed")
@@ -429,11 +432,8 @@ class AgentService(Service):
                               reason=result.reason)
             raise Refused(result.reason)
         ledger.set_instance_state(instance_id, InstanceState.ready)
-        detail = {**result.detail, "promote_ms": (time.perf_counter() - started) * 1000, "instance_id": instance_id,
-                  "start": start}
-        await self._event("instance_ready", model=info.name, devices=[ledger.index], instance_id=instance_id,
-                          reason=reason, detail=detail)
-        return detail
+        return {**result.detail, "promote_ms": (time.perf_counter() - started) * 1000, "instance_id": instance_id,
+                "start": start}  # the worker published instance_ready
 
     async def _demote(self, ledger: DeviceLedger, instance_id: str, reason: str) -> dict:
         model = ledger.instance.model

@@ -102,6 +102,9 @@ class DeviceWorker:
                 for sub in self._instance_subs.pop(call.instance_id):
                     await self.bus.unsubscribe(sub)
                 raise
+            if call.ready_event:
+                await self.bus.publish_event("agent", call.ready_event.model_copy(update={
+                    "at_s": time.time(), "detail": {**call.ready_event.detail, **detail}}))
             self._held_engine(info, call.kv_bytes)
             self._instances[call.instance_id] = {"instance_id": call.instance_id, "model": info.name,
                                                  "arch": info.arch, "started_at_s": time.time()}
