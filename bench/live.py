@@ -54,7 +54,8 @@ TIMELINE_EVENTS = {"prewarm_started": "loading", "prewarm_finished": "ready", "p
                    "instance_failed": ""}  # what each event makes of the copy or instance it names ("": gone)
 SYSTEMS = {  # settings that make each system (the rest are the defaults: ours)
     "ours": {},
-    "paper": {"forecast_method": "csp", "allocation": "paper", "promotable_copies": "false", "unserved_first": "false"},
+    "paper": {"forecast_method": "csp", "allocation": "paper", "promotable_copies": "false", "unserved_first": "false",
+              "standby_copies": "false"},
     "reactive": {"prewarm": "false"},
     "serverlessllm": {"prewarm": "false", "warm_engines": "false"},  # engines stay warm after a demote here
 }

@@ -38,7 +38,7 @@ def variant(name: str, s: Settings) -> Variant:
     engines only where the live agents have them."""
     return Variant(name, forecast=s.forecast_method, placement=s.placement, allocation=s.allocation,
                    keep_s=s.scale_down_keep_s, promotable_copies=s.promotable_copies,
-                   promotable_max_tp=s.promotable_max_tp, unserved_first=s.unserved_first,
+                   promotable_max_tp=s.promotable_max_tp, unserved_first=s.unserved_first, standby_copies=s.standby_copies,
                    universal_workers=s.warm_engines, prewarm=s.prewarm, kv_prewarm=False, window_s=s.window_s,
                    season_s=s.season_s, tick_s=s.placer_tick_s, ask_interval_s=Policy.ask_interval_s)
 

@@ -58,6 +58,7 @@ class Forecast(Message):
     avg: float = Field(ge=0)  # predicted time-weighted mean outstanding requests
     peak: float = Field(ge=0)  # predicted peak outstanding requests
     method: str  # which predictor produced this forecast (e.g. "csp", "ensemble:csp")
+    chance: float = Field(default=0.0, ge=0, le=1)  # probability of at least one request in the window
 
 
 class ForecastSet(Message):

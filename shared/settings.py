@@ -130,6 +130,8 @@ class Settings:
                                       _non_negative)
     unserved_first: bool = _setting(True, "while the cluster cannot hold the instances its loads want, a model with no "
                                           "instance may displace idle instances younger than the scale window")
+    standby_copies: bool = _setting(True, "spare memory holds standby copies of idle models that may get a request "
+                                          "(ranked by the forecast's chance of one)")
     scale_window_s: float = _setting(5.0, "autoscaler load averaging window", _positive)
     scale_down_keep_s: float = _setting(0.0, "scale-downs spare instances younger than this (0: the paper's rule)",
                                         _non_negative)

@@ -144,6 +144,19 @@ def test_compressed_season_is_the_settings_season():
     assert forecaster.forecast(6)["m"].avg == pytest.approx(3 + 2.5 / 1.5)  # as with 4 windows a day
 
 
+def test_request_chance_is_the_share_of_comparable_windows_with_a_request():
+    """Season of 100 windows: window 250 is compared with the 12 before it and with 148..152 and
+    48..52 (the same time one and two seasons back); unknown windows do not count."""
+    forecaster = OnlineForecaster("ours", 10.0, season_s=1000.0)
+    for t in range(250):
+        busy = t in (49, 150, 151, 240)  # two of 5 windows a season back, one of 5 two back, one recent
+        forecaster.observe(t, {"sparse": (0.1 if busy else 0.0, 1.0 if busy else 0.0), "idle": (0.0, 0.0)})
+    forecaster.add_model("new")
+    got = forecaster.forecast(250)
+    assert got["sparse"].chance == pytest.approx(4 / 22)
+    assert got["idle"].chance == 0.0 and got["new"].chance == 0.0  # nothing known: no chance claimed
+
+
 # ---------------------------------------------------------------- seasonal naive
 
 

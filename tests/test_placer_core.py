@@ -4,6 +4,7 @@ thresholds and protection, KV reservation arithmetic and KV-space reclaim, the a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -145,6 +146,22 @@ def test_memory_is_counted_in_pages():
     assert prewarms(tick(snap, 0, Config())) == []
     snap = snapshot_of((Node("n0", (Gpu(0, free + 1),)),), snap.models)
     assert prewarms(tick(snap, 0, Config())) == [("a", "n0", (0,))]
+
+
+def test_standby_copies_fill_spare_memory_with_the_likeliest_idle_models():
+    likely, unlikely, never = (dataclasses.replace(model(n), chance=c) for n, c in
+                               (("likely", 0.6), ("unlikely", 0.1), ("never", 0.0)))
+    standby = Config(standby_copies=True)
+    effects = tick(snapshot_of(nodes((10,)), (likely, unlikely, never)), 0, standby)
+    assert sorted(prewarms(effects)) == [("likely", "n0", (0,)), ("unlikely", "n0", (0,))]
+    assert {e.reason for e in effects} == {fx.PREWARM_STANDBY}
+    assert prewarms(tick(snapshot_of(nodes((5,)), (unlikely, likely)), 0, standby)) == [("likely", "n0", (0,))]
+    assert prewarms(tick(snapshot_of(nodes((10,)), (likely, unlikely)), 0, Config())) == []  # the paper's rule
+    # a predicted load outranks any standby copy: it takes the standby copy's room
+    busy = model("busy", avg=1)
+    effects = tick(snapshot_of(nodes((0,)), (likely, busy), (Copy("likely", "n0", (0,)),)), 0,
+                   Config(standby_copies=True, placement="evict_aware"))
+    assert evictions(effects) == [("likely", (0,))] and prewarms(effects) == [("busy", "n0", (0,))]
 
 
 # ------------------------------------------------------------------ eviction

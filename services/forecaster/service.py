@@ -194,7 +194,7 @@ class ForecasterService(Service):
         now = self.clock()
         start_s = index * self.window_s
         self.current = {model: Forecast(model=model, window_start_s=start_s, window_s=self.window_s,
-                                        avg=p.avg, peak=p.peak, method=p.method)
+                                        avg=p.avg, peak=p.peak, method=p.method, chance=p.chance)
                         for model, p in self.forecaster.forecast(index).items()}
         await self.state.hput_many(self.state.keys.forecasts(), dict(self.current))
         self.metrics.published(start_s, self.current)

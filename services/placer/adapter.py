@@ -25,6 +25,7 @@ def core_config(settings: Settings) -> Config:
                   prewarm=settings.prewarm, placement=settings.placement, kv_prewarm=False,
                   allocation=settings.allocation, promotable_copies=settings.promotable_copies,
                   promotable_max_tp=settings.promotable_max_tp, unserved_first=settings.unserved_first,
+                  standby_copies=settings.standby_copies,
                   scale_window_s=settings.scale_window_s, protect_s=settings.scale_window_s,
                   keep_s=settings.scale_down_keep_s)
 
@@ -33,7 +34,7 @@ def model_spec(info: ModelInfo, forecast: Forecast | None, settings: Settings) -
     """The agent's memory rules: an instance computes with its pool copy's own tensors (zero-copy) and
     holds a KV cache of at least one context."""
     return ModelSpec(info.name, info.size_bytes, info.tp, avg=forecast.avg if forecast else 0.0,
-                     peak=forecast.peak if forecast else 0.0,
+                     peak=forecast.peak if forecast else 0.0, chance=forecast.chance if forecast else 0.0,
                      kv_bytes=instance_kv_bytes(info.kv_bytes_per_token, info.max_model_len, settings.kv_cache_bytes))
 
 
@@ -48,7 +49,10 @@ def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo]
     nodes = []
     for name in sorted(views):
         view = views[name]
-        gpus = tuple(Gpu(d.index, d.free_bytes) for d in sorted(view.devices, key=lambda d: d.index))
+        # an idle warm engine's memory is not the plan's to fill: a copy taking it would cost that
+        # architecture's next instance on the device an engine start (seconds), not a promotion (ms)
+        gpus = tuple(Gpu(d.index, max(d.free_bytes - d.idle_engine_bytes, 0))
+                     for d in sorted(view.devices, key=lambda d: d.index))
         serving = {(i.model, d) for i in view.instances for d in i.devices}
         instances = tuple(Instance(inst.instance_id, inst.model, name, tuple(inst.devices), inst.started_at_s,
                                    inst.inflight, inst.kv_bytes, ready=inst.state == InstanceState.ready,

@@ -51,7 +51,7 @@ class PlacerShell:
         serving.on_kv_short = self.reclaim_for
         cluster.on_instance_gone = self._instance_gone
 
-    def snapshot(self, forecasts: dict[str, tuple[float, float]], loads: dict[str, float]) -> core.Snapshot:
+    def snapshot(self, forecasts: dict[str, tuple[float, float, float]], loads: dict[str, float]) -> core.Snapshot:
         """The observed cluster with the effects not yet carried out overlaid (as the live placer does).
         A node the cluster has not touched since the last snapshot, whose instances' figures are
         unchanged, keeps its view (the same object), as do unchanged instances' views; only nodes
@@ -72,7 +72,8 @@ class PlacerShell:
         if forecasts != self._forecasts:
             self._forecasts = dict(forecasts)
             self._models = tuple(core.ModelSpec(name, cl.profile(name).size_bytes, cl.profile(name).tp,
-                                                *forecasts.get(name, (0.0, 0.0)), kv_bytes=self.kv_bytes_per_gpu[name])
+                                                kv_bytes=self.kv_bytes_per_gpu[name],
+                                                **dict(zip(("avg", "peak", "chance"), forecasts.get(name, ()))))
                                  for name in self.serving.names)
         looked = changed | cl.served_nodes
         nodes = tuple(self._node_view(n, n in changed) if n in looked else self._nodes[n] for n in range(cl.nodes))

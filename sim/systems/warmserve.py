@@ -41,6 +41,7 @@ class Variant:
     promotable_copies: bool = False  # placer core Config.promotable_copies
     promotable_max_tp: int = Config.promotable_max_tp  # placer core Config.promotable_max_tp (same default)
     unserved_first: bool = False  # placer core Config.unserved_first
+    standby_copies: bool = False  # placer core Config.standby_copies
     universal_workers: bool = True  # an engine process runs ahead on every GPU: a cold start skips the engine start
     prewarm: bool = True
     kv_prewarm: bool = True
@@ -53,7 +54,8 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
-    Variant("ours", forecast="ours", allocation="hit_first", promotable_copies=True, unserved_first=True),
+    Variant("ours", forecast="ours", allocation="hit_first", promotable_copies=True, unserved_first=True,
+            standby_copies=True),
     # ours trading GPU-seconds for the tail: scale up early (0.25*B per instance), down late (0.1*B),
     # and keep a new instance for 30 s (fewer demote/promote round trips for sporadic models)
     Variant("ours-lowlat", forecast="ours", allocation="hit_first", promotable_copies=True,
@@ -74,7 +76,7 @@ def core_config(v: Variant, capacity: int, cfg: dict) -> Config:
                   prewarm=v.prewarm, placement=v.placement, kv_prewarm=v.kv_prewarm, allocation=v.allocation,
                   scale_up_at=v.scale_up_at, scale_down_at=v.scale_down_at, keep_s=v.keep_s,
                   promotable_copies=v.promotable_copies, promotable_max_tp=v.promotable_max_tp,
-                  unserved_first=v.unserved_first)
+                  unserved_first=v.unserved_first, standby_copies=v.standby_copies)
 
 
 class WarmServe:
@@ -144,8 +146,8 @@ class WarmServe:
             avg[m], peak[m] = trace_windows(arrivals.time_s, duration, w, self.window)
         return {"avg": avg[:, first:], "peak": peak[:, first:]}
 
-    def _forecast(self, t: int) -> dict[str, tuple[float, float]]:
-        return {name: (p.avg, p.peak) for name, p in self.forecaster.forecast(t).items()}
+    def _forecast(self, t: int) -> dict[str, tuple[float, float, float]]:
+        return {name: (p.avg, p.peak, p.chance) for name, p in self.forecaster.forecast(t).items()}
 
     def _window_closed(self) -> None:
         loads = self.window_meter.take()

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from services.forecaster.core.chance import request_chance
 from services.forecaster.core.history import LoadHistory
 from services.forecaster.core.ours import LONG_DAYS, Ours
 from services.forecaster.core.predictors import Csp, Predictions, SeasonalNaive
@@ -25,6 +26,7 @@ class Prediction:
     avg: float  # predicted time-weighted mean outstanding requests
     peak: float  # predicted peak outstanding requests
     method: str  # which predictor produced it (e.g. "csp", "ours:csp7/ratio")
+    chance: float = 0.0  # probability of at least one request in the window (core.chance)
 
 
 def make_predictor(method: str, season: int, csp_days: int, csp_errors: int):
@@ -78,5 +80,7 @@ class OnlineForecaster:
     def forecast(self, t: int) -> dict[str, Prediction]:
         """Predictions for window t for every known model."""
         predicted = self.forecast_rows(t)
-        return {model: Prediction(float(predicted.avg[row]), float(predicted.peak[row]), predicted.methods[row])
+        chance = request_chance(self.history, t, self.season)
+        return {model: Prediction(float(predicted.avg[row]), float(predicted.peak[row]), predicted.methods[row],
+                                  float(chance[row]))
                 for model, row in self.history.rows.items()}

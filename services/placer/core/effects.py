@@ -12,6 +12,7 @@ from typing import Union
 # reasons
 PREWARM_FOUNDATION = "prewarm_foundation"  # copy for the predicted average load
 PREWARM_BURST = "prewarm_burst"  # copy for the predicted peak above the average
+PREWARM_STANDBY = "prewarm_standby"  # copy of an idle model that may get a request (spare memory)
 PREWARM_KV_SPACE = "prewarm_kv_space"  # copy placed in an instance's idle KV space
 PREWARM_ROUND_ROBIN = "prewarm_round_robin"  # ablation: first fit, no placement policy
 EVICTED_FOR = "evicted_for"  # room for a higher-score copy or an instance (see `for_model`)

@@ -13,7 +13,7 @@ from services.placer.core.cluster import Cluster, NodeState, Occupant, laminar_o
 from services.placer.core.scores import copy_pages, copy_scores
 from services.placer.core.snapshot import ModelSpec
 
-Want = tuple[float, str, str]  # (score, model, kind "foundation" | "burst")
+Want = tuple[float, str, str]  # (score, model, kind "foundation" | "burst" | "standby")
 
 
 def wanted_copies(cluster: Cluster) -> list[Want]:
@@ -68,7 +68,7 @@ def plan_prewarms(cluster: Cluster) -> list[fx.Effect]:
             placed, cursor = _round_robin(cluster, model, score, cursor)
             effects += placed
         else:
-            reason = fx.PREWARM_FOUNDATION if kind == "foundation" else fx.PREWARM_BURST
+            reason = {"foundation": fx.PREWARM_FOUNDATION, "burst": fx.PREWARM_BURST}.get(kind, fx.PREWARM_STANDBY)
             effects += _place_best(cluster, model, score, reason, failures)
     return effects
 

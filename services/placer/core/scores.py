@@ -48,15 +48,19 @@ def replica_counts(avg: float, peak: float, current: int, capacity: int) -> tupl
 
 @functools.lru_cache(maxsize=4096)  # pure; the simulator rescoring every copy on every call repeats it a lot
 def copy_scores(model: ModelSpec, current: int, config: Config) -> tuple[tuple[float, str], ...]:
-    """Score and kind (foundation/burst) of the j-th wanted copy, j = 0, 1, ... (descending).
+    """Score and kind (foundation/burst/standby) of the j-th wanted copy, j = 0, 1, ... (descending).
 
     cold-start cost c = size / tp / bandwidth; foundation j: exp(-j/n) * c; burst j:
     exp(-(n_f+j)/n) * c * peak/avg with n = n_f + n_b. avg below one request counts as one
-    (the ratio guard for avg = 0).
+    (the ratio guard for avg = 0). With standby copies, a model without either and without an
+    instance wants one standby copy of score chance * c (the cold start it saves, times how likely).
     """
     n_f, n_b = replica_counts(model.avg, model.peak, current, config.capacity)
     total = n_f + n_b
     cost = model.size_bytes / model.tp / config.load_bandwidth_bytes_s
+    if total == 0:
+        standby = config.standby_copies and current == 0 and model.chance > 0
+        return ((model.chance * cost, "standby"),) if standby else ()
     ratio = model.peak / max(model.avg, 1.0)
     out = [(math.exp(-j / total) * cost, "foundation") for j in range(n_f)]
     out += [(math.exp(-(n_f + j) / total) * cost * ratio, "burst") for j in range(n_b)]

@@ -32,6 +32,7 @@ class ModelSpec:
     kv_bytes: int = 0  # KV cache per device a new instance needs (0: none reserved here)
     engine_bytes: int = 0  # memory per device an instance needs beyond the copy and its KV (an
     #                        engine that does not serve from the pool's tensors holds its own weights)
+    chance: float = 0.0  # forecast: probability of at least one request in the next window
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class Config:
     #   copies go only to GPUs without instances (the paper: every copy counts, copies are planned each tick)
     promotable_max_tp: int = 1  # larger models keep counting blocked copies: re-loading them elsewhere costs the
     #   most bytes, and their idle TP groups are the ones allocations take soonest
+    standby_copies: bool = False  # True: a model that wants no copy for its predicted load, has no instance and may
+    #   still get a request (forecast chance > 0) wants one standby copy of score chance * its cold-start cost, so
+    #   spare memory holds the likeliest idle models (the paper: copies only for predicted load)
     unserved_first: bool = False  # True: while the cluster cannot hold the instances its loads want, a model without
     #   a serving instance (its requests wait) may displace idle instances still inside protect_s (the paper:
     #   protection holds for every allocation, and a model can wait minutes for a group)
