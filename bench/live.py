@@ -64,14 +64,15 @@ MiB = 1 << 20
 
 @dataclass
 class Config:
-    models: int = 12  # names over the demo checkpoints (small-a, small-b alternately)
+    models: int = 10  # names over the demo checkpoints (small-a, small-b alternately): 8 copies fit at most
     nodes: int = 2
     devices_per_node: int = 2
     device_memory_bytes: int = 170 * MiB  # bfloat16 demo sizes: 2 copies of 63 MB and an idle engine's KV cache
     #                                        (36 MiB), or an instance (copy + KV) and a copy (float32 hosts: double it)
     kv_cache_bytes: int = 32 * MiB
     alpha: float = 0.5
-    rate_rps: float = 0.02  # total, in trace time (live: x compress)
+    rate_rps: float = 0.01  # total, in trace time (live: x compress); at 0.02 more models want an instance at
+    #                        once than there are devices, and waits are for a device, whatever is prewarmed
     seed: int = 1
     client_order: str = "quiet"  # the burstiest ServeGen clients
     compress: float = 60.0  # a trace day in 24 live minutes
