@@ -21,7 +21,7 @@ import uuid
 from collections import OrderedDict
 
 from services.gpuagent.core.adoption import adopted_ledger
-from services.gpuagent.core.engines import engine_models, stale_engines
+from services.gpuagent.core.engines import engine_models, kept_arch, stale_engines
 from services.gpuagent.core.ledger import DeviceLedger, Refused, copy_origin, instance_kv_bytes, page_bytes
 from services.gpuagent.metrics import AgentMetrics
 from services.gpuagent.workers import DeviceWorkers, describe_exit
@@ -138,6 +138,8 @@ class AgentService(Service):
         known = self._archs
         self._registered = await self.state.models()
         models = list(self._registered.values())
+        for ledger in self.ledgers:
+            ledger.kept_arch = kept_arch(models)
         fresh, self._unwarmed = self._unwarmed, set()
         for ledger in self.ledgers:
             for arch in stale_engines(ledger, self._archs) if self.workers.is_up(ledger.index) else ():
@@ -395,7 +397,7 @@ class AgentService(Service):
         started = time.perf_counter()
         start = ledger.start_kind(info.name, (ledger.index, info.name) in self._loads)
         if info.name not in ledger.copies:  # room for the copy now; the instance frees more if it must
-            need = page_bytes(info.size_bytes // info.tp) - ledger.reclaimable_free_bytes
+            need = page_bytes(info.size_bytes // info.tp) - ledger.copy_room_bytes
             for victim in ledger.idle_copies_to_free(info.name, need):
                 await self._evict(ledger, victim, f"evicted_for:{info.name}")
             await self._prewarm(ledger, info, reason)
@@ -498,7 +500,7 @@ class AgentService(Service):
         for d in self.ledgers:
             up = self.workers.is_up(d.index)  # a down device offers no room until its worker is back
             devices.append(DeviceView(index=d.index, budget_bytes=d.budget_bytes,
-                                      free_bytes=d.reclaimable_free_bytes if up else 0,
+                                      free_bytes=d.copy_room_bytes if up else 0,
                                       idle_engine_bytes=d.idle_engine_bytes, kind=self.settings.device_kind))
             copies += [CopyView(model=c.model, content_hash=c.content_hash, devices=[d.index], state=c.state,
                                 bytes=c.bytes, progress=c.progress, origin=c.origin) for c in d.copies.values()]

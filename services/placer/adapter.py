@@ -49,10 +49,7 @@ def snapshot_from(views: Mapping[str, NodeView], models: Mapping[str, ModelInfo]
     nodes = []
     for name in sorted(views):
         view = views[name]
-        # an idle warm engine's memory is not the plan's to fill: a copy taking it would cost that
-        # architecture's next instance on the device an engine start (seconds), not a promotion (ms)
-        gpus = tuple(Gpu(d.index, max(d.free_bytes - d.idle_engine_bytes, 0))
-                     for d in sorted(view.devices, key=lambda d: d.index))
+        gpus = tuple(Gpu(d.index, d.free_bytes) for d in sorted(view.devices, key=lambda d: d.index))
         serving = {(i.model, d) for i in view.instances for d in i.devices}
         instances = tuple(Instance(inst.instance_id, inst.model, name, tuple(inst.devices), inst.started_at_s,
                                    inst.inflight, inst.kv_bytes, ready=inst.state == InstanceState.ready,
