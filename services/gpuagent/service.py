@@ -138,8 +138,9 @@ class AgentService(Service):
         known = self._archs
         self._registered = await self.state.models()
         models = list(self._registered.values())
+        kept = kept_arch(models)
         for ledger in self.ledgers:
-            ledger.kept_arch = kept_arch(models)
+            ledger.kept_arch = kept
         fresh, self._unwarmed = self._unwarmed, set()
         for ledger in self.ledgers:
             for arch in stale_engines(ledger, self._archs) if self.workers.is_up(ledger.index) else ():
