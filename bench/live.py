@@ -4,9 +4,11 @@ real stack under a compressed real-trace slice, one system after another on the 
 Per system: a fresh `warmserve up` (bench.chaos.Stack: embedded NATS and Redis with credentials, the
 node0 agent) and a second agent process (node1), each with `devices_per_node` logical devices whose
 budget holds 2 copies (or one instance); `models` names over the demo checkpoints (more than the
-devices can hold). The learn days are imported into the forecaster (`forecast import`'s workload
-path; season and window compressed by `compress`), then the slice's ServeGen arrivals (Azure
-lengths, capped) go through the gateway's HTTP API at compressed times, non-streaming. Per system:
+devices can hold), the only models registered. The learn days are imported into the forecaster
+(`forecast import`'s workload path; season and window compressed by `compress`); once the copies
+they ask for are in place (what is measured is a running system, not its start), the slice's
+ServeGen arrivals (Azure lengths, capped) go through the gateway's HTTP API at compressed times,
+non-streaming. Per system:
 P50/P95/P99 TTFT and wait for an instance (queue + instance start, the gateway's x-warmserve
 headers), instance starts by what they found, bytes loaded, device-seconds (instances, over the
 replay window), requests that did not finish. Beside each live run the simulator (bench.live_sim)
@@ -35,6 +37,8 @@ from bench import live_sim
 from bench.chaos import Stack
 from services.forecaster.core.replay import Compression
 from services.forecaster.core.windows import RequestTiming, window_index
+from services.gpuagent.core.ledger import instance_kv_bytes, page_bytes
+from shared import registry
 from shared.bus import Bus
 from shared.schemas import Event, ModelInfo
 from shared.settings import load_settings
@@ -203,23 +207,44 @@ async def send(client: httpx.AsyncClient, at_s: float, model: str, prompt_words:
                        wait_s=(float(h["x-warmserve-queue-ms"]) + float(h["x-warmserve-instance-start-ms"])) / 1000)
 
 
-async def until_engines_warm(stack: Stack, config: Config, say, timeout_s: float = 600.0) -> None:
-    """Every device of every node holds its idle engine (warm_engines) or is at least listed."""
+async def node_views(stack: Stack) -> dict:
+    state = await State.connect(stack.settings)
+    try:
+        return await state.node_views()
+    finally:
+        await state.close()
+
+
+async def until_engines_warm(stack: Stack, config: Config, engine_bytes: int, say, timeout_s: float = 600.0) -> None:
+    """Every device of every node is listed and, with warm_engines, holds the replay's idle engine
+    (`engine_bytes`) and no other (those of the architectures unregistered are gone)."""
     deadline = time.monotonic() + timeout_s
     want_engines = stack.settings.warm_engines
     while time.monotonic() < deadline:
-        state = await State.connect(stack.settings)
-        try:
-            views = await state.node_views()
-        finally:
-            await state.close()
+        views = await node_views(stack)
         devices = [d for v in views.values() for d in v.devices]
         if len(views) == config.nodes and len(devices) == config.nodes * config.devices_per_node and (
-                not want_engines or all(d.idle_engine_bytes > 0 for d in devices)):
+                not want_engines or all(d.idle_engine_bytes == engine_bytes for d in devices)):
             say(f"{len(views)} nodes, {len(devices)} devices ready")
             return
         await asyncio.sleep(1.0)
     raise RuntimeError(f"agents not ready within {timeout_s:g} s: see {stack.data_dir}")
+
+
+async def until_copies_settle(stack: Stack, say, timeout_s: float = 60.0, quiet_s: float = 2.0) -> None:
+    """The copies the imported history asks for have landed: none loading and the same set for
+    `quiet_s` (a running system is past its start; the replay measures it, not the start)."""
+    deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
+    while time.monotonic() < deadline:
+        views = await node_views(stack)
+        copies = sorted((v.node, c.model, c.state.value) for v in views.values() for c in v.copies)
+        if copies != last or any(state != "ready" for *_, state in copies):
+            last, since = copies, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            say(f"{len(copies)} copies in place")
+            return
+        await asyncio.sleep(0.25)
+    say(f"copies still moving after {timeout_s:g} s: replaying anyway")
 
 
 @dataclass
@@ -248,11 +273,14 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
     agents: list[subprocess.Popen] = []
     try:
         await stack.wait_ready(say)
-        state = await State.connect(stack.settings)
-        try:
+        state, bus = await State.connect(stack.settings), await Bus.connect(stack.settings, "bench-live")
+        try:  # the replay's models only: another architecture's idle engines would take the copies' room
+            for name in set(await state.models()) - {i.name for i in infos}:
+                await registry.remove(state, bus, name, 0, force=True)
             for info in infos:
-                await state.register_model(info)
+                await registry.register(state, bus, info)
         finally:
+            await bus.close()
             await state.close()
         for node in range(1, config.nodes):
             argv = [sys.executable, "-m", "warmserve.cli", "service", "gpuagent"]
@@ -260,7 +288,8 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
                 argv += [f"--{flag.replace('_', '-')}", value]
             with open(tmp / f"gpuagent-node{node}.log", "ab") as log:
                 agents.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        await until_engines_warm(stack, config, say)
+        engine = page_bytes(instance_kv_bytes(infos[0].kv_bytes_per_token, infos[0].max_model_len, config.kv_cache_bytes))
+        await until_engines_warm(stack, config, engine, say)
         return await replay(stack, config, infos, say, name)
     finally:
         for proc in agents:
@@ -286,6 +315,7 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
     imported = history.workload_history(workload, names, Compression(config.compress, start_trace, closed_s),
                                         config.learn_days, config.window_s, CappedTiming(config))
     await history.send(stack.settings, imported)
+    await until_copies_settle(stack, say)
     # ... and the slice starts at the next window once the forecaster has relearnt (the windows between are empty)
     anchor = (window_index(time.time(), config.window_s) + 1) * config.window_s
     compression = Compression(config.compress, start_trace, anchor)
