@@ -231,9 +231,10 @@ async def until_engines_warm(stack: Stack, config: Config, engine_bytes: int, sa
     raise RuntimeError(f"agents not ready within {timeout_s:g} s: see {stack.data_dir}")
 
 
-async def until_copies_settle(stack: Stack, say, timeout_s: float = 60.0, quiet_s: float = 2.0) -> None:
+async def until_copies_settle(stack: Stack, quiet_s: float, say, timeout_s: float = 90.0) -> None:
     """The copies the imported history asks for have landed: none loading and the same set for
-    `quiet_s` (a running system is past its start; the replay measures it, not the start)."""
+    `quiet_s` (two windows: the relearnt forecasts are out by then; a running system is past its
+    start, and the replay measures it, not the start)."""
     deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
     while time.monotonic() < deadline:
         views = await node_views(stack)
@@ -275,8 +276,8 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
         await stack.wait_ready(say)
         state, bus = await State.connect(stack.settings), await Bus.connect(stack.settings, "bench-live")
         try:  # the replay's models only: another architecture's idle engines would take the copies' room
-            for name in set(await state.models()) - {i.name for i in infos}:
-                await registry.remove(state, bus, name, 0, force=True)
+            for other in set(await state.models()) - {i.name for i in infos}:
+                await registry.remove(state, bus, other, 0, force=True)
             for info in infos:
                 await registry.register(state, bus, info)
         finally:
@@ -315,7 +316,7 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
     imported = history.workload_history(workload, names, Compression(config.compress, start_trace, closed_s),
                                         config.learn_days, config.window_s, CappedTiming(config))
     await history.send(stack.settings, imported)
-    await until_copies_settle(stack, say)
+    await until_copies_settle(stack, 2 * config.window_s, say)
     # ... and the slice starts at the next window once the forecaster has relearnt (the windows between are empty)
     anchor = (window_index(time.time(), config.window_s) + 1) * config.window_s
     compression = Compression(config.compress, start_trace, anchor)
