@@ -60,6 +60,22 @@ def test_asks_at_most_once_per_interval_and_retries_a_failed_ask_sooner():
     assert s.tick(6.0) == [] and s.tick(6.5) == [AskPlacer("m", 1)]
 
 
+def test_a_model_whose_instances_all_went_asks_again_at_once():
+    """The ask interval spaces out asks for one need: once the instance the last ask got stops (or
+    drains), a request arriving within the interval asks at once instead of waiting it out."""
+    s = scheduler(b=1, deadline_s=60)
+    assert s.admit("r0", "m", 0) == [AskPlacer("m", 1)]
+    s.placer_answered("m", True, [ready("i1")], 0.1)
+    s.finish("r0", 0.5)
+    s.observe(ready("i1", at_s=1.0, state="draining"), 1.0)  # scaled down
+    assert s.admit("r1", "m", 1.2) == [AskPlacer("m", 1)]
+    s.placer_answered("m", True, [ready("i2", at_s=1.3)], 1.3)
+    s.observe(ready("i3", at_s=1.4, state="starting"), 1.4)
+    s.finish("r1", 1.5)
+    s.observe(ready("i2", at_s=1.6, state="stopped"), 1.6)  # i3 is still coming: no new need
+    assert [e for e in s.admit("r2", "m", 1.7) if isinstance(e, AskPlacer)] == []
+
+
 def test_queue_limit_is_429_and_deadline_is_503_in_order():
     s = scheduler(limit=2, deadline_s=1.0)
     s.admit("r0", "m", 0.0)

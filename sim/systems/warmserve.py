@@ -103,6 +103,7 @@ class WarmServe:
         self.window_meter, self.tick_meter = LoadMeter(ctx.serving), LoadMeter(ctx.serving)
         self.asked = [False] * len(ctx.models)
         self.next_ask_s = [ctx.loop.now] * len(ctx.models)
+        self.ask_found = [False] * len(ctx.models)  # the model's last ask got an instance
         self.loads: dict[str, float] = {}
         self.points: dict[str, list[LoadPoint]] = {name: [] for name in ctx.models}  # with tick_s: the last window's
         ctx.serving.on_waiting = self._waiting
@@ -177,10 +178,14 @@ class WarmServe:
 
     def _waiting(self, m: int) -> None:
         """Like the gateway: ask once when a model's queue starts (not sooner than ask_interval_s after
-        the last ask), retry after "no capacity"."""
+        the last ask, unless what that ask got is gone), retry after "no capacity"."""
         queue = self.ctx.serving.queues[m]
         if len(queue) == 1:
             self.asked[m] = False
+            name = self.ctx.models[m]
+            if self.ask_found[m] and not any(i.model == name and i.state in ("starting", "ready")
+                                             for i in self.ctx.cluster.instances.values()):
+                self.next_ask_s[m] = min(self.next_ask_s[m], self.ctx.loop.now)
         if not self.asked[m]:
             if self.ctx.loop.now >= self.next_ask_s[m]:
                 self._ask(m)
@@ -196,6 +201,7 @@ class WarmServe:
         self.next_ask_s[m] = ctx.loop.now + self.variant.ask_interval_s
         snapshot = self.shell.snapshot(self.forecasts, self.loads)  # the last tick's loads, as the live placer keeps them
         allocation = allocate(snapshot, ctx.models[m], ctx.loop.now, self.config, self.reuse)
+        self.ask_found[m] = allocation.found
         self.shell.execute(allocation.effects, ctx.loop.now)
         if not allocation.found:
             ctx.loop.after(ASK_RETRY_S, self._ask, m)

@@ -25,7 +25,8 @@ class Policy:
     max_inflight: int  # B: requests in flight per instance (from this gateway)
     queue_limit: int  # requests a model may hold waiting
     queue_deadline_s: float  # how long a request may wait for an instance
-    ask_interval_s: float = 5.0  # at most one placer ask per model in this time (while requests wait)
+    ask_interval_s: float = 5.0  # at most one placer ask per model in this time (while requests wait), unless
+    #                              every instance of the model stopped or began draining since
     ask_retry_s: float = 1.0  # wait before asking again after the placer failed or did not answer
 
 
@@ -233,6 +234,8 @@ class Scheduler:
         else:
             effects = []
             known.state, known.node, known.as_of_s = seen.state, seen.node, seen.as_of_s
+        if seen.state == "draining":
+            self._unserved(seen.model, now_s)
         return effects + self._instances_changed(seen.model, now_s)
 
     def observe_node(self, node: str, instances: list[InstanceSeen], as_of_s: float, now_s: float) -> list[Effect]:
@@ -333,8 +336,16 @@ class Scheduler:
         running = sorted(instance.running)
         aborts: list[Effect] = [Abort(r, instance_id) for r in running if self._requests[r].answering]
         requeued = self._requeue(instance.model, [r for r in running if not self._requests[r].answering])
+        self._unserved(instance.model, now_s)
         effects = aborts + requeued + self._instances_changed(instance.model, now_s)
-        return effects + (self._maybe_ask(instance.model, now_s) if requeued else [])
+        return effects + self._maybe_ask(instance.model, now_s)
+
+    def _unserved(self, model: str, now_s: float) -> None:
+        """No instance of the model is starting or ready any more: what the last ask got is gone, so
+        the next waiting request asks at once (the ask interval spaces out asks for one need)."""
+        m = self._models[model]
+        if not any(self._instances[i].state in ("starting", "ready") for i in m.instances):
+            m.next_ask_s = min(m.next_ask_s, now_s)
 
     def _requeue(self, model: str, request_ids: list[str]) -> list[Effect]:
         """Put dispatched requests back in the model's queue, in arrival order among the waiting."""
