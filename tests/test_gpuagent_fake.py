@@ -40,6 +40,17 @@ async def test_prewarm_promote_infer_demote_promote_again(agent):
     assert again.ok and again.detail["path"] == "warm_engine"
 
 
+async def test_evicting_a_copy_still_loading_waits_for_the_load_then_evicts(settings):
+    s = settings.with_overrides(engine="fake", devices=1, device_memory_bytes=64 * MiB, warm_engines=False,
+                                fake_load_bytes_s=16 * MiB, kv_cache_bytes=2 * MiB)  # 8 MiB: half a second
+    async with running_agent(s, [fake_model("m1")]) as (running, bus, state):
+        prewarm = asyncio.ensure_future(command(bus, s.node, CommandKind.prewarm, "m1"))
+        await eventually(lambda: running.service.ledgers[0].copies, 5, "the load started")
+        evicted = await command(bus, s.node, CommandKind.evict, "m1")
+        assert evicted.ok, evicted.reason
+        assert (await prewarm).ok and running.service.ledgers[0].copies == {}
+
+
 async def test_instance_starts_say_what_they_found(agent):
     running, bus, state, s = agent
     assert (await command(bus, s.node, CommandKind.prewarm, "m1", reason="prewarm_burst")).ok

@@ -371,10 +371,11 @@ class AgentService(Service):
         return {"device": ledger.index, "duration_ms": result.duration_ms}
 
     async def _evict(self, ledger: DeviceLedger, model: str, reason: str) -> dict:
+        load = self._loads.get((ledger.index, model))
+        if load is not None:  # let it land, then evict: a refusal would cost the placer a retry (1 s)
+            await asyncio.wait({load})
         if model not in ledger.copies:
             return {"device": ledger.index, "absent": True}
-        if (ledger.index, model) in self._loads:
-            raise Refused(f"{model} is still loading on device {ledger.index}")
         ledger.copies[model].state = CopyState.evicting
         try:
             record = ledger.drop_copy(model)
