@@ -105,8 +105,7 @@ class InstanceState(str, Enum):
 class DeviceView(Message):
     index: int = Field(ge=0)  # device index on the node
     budget_bytes: int = Field(ge=0)  # memory the agent may use on this device
-    free_bytes: int = Field(ge=0)  # what a copy may take: budget minus copies and the serving engine, idle
-    #                                warm engines counted as free except the kept architecture's
+    free_bytes: int = Field(ge=0)  # budget minus copies and the serving engine (idle warm engines count as free)
     kind: str = "cpu"  # "cpu" (logical device) or "cuda"
     idle_engine_bytes: int = Field(default=0, ge=0)  # warm engines kept for fast promotion, dropped on demand
 

@@ -399,7 +399,7 @@ class AgentService(Service):
         started = time.perf_counter()
         start = ledger.start_kind(info.name, (ledger.index, info.name) in self._loads)
         if info.name not in ledger.copies:  # room for the copy now; the instance frees more if it must
-            need = page_bytes(info.size_bytes // info.tp) - ledger.copy_room_bytes
+            need = page_bytes(info.size_bytes // info.tp) - ledger.reclaimable_free_bytes
             for victim in ledger.idle_copies_to_free(info.name, need):
                 await self._evict(ledger, victim, f"evicted_for:{info.name}")
             await self._prewarm(ledger, info, reason)
@@ -502,7 +502,7 @@ class AgentService(Service):
         for d in self.ledgers:
             up = self.workers.is_up(d.index)  # a down device offers no room until its worker is back
             devices.append(DeviceView(index=d.index, budget_bytes=d.budget_bytes,
-                                      free_bytes=d.copy_room_bytes if up else 0,
+                                      free_bytes=d.reclaimable_free_bytes if up else 0,
                                       idle_engine_bytes=d.idle_engine_bytes, kind=self.settings.device_kind))
             copies += [CopyView(model=c.model, content_hash=c.content_hash, devices=[d.index], state=c.state,
                                 bytes=c.bytes, progress=c.progress, origin=c.origin) for c in d.copies.values()]

@@ -2,7 +2,7 @@
 
 One idle engine per architecture served on one device, sized by its smallest model; an idle engine
 of an architecture that no registered model has any more is stale; the idle engine of the
-architecture most models share is kept from copies. The ledger books what fits; the shell warms and
+architecture most models share is dropped last. The ledger books what fits; the shell warms and
 drops on the device workers.
 """
 
@@ -32,7 +32,7 @@ def stale_engines(ledger: DeviceLedger, archs: Collection[str]) -> list[str]:
 
 
 def kept_arch(models: Iterable[ModelInfo]) -> str:
-    """The architecture whose idle engine no copy displaces: the one most tensor-parallel-1 models
+    """The architecture whose idle engine a device drops last: the one most tensor-parallel-1 models
     share (ties: the first in name order); "" with none."""
     counts = Counter(m.arch for m in models if m.tp == 1)
     return max(sorted(counts), key=counts.__getitem__, default="")

@@ -95,7 +95,7 @@ class DeviceLedger:
     copies: dict[str, CopyRecord] = field(default_factory=dict)  # by model name
     engines: dict[str, EngineRecord] = field(default_factory=dict)  # by architecture
     instance: InstanceRecord | None = None
-    kept_arch: str = ""  # the architecture whose idle engine is dropped last and never planned over (engines.kept_arch)
+    kept_arch: str = ""  # the architecture whose idle engine is dropped last (engines.kept_arch)
 
     @property
     def used_bytes(self) -> int:
@@ -113,14 +113,6 @@ class DeviceLedger:
     def reclaimable_free_bytes(self) -> int:
         """Free memory counting idle engines as free: what the placer may plan with."""
         return min(self.free_bytes + self.idle_engine_bytes, self.budget_bytes)
-
-    @property
-    def copy_room_bytes(self) -> int:
-        """What the placer may plan copies into: free memory and the idle engines, except the kept
-        architecture's (a copy in its room would cost that architecture's next instance on the device
-        an engine start, seconds, instead of a promotion)."""
-        kept = self.engines.get(self.kept_arch)
-        return self.reclaimable_free_bytes - (kept.bytes if kept and not self._serving(self.kept_arch) else 0)
 
     def _serving(self, arch: str) -> bool:
         return self.instance is not None and self.instance.arch == arch
