@@ -54,7 +54,9 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("warmserve-paper"),
-    Variant("ours", forecast="ours", allocation="hit_first", promotable_copies=True, unserved_first=True,
+    Variant("ours", forecast="ours", allocation="hit_first", promotable_copies=True, unserved_first=True),
+    # ours with standby copies, as the live placer runs by default (not yet measured on the configs here)
+    Variant("ours-standby", forecast="ours", allocation="hit_first", promotable_copies=True, unserved_first=True,
             standby_copies=True),
     # ours trading GPU-seconds for the tail: scale up early (0.25*B per instance), down late (0.1*B),
     # and keep a new instance for 30 s (fewer demote/promote round trips for sporadic models)
