@@ -92,6 +92,14 @@ class Bus:
         await self.nc.publish(self.subjects.event(domain, event.name), encode(event))
         await asyncio.sleep(0)
 
+    async def best_effort(self, publish: Awaitable[None], what: str) -> None:
+        """Await a publish; a NATS outage must not abort the caller's work half-way (the client buffers
+        while it reconnects; what it cannot take is logged and lost)."""
+        try:
+            await publish
+        except Exception as exc:  # nats-py raises several unrelated error types here
+            log.warning("publish_failed", what=what, reason=f"{type(exc).__name__}: {exc}")
+
     # ------------------------------------------------------------ subscribe
 
     async def subscribe(self, subject: str, kind: type[T],

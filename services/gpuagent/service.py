@@ -318,11 +318,14 @@ class AgentService(Service):
         """The registry's entry for the command's model. A promotion, the command a burst waits on,
         skips the state store when the entry the last engine sync read is the one its copy was loaded
         from (same content hash)."""
-        if cmd.kind == CommandKind.promote and len(cmd.devices) == 1 and 0 <= cmd.devices[0] < len(self.ledgers):
-            known, copy = self._registered.get(cmd.model), self.ledgers[cmd.devices[0]].copies.get(cmd.model)
-            if known is not None and copy is not None and copy.content_hash == known.content_hash:
-                return known
+        known = self._registered.get(cmd.model)
+        if cmd.kind == CommandKind.promote and known is not None and any(
+                copy.content_hash == known.content_hash for copy in self._copies_of(cmd.model)):
+            return known
         return await self.state.model(cmd.model)
+
+    def _copies_of(self, model: str):
+        return (ledger.copies[model] for ledger in self.ledgers if model in ledger.copies)
 
     def _ledgers_for(self, devices: list[int]) -> list[DeviceLedger]:
         if not devices:
@@ -523,16 +526,8 @@ class AgentService(Service):
             await self.state.put_node_view(view, self.settings.heartbeat_ttl_s)
         except StateError as exc:
             self.log.warning("node_view_write_failed", reason=str(exc))
-        await self._best_effort(self.bus.publish(self.bus.subjects.agent_heartbeat(), view), "heartbeat")
+        await self.bus.best_effort(self.bus.publish(self.bus.subjects.agent_heartbeat(), view), "heartbeat")
 
     async def _event(self, name: str, **fields) -> None:
         event = Event(name=name, at_s=time.time(), node=self.node, **fields)
-        await self._best_effort(self.bus.publish_event("agent", event), name)
-
-    async def _best_effort(self, publish, what: str) -> None:
-        """Await a publish; a NATS outage must not abort a command half-way (the client buffers while it
-        reconnects; what it cannot take is logged and lost, and the next view supersedes it)."""
-        try:
-            await publish
-        except Exception as exc:  # nats-py's errors are not exported by shared.bus
-            self.log.warning("publish_failed", what=what, reason=f"{type(exc).__name__}: {exc}")
+        await self.bus.best_effort(self.bus.publish_event("agent", event), name)  # the next view supersedes it

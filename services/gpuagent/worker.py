@@ -102,12 +102,9 @@ class DeviceWorker:
                 for sub in self._instance_subs.pop(call.instance_id):
                     await self.bus.unsubscribe(sub)
                 raise
-            if call.ready_event:
-                try:  # a NATS outage must not fail a bound instance: the agent's view reports it
-                    await self.bus.publish_event("agent", call.ready_event.model_copy(update={
-                        "at_s": time.time(), "detail": {**call.ready_event.detail, **detail}}))
-                except Exception as exc:  # nats-py's errors are not exported by shared.bus
-                    log.warning("publish_failed", what="instance_ready", reason=f"{type(exc).__name__}: {exc}")
+            if call.ready_event:  # a NATS outage must not fail a bound instance: the agent's view reports it
+                await self.bus.best_effort(self.bus.publish_event("agent", call.ready_event.model_copy(update={
+                    "at_s": time.time(), "detail": {**call.ready_event.detail, **detail}})), "instance_ready")
             self._held_engine(info, call.kv_bytes)
             self._instances[call.instance_id] = {"instance_id": call.instance_id, "model": info.name,
                                                  "arch": info.arch, "started_at_s": time.time()}

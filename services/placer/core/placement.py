@@ -14,6 +14,7 @@ from services.placer.core.scores import copy_pages, copy_scores
 from services.placer.core.snapshot import ModelSpec
 
 Want = tuple[float, str, str]  # (score, model, kind "foundation" | "burst" | "standby")
+REASONS = {"foundation": fx.PREWARM_FOUNDATION, "burst": fx.PREWARM_BURST, "standby": fx.PREWARM_STANDBY}
 
 
 def wanted_copies(cluster: Cluster) -> list[Want]:
@@ -68,8 +69,7 @@ def plan_prewarms(cluster: Cluster) -> list[fx.Effect]:
             placed, cursor = _round_robin(cluster, model, score, cursor)
             effects += placed
         else:
-            reason = {"foundation": fx.PREWARM_FOUNDATION, "burst": fx.PREWARM_BURST}.get(kind, fx.PREWARM_STANDBY)
-            effects += _place_best(cluster, model, score, reason, failures)
+            effects += _place_best(cluster, model, score, REASONS[kind], failures)
     return effects
 
 
