@@ -111,3 +111,24 @@ def test_an_unsupported_vllm_is_refused_with_a_clear_error(vllm_modules, monkeyp
     with pytest.raises(vllm_modules.UnsupportedVllm, match="0.1.0"):
         vllm_modules.check_version()
 
+
+
+async def test_a_cpu_engine_prefills_on_all_its_threads_and_decodes_on_one(demo_models, monkeypatch):
+    """Decode steps' small operations lose time to thread synchronisation, prefill GEMMs gain: the
+    engine's runner picks the intra-op threads per step by its token count."""
+    from services.gpuagent.engine_vllm import CPU_THREADS, PARALLEL_STEP_TOKENS, VllmHost
+
+    if DEVICE != "cpu" or CPU_THREADS < 2:
+        pytest.skip("needs a CPU engine with more than one intra-op thread")
+    chosen: list[int] = []
+    set_threads = torch._C.set_num_threads
+    monkeypatch.setattr(torch._C, "set_num_threads", lambda n: (chosen.append(n), set_threads(n))[1])
+    a = demo_models["demo-small-a"]
+    host = VllmHost(DEVICE, instance_kv_bytes(a.kv_bytes_per_token, a.max_model_len, 0))
+    await host.load_copy(a, lambda _: None)
+    await host.start_instance("a1", a, 0)
+    await greedy(host, "a1", prompt=" ".join(["word"] * (2 * PARALLEL_STEP_TOKENS)))
+    assert chosen[0] == CPU_THREADS and set(chosen[1:]) == {1}, chosen  # the prefill step, then 7 decode steps
+    await host.stop_instance("a1")
+    for arch in list(host.slots):
+        await host.drop_engine(arch)

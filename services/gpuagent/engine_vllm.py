@@ -40,6 +40,8 @@ from shared.model_files import read_verified  # noqa: E402
 from shared.schemas import InferRequest, ModelInfo  # noqa: E402
 
 ENGINE_WORKSPACE_BYTES = 2 << 30  # CUDA: activations, sampler and allocator slack of one engine
+PARALLEL_STEP_TOKENS = 32  # CPU: a step with fewer tokens (decode) computes on one thread
+CPU_THREADS = torch.get_num_threads()  # intra-op threads (OMP_NUM_THREADS), read before any step changes them
 
 
 @dataclass
@@ -143,6 +145,8 @@ class VllmHost:
     def _new_slot(self, info: ModelInfo, kv_bytes: int) -> EngineSlot:
         engine = self._constructed(LLMEngine.from_engine_args, self._engine_args(info, kv_bytes))
         slot = EngineSlot(info.arch, engine, vllm_modules.placeholders(engine))
+        if self.device == "cpu" and CPU_THREADS > 1:
+            vllm_modules.threads_by_step_size(engine, CPU_THREADS, PARALLEL_STEP_TOKENS)
         gc.collect()  # the engine's dummy weights
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True,
                                        name=f"engine-{info.arch}")

@@ -115,6 +115,23 @@ def unbind(engine, module: EngineModule, kept: EngineModule) -> None:
         layer.bind_kv_cache(torch.tensor([]))
 
 
+def threads_by_step_size(engine, threads: int, min_tokens: int) -> None:
+    """CPU: compute a step with `threads` intra-op threads when it has at least `min_tokens` tokens (a
+    prefill: its GEMMs scale with the threads) and with one otherwise (a decode step's small operations
+    gain nothing from more threads and pay their synchronisation). The engine's CPU worker disables
+    `torch.set_num_threads` after binding its threads, so the step sets them through torch's own call."""
+    runner = _runner(engine)
+    execute = runner.execute_model
+
+    def execute_model(scheduler_output, *args, **kwargs):
+        torch.get_num_threads()  # torch sets a thread's count from the process-wide one on its first parallel op;
+        # let that happen now, not mid-step (another engine's thread may have changed the process-wide count)
+        torch._C.set_num_threads(threads if scheduler_output.total_num_scheduled_tokens >= min_tokens else 1)
+        return execute(scheduler_output, *args, **kwargs)
+
+    runner.execute_model = execute_model
+
+
 def served_model(engine) -> nn.Module:
     return _runner(engine).model
 
