@@ -31,7 +31,7 @@ class Copy:
     ready_at: float
     state: str = "loading"  # "loading" | "ready"
     kv_host: Instance | None = None  # the instance whose idle KV space holds it (None: pool memory)
-    kept: bool = False  # left by a demoted instance whose weights a cold start loaded (not prewarmed)
+    kept: bool = False  # left by a demoted instance (not placed by a prewarm since), as the agent's KEPT_COPY
 
 
 @dataclass(eq=False, slots=True)
@@ -54,7 +54,6 @@ class Instance:
     compute_share: float = 1.0  # fraction of the GPUs' compute this instance gets
     kv_lent_bytes: int = 0  # KV space per device lent to prewarmed copies
     then: str = ""  # after draining: "demote" (keep weights) or "stop"
-    cold_weights: bool = True  # its weights came from a cold start (or a kept copy of one), not a prewarm
 
 
 @dataclass(eq=False, slots=True)
@@ -88,8 +87,8 @@ class Cluster:
         self.gpu_seconds = 0.0
         self.books = (loop.now, float("inf"))  # GPU-seconds (GPUs holding an instance) count in this window
         self.starts = {"hit": 0, "loading": 0, "miss": 0}
-        self.kept_hits = 0  # of the hits, promotions of a copy a cold start loaded and a demote left (the
-        #                     rest were prewarmed: a prewarmed copy stays one however often it serves, as in the agent)
+        self.kept_hits = 0  # of the hits, promotions of a copy a demote left (the rest found a prewarmed copy that
+        #                     no instance has served from yet), as the agent labels them
         self.timeline: list[tuple[float, int, int, int]] | None = [] if record_timeline else None
         self._spans: dict[str, list] = {}  # instance id -> [start, end (inf: still there), node, devices, model]
         self.changed_nodes: set[int] = set()  # nodes whose memory, copies or instances changed (shells clear it)
@@ -143,7 +142,6 @@ class Cluster:
         ready_at = max(copy.ready_at, self.loop.now) + self.timing.gpu.promote_s
         inst = self._new_instance(instance_id, copy.model, copy.node, copy.devices, kv_bytes_per_gpu,
                                   capacity, ready_at, kind)
-        inst.cold_weights = copy.kept
         return inst
 
     def cold_start(self, model: str, node: int, devices: tuple[int, ...], instance_id: str,
@@ -254,8 +252,7 @@ class Cluster:
             copy.kv_host = None  # the KV space is gone: the copy now holds pool memory
             self._take(copy.node, copy.devices, copy.bytes_per_gpu)
         if inst.then == "demote":
-            copy = Copy(inst.model, inst.node, inst.devices, inst.weights_per_gpu, self.loop.now, "ready",
-                        kept=inst.cold_weights)
+            copy = Copy(inst.model, inst.node, inst.devices, inst.weights_per_gpu, self.loop.now, "ready", kept=True)
             self._take(inst.node, inst.devices, inst.weights_per_gpu)
             for d in inst.devices:
                 self.gpus[inst.node][d].copies.append(copy)
