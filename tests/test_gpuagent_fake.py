@@ -224,3 +224,26 @@ async def test_a_promotion_during_a_prewarm_that_first_drops_an_engine_waits_for
     promoted = await command(bus, s.node, CommandKind.promote, "big", instance_id="b1")
     assert promoted.ok, promoted.reason
     assert promoted.detail["start"] == "loading" and (await prewarm).ok
+
+
+async def test_the_view_last_written_is_the_newest_when_writes_overlap(settings):
+    """A heartbeat's view write still under way when a command changes the node must not land last:
+    here the first write takes 0.5 s and the cold start's own write would land before it."""
+    s = settings.with_overrides(engine="fake", devices=1, device_memory_bytes=64 * MiB, warm_engines=False,
+                                kv_cache_bytes=2 * MiB, heartbeat_s=60.0)
+    async with running_agent(s, [fake_model("m1")]) as (running, bus, state):
+        agent = running.service
+        write, writes = agent.state.put_node_view, []
+
+        async def first_write_slow(view, ttl_s):
+            writes.append(view)
+            if len(writes) == 1:
+                await asyncio.sleep(0.5)
+            await write(view, ttl_s)
+
+        agent.state.put_node_view = first_write_slow
+        heartbeat = asyncio.create_task(agent._publish_view())  # builds its view before the instance exists
+        await asyncio.sleep(0.05)
+        assert (await command(bus, s.node, CommandKind.cold_start, "m1", instance_id="i1")).ok
+        await heartbeat
+        assert [i.instance_id for i in (await state.node_views())[s.node].instances] == ["i1"]

@@ -59,6 +59,9 @@ class AgentService(Service):
         self._registered: dict[str, ModelInfo] = {}  # the registry as the last engine sync read it
         self._unwarmed: set[int] = set()  # devices that want every registered architecture's engine
         self._revivals: dict[int, asyncio.Task] = {}  # device -> its worker's restart (and warming)
+        self._view_lock = asyncio.Lock()  # view writes one at a time, so the last one written is the newest
+        self._view_changes = 0  # _publish_view calls so far
+        self._view_covered = 0  # of those, how many the last view written (or tried) had seen
 
     # ------------------------------------------------------------ lifecycle
 
@@ -250,10 +253,11 @@ class AgentService(Service):
             if ledger.instance:
                 await self._demote(ledger, ledger.instance.instance_id, "agent_stopping")
         await self.workers.stop()
-        try:
-            await self.state.drop_node(self.node)
-        except StateError as exc:  # the view expires with its liveness key
-            self.log.warning("node_view_drop_failed", reason=str(exc))
+        async with self._view_lock:  # after any view write under way, which would bring the view back
+            try:
+                await self.state.drop_node(self.node)
+            except StateError as exc:  # the view expires with its liveness key
+                self.log.warning("node_view_drop_failed", reason=str(exc))
         await self._event("agent_stopped")
 
     # ------------------------------------------------------------ commands
@@ -518,15 +522,23 @@ class AgentService(Service):
                         boot_id=self.boot_id)
 
     async def _publish_view(self) -> None:
-        """Write the whole view to Redis and announce it. Never fails: what does not land now is
-        written by the next heartbeat, which keeps trying while Redis is down."""
-        view = self.view()
-        self.metrics.observe(view, self.ledgers)
-        try:
-            await self.state.put_node_view(view, self.settings.heartbeat_ttl_s)
-        except StateError as exc:
-            self.log.warning("node_view_write_failed", reason=str(exc))
-        await self.bus.best_effort(self.bus.publish(self.bus.subjects.agent_heartbeat(), view), "heartbeat")
+        """Write the whole view to Redis and announce it, as it is after the caller's change. Writes go
+        one at a time (two at once could land in either order, leaving an older view last); a caller
+        whose change a later-built view already covered returns at once. Never fails: what does not
+        land now is written by the next heartbeat, which keeps trying while Redis is down."""
+        self._view_changes += 1
+        change = self._view_changes
+        async with self._view_lock:
+            if self._view_covered >= change:
+                return
+            self._view_covered = self._view_changes
+            view = self.view()
+            self.metrics.observe(view, self.ledgers)
+            try:
+                await self.state.put_node_view(view, self.settings.heartbeat_ttl_s)
+            except StateError as exc:
+                self.log.warning("node_view_write_failed", reason=str(exc))
+            await self.bus.best_effort(self.bus.publish(self.bus.subjects.agent_heartbeat(), view), "heartbeat")
 
     async def _event(self, name: str, **fields) -> None:
         event = Event(name=name, at_s=time.time(), node=self.node, **fields)
