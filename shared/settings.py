@@ -149,8 +149,9 @@ class Settings:
     fake_load_bytes_s: float = _setting(2e9, "fake engine: prewarm/cold-load bandwidth", _positive)
     device_kind: str = _setting("cpu", "cpu (logical devices) or cuda", _one_of("cpu", "cuda"))
     devices: int = _setting(2, "number of logical CPU devices (cuda: all visible GPUs)", _positive)
-    engine_threads: int = _setting(0, "CPU devices: intra-op threads of each device's engines (0: the cores "
-                                      "this process may use, shared by the devices, at least 1)",
+    engine_threads: int = _setting(0, "CPU devices: intra-op threads of each device's engines' prefill "
+                                      "steps; decode steps use one (0: the cores this process may use, "
+                                      "shared by the devices, at least 1)",
                                    _non_negative)
     device_memory_bytes: int = _setting(4 << 30, "memory budget per logical CPU device", _positive)
     kv_cache_bytes: int = _setting(128 << 20, "KV cache per instance (at least one full context is always reserved)", _positive)
