@@ -112,7 +112,6 @@ def test_an_unsupported_vllm_is_refused_with_a_clear_error(vllm_modules, monkeyp
         vllm_modules.check_version()
 
 
-
 async def test_a_cpu_engine_prefills_on_all_its_threads_and_decodes_on_one(demo_models, monkeypatch):
     """Decode steps' small operations lose time to thread synchronisation, prefill GEMMs gain: the
     engine's runner picks the intra-op threads per step by its token count."""

@@ -9,6 +9,8 @@ VllmConfig of its own, so its attention layers do not clash with the engine's.
 Promotion points the engine's model runner at that module and the engine's attention-layer table at
 the module's attention layers, bound to the engine's KV cache; demotion points both back at the
 engine's own (weightless) placeholders. Not one weight byte moves either way.
+
+Also here, as it wraps the same model runner: on CPU, each step's intra-op threads by its size.
 """
 
 from __future__ import annotations
