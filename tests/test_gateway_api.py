@@ -393,6 +393,7 @@ async def test_health_endpoints(make_cluster):
     async with c.http() as http:
         assert (await http.get("/livez")).text == "ok"
         assert (await http.get("/readyz")).status_code == 200
+        assert (await http.get("/health")).status_code == 200  # vLLM's name, for its clients
 
 
 async def test_shutdown_finishes_streams_in_flight_and_refuses_held_requests(make_cluster):

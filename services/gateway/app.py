@@ -80,6 +80,7 @@ def create_app(settings: Settings, runtime: GatewayRuntime, metrics: GatewayMetr
         return PlainTextResponse("ok")
 
     @app.get("/readyz")
+    @app.get("/health")  # vLLM's OpenAI server's name for it, which its clients and load balancers probe
     async def readyz() -> Response:
         return PlainTextResponse("ready") if ready() else PlainTextResponse("not ready", status_code=503)
 
