@@ -9,7 +9,7 @@ import pytest
 
 from services.gateway.core.load import LoadMeter
 from services.gateway.core.errors import ApiError
-from services.gateway.core.protocol import fit_to_context, parse_request
+from services.gateway.core.protocol import fit_to_context, parse_model_request, parse_request
 from services.gateway.core.scheduler import (Abort, AskPlacer, Dispatch, InstanceSeen, Policy, Refuse, Requeue,
                                              Scheduler)
 from services.gateway.core.warm import model_cards
@@ -243,6 +243,14 @@ def test_tool_turns_pass_and_their_text_is_kept_for_text_engines():
 def test_parameters_go_to_the_engine_in_the_body_unchanged(fields):
     raw = body(model="m", messages=[{"role": "user", "content": "q"}], **fields)
     assert parse_request(raw, chat=True).body == raw  # vLLM's server judges them (unknown ones: ignored there)
+
+
+def test_model_only_bodies_stream_only_where_the_route_streams():
+    """/v1/responses may stream (the gateway then relays events); /tokenize has no such field."""
+    body = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
+    assert parse_model_request(body, streams=True).stream and not parse_model_request(body).stream
+    with pytest.raises(ApiError, match="stream"):
+        parse_model_request(json.dumps({"model": "m", "stream": "yes"}).encode(), streams=True)
 
 
 def test_default_valued_and_metadata_parameters_are_accepted_and_sampling_ones_carried():

@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.gateway.core.errors import ApiError
-from services.gateway.core.protocol import (DONE_EVENT, ROUTES, CompletionRequest, chunk_body, completion_body,
-                                            fit_to_context, parse_model_request, parse_request, sse_event, usage,
-                                            usage_chunk_body)
+from services.gateway.core.protocol import (DONE_EVENT, ROUTES, STREAMING_MODEL_ROUTES, CompletionRequest, chunk_body,
+                                            completion_body, fit_to_context, parse_model_request, parse_request,
+                                            sse_event, usage, usage_chunk_body)
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.runtime import ClientGone, GatewayRuntime, Generation, Refused
 from shared.logs import get_logger
@@ -67,7 +67,7 @@ class Completion:
         self.runtime, self.metrics, self.max_body_bytes = runtime, metrics, max_body_bytes
 
     async def __call__(self, http: Request, endpoint: str) -> Response:
-        """`endpoint`: a key of ROUTES (chat, completions, tokenize, detokenize)."""
+        """`endpoint`: a key of ROUTES (chat, completions, responses, tokenize, detokenize)."""
         arrived_s = self.runtime.now()
         record = AccessRecord(endpoint=endpoint)
         generation: Generation | None = None
@@ -76,7 +76,7 @@ class Completion:
         try:
             body = await read_body(http, self.max_body_bytes)
             request = (parse_request(body, endpoint == "chat") if endpoint in ("chat", "completions")
-                       else parse_model_request(body))
+                       else parse_model_request(body, endpoint in STREAMING_MODEL_ROUTES))
             info = await self.runtime.model_info(request.model)
             if info is None:
                 raise ApiError(404, f"model {request.model!r} does not exist", param="model", code="model_not_found")

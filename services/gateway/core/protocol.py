@@ -23,7 +23,8 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 DONE_EVENT = b"data: [DONE]\n\n"
 ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions",  # endpoint -> the engine's route
-          "tokenize": "/tokenize", "detokenize": "/detokenize"}
+          "responses": "/v1/responses", "tokenize": "/tokenize", "detokenize": "/detokenize"}
+STREAMING_MODEL_ROUTES = frozenset({"responses"})  # of the rest (model-only bodies), those that may stream
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,16 @@ def parse_request(body: bytes, chat: bool) -> CompletionRequest:
     )
 
 
-def parse_model_request(body: bytes) -> CompletionRequest:
-    """A body whose only field the gateway needs is `model` (/tokenize, /detokenize): the engine checks the rest."""
+def parse_model_request(body: bytes, streams: bool = False) -> CompletionRequest:
+    """A body whose only fields the gateway needs are `model` and (`streams`: /v1/responses) `stream`
+    (/tokenize, /detokenize, /v1/responses): the engine checks the rest."""
     data = load_body(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model", "required, a non-empty string")
     return CompletionRequest(chat=False, model=model, prompt=None, messages=None, sampling=SamplingSpec(),
-                             max_tokens_given=False, stream=False, include_usage=False, body=body)
+                             max_tokens_given=False, stream=streams and _boolean(data, "stream", False),
+                             include_usage=False, body=body)
 
 
 def fit_to_context(request: CompletionRequest, max_model_len: int) -> CompletionRequest:
