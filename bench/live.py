@@ -207,21 +207,14 @@ async def send(client: httpx.AsyncClient, at_s: float, model: str, prompt_words:
                        wait_s=(float(h["x-warmserve-queue-ms"]) + float(h["x-warmserve-instance-start-ms"])) / 1000)
 
 
-async def node_views(stack: Stack) -> dict:
-    state = await State.connect(stack.settings)
-    try:
-        return await state.node_views()
-    finally:
-        await state.close()
-
-
-async def until_engines_warm(stack: Stack, config: Config, engine_bytes: int, say, timeout_s: float = 600.0) -> None:
+async def until_engines_warm(stack: Stack, state: State, config: Config, engine_bytes: int, say,
+                             timeout_s: float = 600.0) -> None:
     """Every device of every node is listed and, with warm_engines, holds the replay's idle engine
     (`engine_bytes`) and no other (those of the architectures unregistered are gone)."""
     deadline = time.monotonic() + timeout_s
     want_engines = stack.settings.warm_engines
     while time.monotonic() < deadline:
-        views = await node_views(stack)
+        views = await state.node_views()
         devices = [d for v in views.values() for d in v.devices]
         if len(views) == config.nodes and len(devices) == config.nodes * config.devices_per_node and (
                 not want_engines or all(d.idle_engine_bytes == engine_bytes for d in devices)):
@@ -231,13 +224,13 @@ async def until_engines_warm(stack: Stack, config: Config, engine_bytes: int, sa
     raise RuntimeError(f"agents not ready within {timeout_s:g} s: see {stack.data_dir}")
 
 
-async def until_copies_settle(stack: Stack, quiet_s: float, say, timeout_s: float = 90.0) -> None:
+async def until_copies_settle(state: State, quiet_s: float, say, timeout_s: float = 90.0) -> None:
     """The copies the imported history asks for have landed: none loading and the same set for
     `quiet_s` (two windows: the relearnt forecasts are out by then; a running system is past its
     start, and the replay measures it, not the start)."""
     deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
     while time.monotonic() < deadline:
-        views = await node_views(stack)
+        views = await state.node_views()
         copies = sorted((v.node, c.model, c.state.value) for v in views.values() for c in v.copies)
         if copies != last or any(state != "ready" for *_, state in copies):
             last, since = copies, time.monotonic()
@@ -272,6 +265,7 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
     say(f"[{name}] starting the stack in {tmp}")
     stack.start()
     agents: list[subprocess.Popen] = []
+    state: State | None = None
     try:
         await stack.wait_ready(say)
         state, bus = await State.connect(stack.settings), await Bus.connect(stack.settings, "bench-live")
@@ -282,7 +276,6 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
                 await registry.register(state, bus, info)
         finally:
             await bus.close()
-            await state.close()
         for node in range(1, config.nodes):
             argv = [sys.executable, "-m", "warmserve.cli", "service", "gpuagent"]
             for flag, value in {**stack.flags, "node": f"node{node}", "identity": "gpuagent"}.items():
@@ -290,9 +283,11 @@ async def run_system(name: str, config: Config, infos: list[ModelInfo], models_d
             with open(tmp / f"gpuagent-node{node}.log", "ab") as log:
                 agents.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         engine = page_bytes(instance_kv_bytes(infos[0].kv_bytes_per_token, infos[0].max_model_len, config.kv_cache_bytes))
-        await until_engines_warm(stack, config, engine, say)
-        return await replay(stack, config, infos, say, name)
+        await until_engines_warm(stack, state, config, engine, say)
+        return await replay(stack, state, config, infos, say, name)
     finally:
+        if state is not None:
+            await state.close()
         for proc in agents:
             proc.terminate()
         for proc in agents:
@@ -307,7 +302,7 @@ def workload_of(config: Config) -> Workload:
     return build_workload(config.models, config.alpha, config.rate_rps, config.seed, order=config.client_order)
 
 
-async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name: str) -> LiveRun:
+async def replay(stack: Stack, state: State, config: Config, infos: list[ModelInfo], say, name: str) -> LiveRun:
     names = [i.name for i in infos]
     workload = workload_of(config)
     start_trace = config.replay_day * DAY_S + config.replay_start_h * 3600
@@ -316,7 +311,7 @@ async def replay(stack: Stack, config: Config, infos: list[ModelInfo], say, name
     imported = history.workload_history(workload, names, Compression(config.compress, start_trace, closed_s),
                                         config.learn_days, config.window_s, CappedTiming(config))
     await history.send(stack.settings, imported)
-    await until_copies_settle(stack, 2 * config.window_s, say)
+    await until_copies_settle(state, 2 * config.window_s, say)
     # ... and the slice starts at the next window once the forecaster has relearnt (the windows between are empty)
     anchor = (window_index(time.time(), config.window_s) + 1) * config.window_s
     compression = Compression(config.compress, start_trace, anchor)
